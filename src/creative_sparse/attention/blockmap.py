@@ -1,0 +1,312 @@
+"""Which attention blocks to compute: the :class:`BlockMap` and the SpargeAttn prediction.
+
+A block is ``block_q`` query rows by ``block_k`` key rows (128 x 64 by default).
+:func:`predict_block_map` implements the SpargeAttn prediction (see DESIGN.md,
+"SpargeAttn prediction, as we implement it"):
+
+1. K smoothing: subtract the mean key over the sequence (softmax-invariant).
+2. Mean-pool each block; its self-similarity is the mean pairwise cosine
+   similarity of its rows, self-pairs included: ``||sum_i x_i/|x_i| ||^2 / n^2``
+   (in [0, 1]; a zero row counts as dissimilar). A block whose similarity is
+   below ``simthreshd1`` is not compressible and is always computed: a whole
+   query-block row for Q, a whole key-block column for K.
+3. Compressed map ``softmax(pooled_q . pooled_k^T * scale + log(rows_k))`` over
+   the compressible, causally valid key blocks (``log(rows_k)`` weighs a
+   partial last block by the number of keys it stands for). Per query block,
+   keep the smallest set of most probable blocks whose mass reaches
+   ``cdfthreshd``, or the ``ceil(topk * valid_blocks)`` most probable ones.
+4. At least one block per row that has any valid block; ``attention_sink``
+   keeps the first key block too.
+
+Hyperparameters are scalars or per-head sequences/tensors of length ``H``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BlockMap",
+    "HeadParam",
+    "block_valid_map",
+    "block_full_map",
+    "per_head_param",
+    "pooled_blocks",
+    "predict_block_map",
+]
+
+HeadParam = Union[float, int, Sequence[float], Tensor]
+
+
+def _num_blocks(length: int, block: int) -> int:
+    return max(1, math.ceil(length / block))
+
+
+def block_valid_map(q_len: int, k_len: int, block_q: int, block_k: int, causal: bool,
+                    device=None) -> Tensor:
+    """Bool ``[nq, nk]``: blocks that hold at least one (query, key) pair dense attention computes."""
+    nq, nk = _num_blocks(q_len, block_q), _num_blocks(k_len, block_k)
+    if not causal:
+        return torch.ones(nq, nk, dtype=torch.bool, device=device)
+    offset = k_len - q_len
+    last_q = torch.clamp((torch.arange(nq, device=device) + 1) * block_q, max=q_len) - 1
+    first_k = torch.arange(nk, device=device) * block_k
+    return first_k.unsqueeze(0) <= (last_q + offset).unsqueeze(1)
+
+
+def block_full_map(q_len: int, k_len: int, block_q: int, block_k: int, causal: bool,
+                   device=None) -> Tensor:
+    """Bool ``[nq, nk]``: blocks in which every (query, key) pair is allowed (no element mask)."""
+    nq, nk = _num_blocks(q_len, block_q), _num_blocks(k_len, block_k)
+    if not causal:
+        return torch.ones(nq, nk, dtype=torch.bool, device=device)
+    offset = k_len - q_len
+    first_q = torch.arange(nq, device=device) * block_q
+    last_k = torch.clamp((torch.arange(nk, device=device) + 1) * block_k, max=k_len) - 1
+    return last_k.unsqueeze(0) <= (first_q + offset).unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """Kept attention blocks per (batch, head, query block).
+
+    Attributes:
+        keep: bool ``[B, H, nq, nk]``, True = computed. Blocks that causal
+            masking removes entirely are always False (the constructor clears
+            them), so ``keep`` counts exactly the work done.
+        block_q, block_k: block sizes in query rows and key rows.
+        q_len, k_len: sequence lengths the map was made for.
+        causal: bottom-right causal masking inside the kept blocks.
+
+    Example:
+        >>> keep = torch.ones(1, 2, 1, 2, dtype=torch.bool)
+        >>> BlockMap(keep, 128, 64, 100, 100, causal=True).sparsity()
+        0.0
+    """
+
+    keep: Tensor
+    block_q: int
+    block_k: int
+    q_len: int
+    k_len: int
+    causal: bool = False
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"BlockMap: {name} must be a positive int, got {value!r}")
+        for name in ("q_len", "k_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"BlockMap: {name} must be a positive int, got {value!r}")
+        nq, nk = _num_blocks(self.q_len, self.block_q), _num_blocks(self.k_len, self.block_k)
+        keep = self.keep
+        if keep.dim() != 4 or tuple(keep.shape[-2:]) != (nq, nk):
+            raise ValueError(
+                f"BlockMap: keep must have shape [B, H, {nq}, {nk}] for q_len={self.q_len}, "
+                f"k_len={self.k_len}, blocks {self.block_q}x{self.block_k}; got {tuple(keep.shape)}")
+        valid = block_valid_map(self.q_len, self.k_len, self.block_q, self.block_k,
+                                self.causal, keep.device)
+        object.__setattr__(self, "keep", keep.to(torch.bool) & valid)
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.keep.shape[-2]
+
+    @property
+    def num_k_blocks(self) -> int:
+        return self.keep.shape[-1]
+
+    def valid(self) -> Tensor:
+        """Bool ``[nq, nk]`` of blocks dense (causal-aware) attention would compute."""
+        return block_valid_map(self.q_len, self.k_len, self.block_q, self.block_k,
+                               self.causal, self.keep.device)
+
+    def sparsity(self) -> float:
+        """Fraction of the blocks dense attention computes that this map skips (0 = dense)."""
+        b, h = self.keep.shape[:2]
+        total = int(self.valid().sum()) * b * h
+        if total == 0:
+            return 0.0
+        return 1.0 - int(self.keep.sum()) / total
+
+    def to_token_mask(self) -> Tensor:
+        """Bool ``[B, H, q_len, k_len]``: True where attention is computed (causal included)."""
+        mask = self.keep.repeat_interleave(self.block_q, dim=-2)[..., : self.q_len, :]
+        mask = mask.repeat_interleave(self.block_k, dim=-1)[..., : self.k_len]
+        if self.causal:
+            rows = torch.arange(self.q_len, device=mask.device).unsqueeze(1)
+            cols = torch.arange(self.k_len, device=mask.device).unsqueeze(0)
+            mask = mask & (cols <= rows + (self.k_len - self.q_len))
+        return mask
+
+    def kv_indices(self) -> tuple[Tensor, Tensor]:
+        """Kept key blocks as lists: ``counts`` int32 ``[B, H, nq]`` and ``indices`` int32
+        ``[B, H, nq, nk]`` whose first ``counts`` entries are the kept blocks in
+        ascending order (the rest is padding)."""
+        counts = self.keep.sum(dim=-1, dtype=torch.int32)
+        order = torch.argsort((~self.keep).to(torch.int8), dim=-1, stable=True)
+        return counts, order.to(torch.int32)
+
+    def expand_batch_heads(self, batch: int, heads: int) -> "BlockMap":
+        """Broadcast a ``[1|B, 1|H, nq, nk]`` map to ``[batch, heads, nq, nk]``."""
+        keep = self.keep.expand(batch, heads, -1, -1)
+        return BlockMap(keep, self.block_q, self.block_k, self.q_len, self.k_len, self.causal)
+
+
+def per_head_param(value: HeadParam, name: str, num_heads: int, low: float, high: float,
+                   *, low_open: bool = False, device=None) -> Tensor:
+    """Validate a scalar or per-head hyperparameter; return fp32 ``[num_heads]``.
+
+    Raises ``ValueError`` naming the argument, the value and the allowed range
+    (``(low, high]`` when ``low_open`` else ``[low, high]``).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number or a per-head sequence, got {value!r}")
+    if isinstance(value, (int, float)):
+        values = torch.full((num_heads,), float(value), device=device)
+    else:
+        values = torch.as_tensor(value, dtype=torch.float32, device=device).flatten()
+        if values.numel() != num_heads:
+            raise ValueError(f"{name}: a per-head value needs {num_heads} entries (one per "
+                             f"query head), got {values.numel()}")
+    values = values.to(device=device, dtype=torch.float32)
+    interval = f"{'(' if low_open else '['}{low}, {high}]"
+    bad = torch.isnan(values) | (values > high) | ((values <= low) if low_open else (values < low))
+    if bool(bad.any()):
+        offender = values[bad][0].item()
+        raise ValueError(f"{name} must be in {interval}, got {offender}")
+    return values
+
+
+def _block_sums(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """Per block of ``block`` rows of ``x`` ``[B, H, m*block, D]`` (fp32): the sum of the
+    rows and the sum of the unit-normalised rows, each ``[B, H, m, D]``, in one pass."""
+    b, h, length, d = x.shape
+    m = length // block
+    blocks = x.reshape(b, h, m, block, d)
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    # [1, 1/|x|] as a 2-row weight matrix: one batched GEMM reads x once.
+    weights = torch.stack([torch.ones_like(inv), inv], dim=-2).view(b, h, 2, m, block)
+    sums = torch.matmul(weights.transpose(2, 3), blocks)  # [B, H, m, 2, D]
+    return sums[..., 0, :], sums[..., 1, :]
+
+
+def pooled_blocks(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean-pool ``[B, H, L, D]`` into blocks of ``block`` rows.
+
+    Returns ``(pooled [B, H, n, D], similarity [B, H, n], rows [n])`` where
+    ``similarity`` is the mean pairwise cosine similarity of each block's rows
+    (self-pairs included; a zero row counts as dissimilar to everything) and
+    ``rows`` the number of valid rows per block. Partial last blocks pool over
+    their valid rows only.
+    """
+    length = x.shape[2]
+    n = _num_blocks(length, block)
+    xf = x.float()
+    full = length // block
+    parts = []
+    if full:
+        parts.append(_block_sums(xf[:, :, : full * block], block))
+    if full * block < length:
+        tail = xf[:, :, full * block:]
+        parts.append(_block_sums(tail, tail.shape[2]))
+    sums = torch.cat([p[0] for p in parts], dim=2)
+    unit_sums = torch.cat([p[1] for p in parts], dim=2)
+    rows = torch.full((n,), block, dtype=torch.float32, device=x.device)
+    rows[-1] = length - (n - 1) * block
+    pooled = sums / rows.view(1, 1, n, 1)
+    similarity = unit_sums.pow(2).sum(dim=-1) / rows.pow(2).view(1, 1, n)
+    return pooled, similarity, rows
+
+
+def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
+                      cdfthreshd: HeadParam | None = None, topk: HeadParam | None = None,
+                      causal: bool = False, attention_sink: bool = False,
+                      smooth_k: bool = True, scale: float | None = None,
+                      block_q: int = 128, block_k: int = 64) -> BlockMap:
+    """Predict the important attention blocks from pooled queries and keys (SpargeAttn).
+
+    Args:
+        q: ``[B, H, Lq, D]`` queries.
+        k: ``[B, H_kv, Lk, D]`` keys (``H % H_kv == 0``).
+        simthreshd1: self-similarity below which a block is always computed, in [-1, 1].
+        cdfthreshd: probability mass to keep per query block, in (0, 1]; 1 keeps all.
+            Default 0.97 when ``topk`` is not given.
+        topk: instead of ``cdfthreshd``, the fraction of valid key blocks to keep
+            per query block, in (0, 1]. At most one of the two may be given.
+        causal: bottom-right causal masking.
+        attention_sink: always keep the first key block.
+        smooth_k: subtract the mean key first (does not change attention).
+        scale: score multiplier, default ``1/sqrt(D)``.
+        block_q, block_k: block sizes.
+
+    Returns:
+        A :class:`BlockMap` with ``keep`` of shape ``[B, H, ceil(Lq/block_q), ceil(Lk/block_k)]``.
+
+    Example:
+        >>> q = torch.randn(1, 2, 300, 64); k = torch.randn(1, 2, 300, 64)
+        >>> bm = predict_block_map(q, k, topk=0.5, causal=True)
+        >>> bm.keep.shape, 0.0 <= bm.sparsity() < 1.0
+        (torch.Size([1, 2, 3, 5]), True)
+    """
+    if cdfthreshd is not None and topk is not None:
+        raise ValueError("predict_block_map: give cdfthreshd or topk, not both; "
+                         f"got cdfthreshd={cdfthreshd!r}, topk={topk!r}")
+    if cdfthreshd is None and topk is None:
+        cdfthreshd = 0.97
+    b, h, lq, d = q.shape
+    h_kv, lk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    sim_t = per_head_param(simthreshd1, "simthreshd1", h, -1.0, 1.0, device=q.device)
+    if topk is None:
+        thr = per_head_param(cdfthreshd, "cdfthreshd", h, 0.0, 1.0, low_open=True, device=q.device)
+    else:
+        thr = per_head_param(topk, "topk", h, 0.0, 1.0, low_open=True, device=q.device)
+
+    kf = k.float()
+    if smooth_k:
+        kf = kf - kf.mean(dim=2, keepdim=True)
+    pq, sim_q, _ = pooled_blocks(q, block_q)
+    pk, sim_k, rows_k = pooled_blocks(kf, block_k)
+    group = h // h_kv
+    pk = pk.repeat_interleave(group, dim=1)
+    sim_k = sim_k.repeat_interleave(group, dim=1)
+
+    valid = block_valid_map(lq, lk, block_q, block_k, causal, q.device)
+    q_dense = sim_q < sim_t.view(1, h, 1)          # [B, H, nq]: keep whole row
+    k_dense = sim_k < sim_t.view(1, h, 1)          # [B, H, nk]: keep whole column
+
+    logits = torch.matmul(pq, pk.transpose(-1, -2)) * scale + rows_k.log()
+    # Huge inputs can overflow the pooled scores; keep them finite so that
+    # the softmax still ranks blocks instead of producing NaN.
+    big = torch.finfo(torch.float32).max / 4
+    logits = torch.nan_to_num(logits, nan=0.0, posinf=big, neginf=-big)
+    candidate = valid & ~k_dense.unsqueeze(2)
+    logits = logits.masked_fill(~candidate, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-excluded rows -> 0
+
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    rank = torch.arange(probs.shape[-1], device=q.device)
+    thr4 = thr.view(1, h, 1, 1)
+    if topk is None:
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+        keep_sorted = ((before < thr4) & (sorted_p > 0)) | (thr4 >= 1.0) | (rank == 0)
+    else:
+        n_valid = valid.sum(dim=-1).view(1, 1, -1, 1).float()
+        budget = torch.ceil(thr4 * n_valid - 1e-6).clamp_min(1.0)
+        keep_sorted = rank < budget
+    keep = torch.zeros(order.shape, dtype=torch.bool, device=q.device)
+    keep = keep.scatter(-1, order, keep_sorted.expand(order.shape))
+    keep = keep & candidate
+    keep = keep | q_dense.unsqueeze(-1) | k_dense.unsqueeze(2)
+    if attention_sink:
+        keep[..., 0] = True
+    return BlockMap(keep, block_q, block_k, lq, lk, causal)

@@ -1,0 +1,103 @@
+"""Dense and masked attention in plain PyTorch, computed in fp32: the oracle.
+
+Everything else in :mod:`creative_sparse.attention` is tested against these
+functions. They favour being obviously right over being fast, but process the
+query rows in chunks so that they stay usable as a baseline at long lengths.
+
+Conventions (shared by every backend):
+
+* Tensors are ``[B, H, L, D]``. ``k``/``v`` may have fewer heads than ``q``
+  (grouped-query attention, ``H % H_kv == 0``); query head ``h`` reads KV head
+  ``h // (H // H_kv)``.
+* ``causal=True`` with ``q_len != k_len`` treats the queries as the *last*
+  ``q_len`` positions of the key sequence (bottom-right alignment, as in
+  FlashAttention and in decoding): query ``i`` sees keys ``j <= i + k_len - q_len``.
+  Note that ``torch.nn.functional.scaled_dot_product_attention`` aligns top-left
+  instead; the two agree when ``q_len == k_len``.
+* A query row that is allowed no key at all (possible with a block mask, or with
+  ``causal`` and ``q_len > k_len``) returns zeros, never NaN.
+* The result has the dtype of ``q`` (the computation itself is fp32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["dense_attention", "masked_attention", "causal_token_mask", "expand_kv_heads"]
+
+# Query rows per chunk: bounds the fp32 score matrix to chunk x k_len per head.
+_ROW_CHUNK = 1024
+
+
+def expand_kv_heads(x: Tensor, num_heads: int) -> Tensor:
+    """Repeat KV heads ``[B, H_kv, L, D]`` to ``[B, num_heads, L, D]`` (GQA)."""
+    h_kv = x.shape[1]
+    if h_kv == num_heads:
+        return x
+    return x.repeat_interleave(num_heads // h_kv, dim=1)
+
+
+def causal_token_mask(q_len: int, k_len: int, device=None) -> Tensor:
+    """Bool ``[q_len, k_len]``: True where query ``i`` may see key ``j`` (bottom-right causal)."""
+    rows = torch.arange(q_len, device=device).unsqueeze(1) + (k_len - q_len)
+    cols = torch.arange(k_len, device=device).unsqueeze(0)
+    return cols <= rows
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *,
+                     causal: bool = False, scale: float | None = None) -> Tensor:
+    """Attention restricted to the True entries of a token mask, in fp32.
+
+    Args:
+        q: ``[B, H, Lq, D]``.
+        k: ``[B, H_kv, Lk, D]``.
+        v: ``[B, H_kv, Lk, Dv]``.
+        mask: bool, broadcastable to ``[B, H, Lq, Lk]``; True = attend. ``None``
+            means every key.
+        causal: also apply the bottom-right causal mask.
+        scale: score multiplier; default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[B, H, Lq, Dv]`` in ``q.dtype``; rows with no allowed key are zero.
+    """
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    kf = expand_kv_heads(k, h).float()
+    vf = expand_kv_heads(v, h).float()
+    out = torch.zeros(b, h, lq, v.shape[-1], dtype=torch.float32, device=q.device)
+    full_causal = causal_token_mask(lq, lk, q.device) if causal else None
+    if mask is not None:
+        mask = mask.expand(b, h, lq, lk)
+    for start in range(0, lq, _ROW_CHUNK):
+        stop = min(start + _ROW_CHUNK, lq)
+        scores = torch.matmul(q[:, :, start:stop].float(), kf.transpose(-1, -2)) * scale
+        allowed = torch.ones_like(scores, dtype=torch.bool)
+        if mask is not None:
+            allowed = allowed & mask[:, :, start:stop]
+        if full_causal is not None:
+            allowed = allowed & full_causal[start:stop]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        row_max = scores.amax(dim=-1, keepdim=True)
+        # A row with nothing allowed has max -inf; pin it to 0 so exp gives 0, not NaN.
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        weights = torch.exp(scores - row_max)
+        denom = weights.sum(dim=-1, keepdim=True)
+        chunk = torch.matmul(weights, vf) / denom.clamp_min(torch.finfo(torch.float32).tiny)
+        out[:, :, start:stop] = torch.where(denom > 0, chunk, torch.zeros_like(chunk))
+    return out.to(q.dtype)
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                    scale: float | None = None) -> Tensor:
+    """Exact softmax attention in fp32; see :func:`masked_attention` for shapes.
+
+    Example:
+        >>> q = torch.randn(1, 9, 63, 64); kv = torch.randn(1, 3, 63, 64)
+        >>> dense_attention(q, kv, kv, causal=True).shape
+        torch.Size([1, 9, 63, 64])
+    """
+    return masked_attention(q, k, v, None, causal=causal, scale=scale)
