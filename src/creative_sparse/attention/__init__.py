@@ -1,0 +1,313 @@
+"""Sparse attention: the SpargeAttn algorithm, portable (CPU and GPU), exact on kept blocks.
+
+Public entry points:
+
+* :func:`sparse_attention`: predict the important blocks from pooled queries
+  and keys, then compute attention over those blocks only.
+* :func:`block_sparse_attention`: attention over a given :class:`BlockMap`.
+* The seed library's names, with its parameters: :func:`spas_sage2_attn_meansim_cuda`,
+  :func:`spas_sage2_attn_meansim_topk_cuda`, :func:`spas_sage_attn_meansim_cuda`,
+  :func:`spas_sage_attn_meansim_topk_cuda`, :func:`block_sparse_sage2_attn_cuda`.
+  Despite the ``_cuda`` suffix they run on CPU tensors too. The computation is
+  in fp32 on CPU (no INT8/FP8 quantization here), and the output has the input
+  dtype unless ``output_dtype`` says otherwise.
+
+Shapes: ``q`` is ``[B, H, Lq, D]`` and ``k``/``v`` are ``[B, H_kv, Lk, D]`` /
+``[B, H_kv, Lk, Dv]`` with ``H % H_kv == 0`` (``tensor_layout="HND"``), or
+``[B, L, H, D]`` with ``tensor_layout="NHD"``. Any lengths and head dims.
+Causal attention with ``Lq != Lk`` treats the queries as the *last* ``Lq``
+positions (decode / chunked prefill).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .blockmap import BlockMap, HeadParam, per_head_param, predict_block_map
+from .dispatch import available_backends, run_backend, select_backend, use_backend
+from .reference import dense_attention, masked_attention
+
+__all__ = [
+    "BlockMap",
+    "available_backends",
+    "block_sparse_attention",
+    "block_sparse_sage2_attn_cuda",
+    "dense_attention",
+    "masked_attention",
+    "predict_block_map",
+    "select_backend",
+    "sparse_attention",
+    "spas_sage2_attn_meansim_cuda",
+    "spas_sage2_attn_meansim_topk_cuda",
+    "spas_sage_attn_meansim_cuda",
+    "spas_sage_attn_meansim_topk_cuda",
+    "use_backend",
+]
+
+BLOCK_Q = 128
+BLOCK_K = 64
+
+
+def _to_hnd(q: Tensor, k: Tensor, v: Tensor, tensor_layout: str) -> tuple[Tensor, Tensor, Tensor]:
+    if tensor_layout not in ("HND", "NHD"):
+        raise ValueError(f"tensor_layout must be 'HND' ([B, H, L, D]) or 'NHD' ([B, L, H, D]), "
+                         f"got {tensor_layout!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions ({tensor_layout}), got shape "
+                             f"{tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if tensor_layout == "NHD":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return q, k, v
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    b, h, lq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[-1] != d:
+        raise ValueError(f"head_dim of k ({k.shape[-1]}) must equal head_dim of q ({d})")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same heads and length, got k "
+                         f"[H_kv={k.shape[1]}, L={k.shape[2]}], v [H_kv={v.shape[1]}, "
+                         f"L={v.shape[2]}]")
+    if k.shape[1] == 0 or h % k.shape[1] != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads "
+                         f"({k.shape[1]}) for grouped-query attention")
+    if min(lq, k.shape[2], d, v.shape[-1], b, h) < 1:
+        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}; every dimension must be at least 1")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _check_scalars(scale, output_dtype, attn_mask, dropout_p) -> None:
+    if attn_mask is not None:
+        raise ValueError("attn_mask is not supported by sparse attention (the block map is the "
+                         "mask); pass attn_mask=None and use is_causal or block_sparse_attention")
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p must be 0.0 (inference only), got {dropout_p!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)
+                                  and scale > 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    if output_dtype is not None and not (isinstance(output_dtype, torch.dtype)
+                                         and output_dtype.is_floating_point):
+        raise ValueError(f"output_dtype must be a floating torch.dtype or None, got "
+                         f"{output_dtype!r}")
+
+
+def _finish(out: Tensor, block_map: BlockMap, tensor_layout: str, output_dtype,
+            return_sparsity: bool):
+    if tensor_layout == "NHD":
+        out = out.transpose(1, 2)
+    if output_dtype is not None:
+        out = out.to(output_dtype)
+    return (out, block_map.sparsity()) if return_sparsity else out
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap, *,
+                           scale: float | None = None, tensor_layout: str = "HND",
+                           output_dtype: torch.dtype | None = None,
+                           return_sparsity: bool = False, backend: str | None = None):
+    """Exact attention over the kept blocks of ``block_map``.
+
+    Args:
+        q, k, v: see the module docstring; ``block_map.keep`` must be
+            ``[B|1, H|1, ceil(Lq/block_q), ceil(Lk/block_k)]``.
+        scale: score multiplier, default ``1/sqrt(D)``.
+        backend: force ``"cpu_kernel"``, ``"flex"``, ``"torch"`` or ``"reference"``.
+
+    Returns:
+        The output in ``q``'s layout and dtype (or ``output_dtype``); with
+        ``return_sparsity``, ``(output, sparsity)``.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 2, 256, 64)
+        >>> keep = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 1]], dtype=torch.bool)[None, None]
+        >>> out = block_sparse_attention(q, k, v, BlockMap(keep, 128, 64, 256, 256))
+    """
+    q, k, v = _to_hnd(q, k, v, tensor_layout)
+    _check_qkv(q, k, v)
+    _check_scalars(scale, output_dtype, None, 0.0)
+    b, h, lq, _ = q.shape
+    if (block_map.q_len, block_map.k_len) != (lq, k.shape[2]):
+        raise ValueError(f"block_map was made for q_len={block_map.q_len}, k_len="
+                         f"{block_map.k_len}; the inputs have q_len={lq}, k_len={k.shape[2]}")
+    bb, bh = block_map.keep.shape[:2]
+    if bb not in (1, b) or bh not in (1, h):
+        raise ValueError(f"block_map.keep has batch/heads {bb}/{bh}; allowed: 1 or {b} / "
+                         f"1 or {h}")
+    block_map = block_map.expand_batch_heads(b, h)
+    out = run_backend(q, k, v, block_map, scale=scale, backend=backend)
+    return _finish(out, block_map, tensor_layout, output_dtype, return_sparsity)
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False,
+                     scale: float | None = None, simthreshd1: HeadParam = 0.6,
+                     cdfthreshd: HeadParam | None = None, topk: HeadParam | None = None,
+                     pvthreshd: HeadParam = 15, smooth_k: bool = True,
+                     attention_sink: bool = False, tensor_layout: str = "HND",
+                     output_dtype: torch.dtype | None = None, return_sparsity: bool = False,
+                     block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
+                     backend: str | None = None):
+    """SpargeAttn: predict the important blocks, then compute attention over them only.
+
+    Args:
+        q: ``[B, H, Lq, D]`` (or ``[B, Lq, H, D]`` with ``tensor_layout="NHD"``).
+        k, v: ``[B, H_kv, Lk, D]`` / ``[B, H_kv, Lk, Dv]``, ``H % H_kv == 0``.
+        is_causal: bottom-right causal masking (queries are the last positions).
+        scale: score multiplier, default ``1/sqrt(D)``.
+        simthreshd1: block self-similarity below which a block is always
+            computed, in [-1, 1]; scalar or one value per query head.
+        cdfthreshd: attention mass each query block keeps, in (0, 1]; default
+            0.97 when ``topk`` is not given. 1.0 is dense.
+        topk: instead of ``cdfthreshd``, the fraction of key blocks each query
+            block keeps, in (0, 1]. 1.0 is dense.
+        pvthreshd: > 0, in log2 units: a kernel may skip P.V for a block whose
+            weights are all below ``2**-pvthreshd`` of the row maximum. The CPU
+            backends compute every kept block exactly, so it never changes
+            their result; it is validated and accepted for compatibility.
+        smooth_k: subtract the mean key before prediction (no effect on the output math).
+        attention_sink: always keep the first key block.
+        tensor_layout: ``"HND"`` or ``"NHD"``.
+        output_dtype: dtype of the result; default the input dtype.
+        return_sparsity: also return the fraction of (causal-aware) blocks skipped.
+        block_q, block_k: block sizes (128 x 64 as in SpargeAttn).
+        backend: force a backend (see :mod:`creative_sparse.attention.dispatch`).
+
+    Returns:
+        The attention output, same layout as the inputs; with ``return_sparsity``,
+        ``(output, sparsity)``.
+
+    Example:
+        >>> q = torch.randn(1, 9, 1000, 64); k = v = torch.randn(1, 3, 1000, 64)
+        >>> out, s = sparse_attention(q, k, v, is_causal=True, topk=0.5, return_sparsity=True)
+        >>> out.shape, 0 <= s < 1
+        (torch.Size([1, 9, 1000, 64]), True)
+    """
+    q, k, v = _to_hnd(q, k, v, tensor_layout)
+    _check_qkv(q, k, v)
+    _check_scalars(scale, output_dtype, None, 0.0)
+    per_head_param(pvthreshd, "pvthreshd", q.shape[1], 0.0, math.inf, low_open=True)
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    block_map = predict_block_map(q, k, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd,
+                                  topk=topk, causal=bool(is_causal),
+                                  attention_sink=attention_sink, smooth_k=smooth_k,
+                                  scale=scale, block_q=block_q, block_k=block_k)
+    out = run_backend(q, k, v, block_map, scale=scale, backend=backend)
+    return _finish(out, block_map, tensor_layout, output_dtype, return_sparsity)
+
+
+def spas_sage2_attn_meansim_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, smooth_k=True, simthreshd1=0.6, cdfthreshd=0.97,
+                                 pvthreshd=15, attention_sink=False, tensor_layout="HND",
+                                 output_dtype=None, return_sparsity=False):
+    """SpargeAttn with CDF selection (seed name; runs on CPU and GPU).
+
+    See :func:`sparse_attention` for every argument. ``attn_mask`` must be None
+    and ``dropout_p`` 0.0. Returns the output, or ``(output, sparsity)``.
+    """
+    _check_scalars(scale, output_dtype, attn_mask, dropout_p)
+    return sparse_attention(q, k, v, is_causal=is_causal, scale=scale, simthreshd1=simthreshd1,
+                            cdfthreshd=cdfthreshd, pvthreshd=pvthreshd, smooth_k=smooth_k,
+                            attention_sink=attention_sink, tensor_layout=tensor_layout,
+                            output_dtype=output_dtype, return_sparsity=return_sparsity)
+
+
+def spas_sage2_attn_meansim_topk_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                      scale=None, smooth_k=True, simthreshd1=-0.1, topk=0.5,
+                                      pvthreshd=15, attention_sink=False, tensor_layout="HND",
+                                      output_dtype=None, return_sparsity=False):
+    """SpargeAttn with top-k selection: each query block keeps the ``topk`` fraction
+    of its key blocks (seed name; runs on CPU and GPU). See :func:`sparse_attention`."""
+    _check_scalars(scale, output_dtype, attn_mask, dropout_p)
+    return sparse_attention(q, k, v, is_causal=is_causal, scale=scale, simthreshd1=simthreshd1,
+                            topk=topk, pvthreshd=pvthreshd, smooth_k=smooth_k,
+                            attention_sink=attention_sink, tensor_layout=tensor_layout,
+                            output_dtype=output_dtype, return_sparsity=return_sparsity)
+
+
+def spas_sage_attn_meansim_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                scale=None, smooth_k=True, simthreshd1=0.6, cdfthreshd=0.97,
+                                pvthreshd=15, attention_sink=False, tensor_layout="HND",
+                                output_dtype=None, return_sparsity=False):
+    """The SageAttention-1 flavour of :func:`spas_sage2_attn_meansim_cuda`; without
+    quantization the two compute the same thing here."""
+    return spas_sage2_attn_meansim_cuda(q, k, v, attn_mask, dropout_p, is_causal, scale,
+                                        smooth_k, simthreshd1, cdfthreshd, pvthreshd,
+                                        attention_sink, tensor_layout, output_dtype,
+                                        return_sparsity)
+
+
+def spas_sage_attn_meansim_topk_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                     scale=None, smooth_k=True, simthreshd1=-0.1, topk=0.5,
+                                     pvthreshd=15, attention_sink=False, tensor_layout="HND",
+                                     output_dtype=None, return_sparsity=False):
+    """The SageAttention-1 flavour of :func:`spas_sage2_attn_meansim_topk_cuda`."""
+    return spas_sage2_attn_meansim_topk_cuda(q, k, v, attn_mask, dropout_p, is_causal, scale,
+                                             smooth_k, simthreshd1, topk, pvthreshd,
+                                             attention_sink, tensor_layout, output_dtype,
+                                             return_sparsity)
+
+
+def block_sparse_sage2_attn_cuda(q, k, v, mask_id=None, dropout_p=0.0, scale=None,
+                                 smooth_k=True, pvthreshd=50, attention_sink=False,
+                                 tensor_layout="HND", output_dtype=None, return_sparsity=False,
+                                 is_causal=False):
+    """Attention over a caller-given block mask (seed name; runs on CPU and GPU).
+
+    Args:
+        mask_id: 0/1 (or bool) tensor ``[B|1, H|1, ceil(Lq/128), ceil(Lk/64)]``;
+            1 = compute the block. ``None`` computes every block (dense).
+        smooth_k: accepted for compatibility; the mask is given, so it changes nothing.
+        attention_sink: also compute the first key block of every query block.
+        is_causal: extension of the seed API: bottom-right causal masking inside blocks.
+        Other arguments as in :func:`sparse_attention`.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 1, 256, 64)
+        >>> mask = torch.tensor([[[[1, 1, 0, 0], [0, 0, 1, 1]]]])
+        >>> out, s = block_sparse_sage2_attn_cuda(q, k, v, mask_id=mask, return_sparsity=True)
+        >>> s
+        0.5
+    """
+    _check_scalars(scale, output_dtype, None, dropout_p)
+    q, k, v = _to_hnd(q, k, v, tensor_layout)
+    _check_qkv(q, k, v)
+    per_head_param(pvthreshd, "pvthreshd", q.shape[1], 0.0, math.inf, low_open=True)
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    nq, nk = math.ceil(lq / BLOCK_Q), math.ceil(lk / BLOCK_K)
+    if mask_id is None:
+        keep = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=q.device)
+    else:
+        if not isinstance(mask_id, Tensor):
+            raise ValueError(f"mask_id must be a tensor or None, got {type(mask_id).__name__}")
+        if (mask_id.dim() != 4 or mask_id.shape[0] not in (1, b) or mask_id.shape[1] not in (1, h)
+                or tuple(mask_id.shape[2:]) != (nq, nk)):
+            raise ValueError(f"mask_id must have shape [B|1, H|1, {nq}, {nk}] (blocks of "
+                             f"{BLOCK_Q} query x {BLOCK_K} key rows for Lq={lq}, Lk={lk}), got "
+                             f"{tuple(mask_id.shape)}")
+        if mask_id.is_floating_point() or mask_id.is_complex():
+            bad = ~((mask_id == 0) | (mask_id == 1))
+        else:
+            bad = (mask_id < 0) | (mask_id > 1) if mask_id.dtype != torch.bool else None
+        if bad is not None and bool(bad.any()):
+            raise ValueError("mask_id must hold only 0 and 1 (1 = compute the block), got "
+                             f"{mask_id[bad].flatten()[0].item()}")
+        keep = mask_id.to(device=q.device, dtype=torch.bool)
+    if attention_sink:
+        keep = keep.clone()
+        keep[..., 0] = True
+    block_map = BlockMap(keep, BLOCK_Q, BLOCK_K, lq, lk, bool(is_causal)).expand_batch_heads(b, h)
+    out = run_backend(q, k, v, block_map, scale=scale)
+    return _finish(out, block_map, tensor_layout, output_dtype, return_sparsity)

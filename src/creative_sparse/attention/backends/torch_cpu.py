@@ -1,0 +1,66 @@
+"""Pure-PyTorch block-sparse backend: works on any device, no compiler needed.
+
+It loops over query blocks; for each, it gathers the kept key blocks of every
+(batch, head) into one padded batch and computes exact softmax attention over
+them. Unkept blocks are never touched, so the cost scales with the kept
+fraction, but the gather and the per-block Python loop make it slower than the
+compiled kernel: it is the fallback where no compiler exists.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..blockmap import BlockMap
+
+__all__ = ["block_sparse_attention"]
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap, *,
+                           scale: float | None = None) -> Tensor:
+    """Attention over ``block_map``'s kept blocks; fp32 compute, ``q.dtype`` out.
+
+    Shapes as in :func:`creative_sparse.attention.reference.masked_attention`.
+    """
+    b, h, lq, d = q.shape
+    h_kv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    bq, bk = block_map.block_q, block_map.block_k
+    nq, nk = block_map.num_q_blocks, block_map.num_k_blocks
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    pad = nk * bk - lk
+    head_map = torch.arange(h, device=q.device) // (h // h_kv)
+    # [B, H, nk, bk, D]: GQA heads resolved once, keys padded to whole blocks.
+    kb = F.pad(k.float(), (0, 0, 0, pad)).index_select(1, head_map).view(b, h, nk, bk, d)
+    vb = F.pad(v.float(), (0, 0, 0, pad)).index_select(1, head_map).view(b, h, nk, bk, dv)
+    counts, indices = block_map.kv_indices()
+    out = torch.zeros(b, h, lq, dv, dtype=torch.float32, device=q.device)
+    bi = torch.arange(b, device=q.device).view(b, 1, 1)
+    hi = torch.arange(h, device=q.device).view(1, h, 1)
+    offsets = torch.arange(bk, device=q.device)
+    for qb in range(nq):
+        width = int(counts[:, :, qb].max())
+        if width == 0:
+            continue
+        ids = indices[:, :, qb, :width].long()                      # [B, H, w]
+        keys = kb[bi, hi, ids].reshape(b, h, width * bk, d)
+        vals = vb[bi, hi, ids].reshape(b, h, width * bk, dv)
+        r0, r1 = qb * bq, min((qb + 1) * bq, lq)
+        scores = torch.matmul(q[:, :, r0:r1].float(), keys.transpose(-1, -2)) * scale
+        key_pos = (ids.unsqueeze(-1) * bk + offsets).reshape(b, h, 1, width * bk)
+        slot = torch.arange(width, device=q.device).repeat_interleave(bk)
+        allowed = (slot.view(1, 1, 1, -1) < counts[:, :, qb].view(b, h, 1, 1)) & (key_pos < lk)
+        if block_map.causal:
+            q_pos = torch.arange(r0, r1, device=q.device).view(1, 1, -1, 1) + (lk - lq)
+            allowed = allowed & (key_pos <= q_pos)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        row_max = scores.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        weights = torch.exp(scores - row_max)
+        denom = weights.sum(dim=-1, keepdim=True)
+        chunk = torch.matmul(weights, vals) / denom.clamp_min(torch.finfo(torch.float32).tiny)
+        out[:, :, r0:r1] = torch.where(denom > 0, chunk, torch.zeros_like(chunk))
+    return out.to(q.dtype)

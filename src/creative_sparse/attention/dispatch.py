@@ -1,0 +1,117 @@
+"""The only place that chooses an attention backend.
+
+Backends (each computes exactly the kept blocks of a :class:`BlockMap`):
+
+* ``"cpu_kernel"``: compiled C++ (OpenMP + BLAS tiles), CPU only; the CPU default.
+* ``"flex"``: ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built
+  from the kept-block lists; the CUDA default (compiled with ``torch.compile``).
+* ``"torch"``: pure PyTorch, any device; the fallback.
+* ``"reference"``: the fp32 oracle over the token mask (slow, for tests).
+
+Precedence: the ``backend=`` argument, then :func:`use_backend`, then the
+``CREATIVE_SPARSE_BACKEND`` environment variable, then the automatic choice.
+A forced backend that cannot run is an error, never a silent switch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from .blockmap import BlockMap
+
+__all__ = ["BACKENDS", "ENV_VAR", "available_backends", "select_backend", "run_backend",
+           "use_backend"]
+
+BACKENDS = ("cpu_kernel", "flex", "torch", "reference")
+ENV_VAR = "CREATIVE_SPARSE_BACKEND"
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("creative_sparse_backend",
+                                                                     default=None)
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: unknown attention backend {name!r}; allowed: "
+                         f"{', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend inside a ``with`` block (thread- and task-local).
+
+    Example:
+        >>> with use_backend("torch"):
+        ...     pass  # every sparse attention call in here uses the PyTorch backend
+    """
+    token = _forced.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _is_available(name: str, device: torch.device) -> bool:
+    if name == "cpu_kernel":
+        if device.type != "cpu":
+            return False
+        from .backends import cpu_kernel
+        return cpu_kernel.available()
+    if name == "flex":
+        from .backends import flex
+        return flex.available(device)
+    return True
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on ``device`` here (building the CPU kernel if needed)."""
+    device = torch.device(device)
+    return [name for name in BACKENDS if _is_available(name, device)]
+
+
+def select_backend(device: torch.device | str, requested: str | None = None) -> str:
+    """Name of the backend to use on ``device`` (see the module docstring for precedence)."""
+    device = torch.device(device)
+    name, source = requested, "backend"
+    if name is None:
+        name, source = _forced.get(), "use_backend"
+    if name is None:
+        name, source = os.environ.get(ENV_VAR) or None, ENV_VAR
+    if name is not None:
+        _check_name(name, source)
+        if not _is_available(name, device):
+            raise ValueError(f"{source}: attention backend {name!r} cannot run on device "
+                             f"{device} here; available: {', '.join(available_backends(device))}")
+        return name
+    preference = ("flex", "torch") if device.type == "cuda" else ("cpu_kernel", "torch")
+    for name in preference:
+        if _is_available(name, device):
+            return name
+    return "torch"
+
+
+def _implementation(name: str) -> Callable[..., Tensor]:
+    if name == "cpu_kernel":
+        from .backends.cpu_kernel import block_sparse_attention
+    elif name == "flex":
+        from .backends.flex import block_sparse_attention
+    elif name == "torch":
+        from .backends.torch_cpu import block_sparse_attention
+    else:
+        def block_sparse_attention(q, k, v, block_map, *, scale=None):
+            from .reference import masked_attention
+            return masked_attention(q, k, v, block_map.to_token_mask(),
+                                    causal=block_map.causal, scale=scale)
+    return block_sparse_attention
+
+
+def run_backend(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap, *,
+                scale: float | None = None, backend: str | None = None) -> Tensor:
+    """Compute attention over ``block_map`` with the selected backend; ``[B, H, Lq, Dv]``."""
+    name = select_backend(q.device, backend)
+    return _implementation(name)(q, k, v, block_map, scale=scale)
