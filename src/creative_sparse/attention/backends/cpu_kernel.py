@@ -54,7 +54,8 @@ def _load():
         flags = ["-O3", "-fopenmp"]
         if platform.machine() in ("x86_64", "AMD64"):
             flags.append("-march=native")
-        logger.info("building the compiled CPU attention kernel (once per machine)")
+        logger.info("preparing the compiled CPU attention kernel (the first time on a machine "
+                    "it is built, about 20 s)")
         return load(name=f"creative_sparse_cpu_{_cpu_fingerprint()}", sources=[str(_SOURCE)],
                     extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, unsupported platform...
