@@ -26,7 +26,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["dense_attention", "masked_attention", "causal_token_mask", "expand_kv_heads"]
+__all__ = ["dense_attention", "masked_attention", "causal_token_mask", "expand_kv_heads",
+           "softmax_attend"]
 
 # Query rows per chunk: bounds the fp32 score matrix to chunk x k_len per head.
 _ROW_CHUNK = 1024
@@ -80,15 +81,26 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *,
             allowed = allowed & mask[:, :, start:stop]
         if full_causal is not None:
             allowed = allowed & full_causal[start:stop]
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        row_max = scores.amax(dim=-1, keepdim=True)
-        # A row with nothing allowed has max -inf; pin it to 0 so exp gives 0, not NaN.
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        weights = torch.exp(scores - row_max)
-        denom = weights.sum(dim=-1, keepdim=True)
-        chunk = torch.matmul(weights, vf) / denom.clamp_min(torch.finfo(torch.float32).tiny)
-        out[:, :, start:stop] = torch.where(denom > 0, chunk, torch.zeros_like(chunk))
+        out[:, :, start:stop] = softmax_attend(scores, allowed, vf)
     return out.to(q.dtype)
+
+
+def softmax_attend(scores: Tensor, allowed: Tensor, values: Tensor) -> Tensor:
+    """``softmax(scores over allowed keys) @ values``; rows with no allowed key give zeros.
+
+    Args:
+        scores: fp32 ``[..., Lq, Lk]`` (already scaled).
+        allowed: bool, broadcastable to ``scores``.
+        values: fp32 ``[..., Lk, Dv]``.
+    """
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    # A row with nothing allowed has max -inf; pin it to 0 so exp gives 0, not NaN.
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    out = torch.matmul(weights, values) / denom.clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(denom > 0, out, torch.zeros_like(out))
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +45,30 @@ def _cpu_fingerprint() -> str:
     return digest.hexdigest()[:10]
 
 
+_STALE_LOCK_SECONDS = 600
+
+
+def _build_directory(name: str) -> Path:
+    """torch's extension build directory for ``name``, freed of a stale lock.
+
+    torch serialises builds with a ``lock`` file and waits forever while it
+    exists; a build that was killed leaves it behind. A lock older than any
+    real build (10 minutes) is removed.
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "torch_extensions")
+    path = Path(root) / name
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
+            logger.warning("removing a stale build lock %s", lock)
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+    return path
+
+
 @functools.lru_cache(maxsize=1)
 def _load():
     """Build (once per machine and source version) and import the extension; None on failure."""
@@ -54,9 +79,11 @@ def _load():
         flags = ["-O3", "-fopenmp"]
         if platform.machine() in ("x86_64", "AMD64"):
             flags.append("-march=native")
+        name = f"creative_sparse_cpu_{_cpu_fingerprint()}"
+        build_dir = _build_directory(name)
         logger.info("preparing the compiled CPU attention kernel (the first time on a machine "
                     "it is built, about 20 s)")
-        return load(name=f"creative_sparse_cpu_{_cpu_fingerprint()}", sources=[str(_SOURCE)],
+        return load(name=name, sources=[str(_SOURCE)], build_directory=str(build_dir),
                     extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, unsupported platform...
         logger.warning("compiled CPU attention kernel unavailable (%s); using the PyTorch "

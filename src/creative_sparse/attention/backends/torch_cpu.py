@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..blockmap import BlockMap
+from ..reference import softmax_attend
 
 __all__ = ["block_sparse_attention"]
 
@@ -56,11 +57,5 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
         if block_map.causal:
             q_pos = torch.arange(r0, r1, device=q.device).view(1, 1, -1, 1) + (lk - lq)
             allowed = allowed & (key_pos <= q_pos)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        row_max = scores.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        weights = torch.exp(scores - row_max)
-        denom = weights.sum(dim=-1, keepdim=True)
-        chunk = torch.matmul(weights, vals) / denom.clamp_min(torch.finfo(torch.float32).tiny)
-        out[:, :, r0:r1] = torch.where(denom > 0, chunk, torch.zeros_like(chunk))
+        out[:, :, r0:r1] = softmax_attend(scores, allowed, vals)
     return out.to(q.dtype)
