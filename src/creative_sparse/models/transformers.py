@@ -1,0 +1,307 @@
+"""Sparsity inside Hugging Face transformers models, through ``AttentionInterface``.
+
+One attention function, registered under the name ``"creative_sparse"`` (with
+the SDPA mask function registered under the same name in
+``AttentionMaskInterface``, or the causal mask would silently disappear),
+applies the active :class:`AttentionKnobs`:
+
+* **prefill** (``q_len >= min_prefill_len``, no padding mask): SpargeAttn
+  block-sparse attention from :mod:`creative_sparse.attention`;
+* **decode and short chunks**: token-level top-k over the keys, with a budget of
+  ``keep_fraction`` of the visible keys, always keeping ``sink_tokens`` first
+  tokens and a ``local_window`` of recent ones;
+* **sub-network diversity**: with ``noise > 0`` and ``row_seeds``, Gumbel noise
+  (scaled by ``noise``) perturbs which keys each batch row keeps, reproducibly
+  per seed, so parallel drafts explore different sub-networks;
+* **statistics** for compute accounting (:class:`AttentionStats`).
+
+With ``keep_fraction == 1`` the function is exactly SDPA, so a patched model
+at s = 0 gives the unpatched logits. The knobs travel in a ``ContextVar`` set
+by :func:`sparsity`, which also switches the model's attention implementation
+and MoE routers and restores everything on exit, exception or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ..attention import block_sparse_attention, predict_block_map
+from ..attention.blockmap import block_pair_counts
+
+__all__ = ["ATTENTION_NAME", "AttentionKnobs", "AttentionStats", "register", "sparsity",
+           "creative_sparse_attention"]
+
+ATTENTION_NAME = "creative_sparse"
+
+
+@dataclass(frozen=True)
+class AttentionKnobs:
+    """Attention knobs at one sparsity level (see :mod:`creative_sparse.control`).
+
+    Attributes:
+        keep_fraction: fraction of visible keys each query attends to, in (0, 1];
+            1.0 is exact dense attention everywhere.
+        sink_tokens: first tokens always kept (attention sinks), >= 0.
+        local_window: most recent tokens always kept, >= 0.
+        simthreshd1, cdfthreshd, topk: SpargeAttn prefill thresholds
+            (``topk`` overrides ``cdfthreshd`` when set).
+        min_prefill_len: queries per call from which the block-sparse path is used.
+        noise: Gumbel-noise scale on the key selection scores, >= 0 (0 = none).
+        row_seeds: one int seed per batch row for the noise; ``None`` = no noise.
+        experts_per_token: MoE experts per token, or ``None`` to leave routers alone.
+        router_temperature: MoE router softmax temperature, > 0.
+
+    Example:
+        >>> AttentionKnobs(keep_fraction=0.5, noise=0.3, row_seeds=(1, 2, 3)).keep_fraction
+        0.5
+    """
+
+    keep_fraction: float = 1.0
+    sink_tokens: int = 4
+    local_window: int = 32
+    simthreshd1: float = 0.6
+    cdfthreshd: float = 0.97
+    topk: float | None = None
+    min_prefill_len: int = 256
+    noise: float = 0.0
+    row_seeds: tuple[int, ...] | None = None
+    experts_per_token: int | None = None
+    router_temperature: float = 1.0
+
+    def __post_init__(self):
+        def check(name, ok, allowed):
+            if not ok:
+                raise ValueError(f"AttentionKnobs.{name} must be {allowed}, got "
+                                 f"{getattr(self, name)!r}")
+        check("keep_fraction", 0.0 < self.keep_fraction <= 1.0, "in (0, 1]")
+        check("sink_tokens", isinstance(self.sink_tokens, int) and self.sink_tokens >= 0, ">= 0")
+        check("local_window", isinstance(self.local_window, int) and self.local_window >= 0,
+              ">= 0")
+        check("simthreshd1", -1.0 <= self.simthreshd1 <= 1.0, "in [-1, 1]")
+        check("cdfthreshd", 0.0 < self.cdfthreshd <= 1.0, "in (0, 1]")
+        check("topk", self.topk is None or 0.0 < self.topk <= 1.0, "None or in (0, 1]")
+        check("min_prefill_len", isinstance(self.min_prefill_len, int)
+              and self.min_prefill_len >= 1, "an int >= 1")
+        check("noise", self.noise >= 0.0 and math.isfinite(self.noise), "finite and >= 0")
+        check("experts_per_token", self.experts_per_token is None
+              or (isinstance(self.experts_per_token, int) and self.experts_per_token >= 1),
+              "None or an int >= 1")
+        check("router_temperature", self.router_temperature > 0
+              and math.isfinite(self.router_temperature), "finite and > 0")
+        if self.row_seeds is not None:
+            object.__setattr__(self, "row_seeds", tuple(int(x) for x in self.row_seeds))
+
+    @property
+    def dense(self) -> bool:
+        """True when attention is exact (nothing is skipped)."""
+        return self.keep_fraction >= 1.0
+
+
+@dataclass
+class AttentionStats:
+    """Work done by the patched attention since the context was entered.
+
+    ``pairs_*`` count (query, key) score pairs summed over layers, batch and
+    heads; ``attended_fraction`` is computed / dense-equivalent.
+    """
+
+    calls: int = 0
+    sparse_calls: int = 0
+    pairs_computed: int = 0
+    pairs_dense: int = 0
+    blocks_kept: int = 0
+    blocks_total: int = 0
+    # H2O: attention mass received by each cached key, per layer, summed over
+    # heads and queries of the token-level path ([B, k_len] per layer index).
+    key_mass: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def attended_fraction(self) -> float:
+        return self.pairs_computed / self.pairs_dense if self.pairs_dense else 1.0
+
+    @property
+    def block_sparsity(self) -> float:
+        return 1.0 - self.blocks_kept / self.blocks_total if self.blocks_total else 0.0
+
+
+@dataclass
+class _Active:
+    knobs: AttentionKnobs
+    stats: AttentionStats
+    track_key_mass: bool
+
+
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar(
+    "creative_sparse_attention", default=None)
+
+
+def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, is_causal=is_causal, **kwargs)
+
+
+def _allowed_from_mask(attention_mask: Tensor | None, q_len: int, k_len: int,
+                       device) -> Tensor:
+    """Bool ``[B|1, 1, q, k]`` of allowed pairs: the model's mask, or bottom-right causal."""
+    if attention_mask is None:
+        rows = torch.arange(q_len, device=device).view(-1, 1) + (k_len - q_len)
+        return (torch.arange(k_len, device=device).view(1, -1) <= rows).view(1, 1, q_len, k_len)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask[..., :k_len]
+    return attention_mask[..., :k_len] > torch.finfo(attention_mask.dtype).min / 2
+
+
+def _gumbel(seeds: Sequence[int], layer: int, shape: tuple[int, ...], device) -> Tensor:
+    """Reproducible Gumbel noise ``[B, *shape]``: row b depends only on (seed_b, layer, shape)."""
+    rows = []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(hash((int(seed), layer, shape)) & 0x7FFF_FFFF_FFFF)
+        u = torch.rand(shape, generator=gen).clamp_(1e-9, 1 - 1e-9)
+        rows.append(-torch.log(-torch.log(u)))
+    return torch.stack(rows).to(device)
+
+
+def _token_topk(module, query, key, value, attention_mask, scaling, active: _Active) -> Tensor:
+    """Token-level top-k attention; returns ``[B, H, q, Dv]`` in fp32."""
+    knobs, stats = active.knobs, active.stats
+    b, h, q_len, d = query.shape
+    k_len = key.shape[2]
+    group = h // key.shape[1]
+    kf = key.float().repeat_interleave(group, dim=1)
+    vf = value.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(query.float(), kf.transpose(-1, -2)) * scaling
+    allowed = _allowed_from_mask(attention_mask, q_len, k_len, query.device).expand(b, h, -1, -1)
+    visible = allowed.sum(dim=-1, keepdim=True)                       # [B, H, q, 1]
+    budget = torch.clamp(torch.ceil(visible * knobs.keep_fraction),
+                         min=min(k_len, knobs.sink_tokens + knobs.local_window))
+    budget = torch.minimum(budget, visible)
+    select = scores.masked_fill(~allowed, float("-inf"))
+    if knobs.noise > 0 and knobs.row_seeds is not None:
+        if len(knobs.row_seeds) != b:
+            raise ValueError(f"AttentionKnobs.row_seeds has {len(knobs.row_seeds)} seeds for a "
+                             f"batch of {b} rows; give one seed per row")
+        layer = int(getattr(module, "layer_idx", 0) or 0)
+        select = select + knobs.noise * _gumbel(knobs.row_seeds, layer, (h, q_len, k_len),
+                                                query.device)
+    # Sinks and the recent window always win the selection.
+    positions = torch.arange(k_len, device=query.device)
+    last = (torch.arange(q_len, device=query.device) + (k_len - q_len)).view(1, 1, -1, 1)
+    forced = (positions < knobs.sink_tokens) | (positions > last - knobs.local_window)
+    select = torch.where(forced & allowed, torch.full_like(select, float("inf")), select)
+    order = torch.argsort(select, dim=-1, descending=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, positions.expand_as(order))
+    keep = (ranks < budget) & allowed
+    from ..attention.reference import softmax_attend
+    out = softmax_attend(scores, keep, vf)
+    stats.pairs_computed += int(keep.sum())
+    stats.pairs_dense += int(allowed.sum())
+    if active.track_key_mass and getattr(module, "layer_idx", None) is not None:
+        probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
+        mass = probs.sum(dim=(1, 2))                                    # [B, k_len]
+        prev = stats.key_mass.get(module.layer_idx)
+        if prev is not None and prev.shape[-1] <= k_len:
+            mass[:, : prev.shape[-1]] += prev
+        stats.key_mass[module.layer_idx] = mass
+    return out
+
+
+def creative_sparse_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                              attention_mask: Tensor | None, dropout: float = 0.0,
+                              scaling: float | None = None, is_causal: bool | None = None,
+                              **kwargs) -> tuple[Tensor, None]:
+    """The function registered with ``AttentionInterface`` (same signature as SDPA's).
+
+    ``query`` is ``[B, H, q, D]``, ``key``/``value`` ``[B, H_kv, k, D]`` (KV heads
+    not repeated); returns ``([B, q, H, Dv], None)``.
+    """
+    active = _ACTIVE.get()
+    if active is None or active.knobs.dense or not getattr(module, "is_causal", True):
+        if active is not None:
+            q_len, k_len = query.shape[2], key.shape[2]
+            pairs = int(block_pair_counts(q_len, k_len, q_len, k_len, True).sum())
+            pairs *= query.shape[0] * query.shape[1]
+            active.stats.pairs_computed += pairs
+            active.stats.pairs_dense += pairs
+            active.stats.calls += 1
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                     **kwargs)
+    knobs, stats = active.knobs, active.stats
+    scaling = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else scaling
+    stats.calls += 1
+    stats.sparse_calls += 1
+    q_len = query.shape[2]
+    if q_len >= knobs.min_prefill_len and attention_mask is None:
+        topk = knobs.topk
+        block_map = predict_block_map(
+            query, key, simthreshd1=knobs.simthreshd1,
+            cdfthreshd=None if topk is not None else knobs.cdfthreshd, topk=topk, causal=True,
+            attention_sink=knobs.sink_tokens > 0, scale=scaling)
+        out = block_sparse_attention(query, key, value, block_map, scale=scaling)
+        stats.pairs_computed += block_map.pairs_computed()
+        dense_map = torch.ones_like(block_map.keep)
+        stats.pairs_dense += int((dense_map * block_pair_counts(
+            q_len, key.shape[2], block_map.block_q, block_map.block_k, True)).sum())
+        stats.blocks_kept += int(block_map.keep.sum())
+        stats.blocks_total += int(block_map.valid().sum()) * query.shape[0] * query.shape[1]
+    else:
+        out = _token_topk(module, query, key, value, attention_mask, scaling, active)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register the attention and mask functions under ``"creative_sparse"`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(ATTENTION_NAME, creative_sparse_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "is_causal") and hasattr(m, "layer_idx")
+            and any(name in dict(m.named_children()) for name in ("q_proj", "qkv_proj"))]
+
+
+@contextlib.contextmanager
+def sparsity(model, knobs: AttentionKnobs, *, track_key_mass: bool = False
+             ) -> Iterator[AttentionStats]:
+    """Apply ``knobs`` to ``model`` inside a ``with`` block; yields live :class:`AttentionStats`.
+
+    Switches the model to the ``"creative_sparse"`` attention implementation,
+    sets the MoE routers (when ``knobs.experts_per_token`` is set or the router
+    temperature is not 1), and restores the model exactly on exit, including
+    after an exception.
+
+    Example:
+        >>> with sparsity(model, AttentionKnobs(keep_fraction=0.5)) as stats:  # doctest: +SKIP
+        ...     model(input_ids)
+        >>> stats.attended_fraction  # doctest: +SKIP
+    """
+    if not isinstance(knobs, AttentionKnobs):
+        raise ValueError(f"knobs must be an AttentionKnobs, got {type(knobs).__name__}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise ValueError(f"{type(model).__name__} is not a Hugging Face transformers model "
+                         "(no config / set_attn_implementation)")
+    if not _attention_modules(model):
+        raise ValueError(f"{type(model).__name__} has no attention layers that we can patch "
+                         "(expected modules with q_proj, layer_idx and is_causal)")
+    from .moe import moe_routing
+    register()
+    previous = config._attn_implementation
+    stats = AttentionStats()
+    token = _ACTIVE.set(_Active(knobs, stats, track_key_mass))
+    try:
+        model.set_attn_implementation(ATTENTION_NAME)
+        with moe_routing(model, knobs.experts_per_token, knobs.router_temperature):
+            yield stats
+    finally:
+        _ACTIVE.reset(token)
+        model.set_attn_implementation(previous)
