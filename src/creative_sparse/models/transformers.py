@@ -223,7 +223,12 @@ def creative_sparse_attention(module: torch.nn.Module, query: Tensor, key: Tenso
     not repeated); returns ``([B, q, H, Dv], None)``.
     """
     active = _ACTIVE.get()
-    if active is None or active.knobs.dense or not getattr(module, "is_causal", True):
+    # Dense knobs mean exact SDPA, except for the short (decode) calls whose
+    # attention mass is being recorded for cache pruning.
+    exact = active is None or not getattr(module, "is_causal", True) or (
+        active.knobs.dense and not (active.track_key_mass
+                                    and query.shape[2] < active.knobs.min_prefill_len))
+    if exact:
         if active is not None:
             q_len, k_len = query.shape[2], key.shape[2]
             pairs = int(block_pair_counts(q_len, k_len, q_len, k_len, True).sum())
