@@ -185,3 +185,16 @@ def test_moe_errors(tiny_moe, tiny_llama):
     with pytest.raises(ValueError, match="dense model"):
         with moe_routing(tiny_llama, 2):
             pass
+
+
+def test_knobs_from_the_dial():
+    from creative_sparse.control import SparsityController
+    controller = SparsityController()
+    dense = AttentionKnobs.from_params(controller.get_sparsity_params(0.0), row_seeds=(1, 2))
+    assert dense.dense and dense.noise == 0.0
+    params = controller.get_sparsity_params(0.8, num_experts=8, default_experts=2)
+    knobs = AttentionKnobs.from_params(params, row_seeds=(1, 2), noise_per_level=0.5)
+    assert knobs.keep_fraction == pytest.approx(params.keep_fraction) and not knobs.dense
+    assert knobs.noise == pytest.approx(0.4) and knobs.row_seeds == (1, 2)
+    assert knobs.experts_per_token == params.experts_per_token > 2
+    assert knobs.cdfthreshd == pytest.approx(params.cdfthreshd)

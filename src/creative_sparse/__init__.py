@@ -22,10 +22,17 @@ from .attention import (
     use_backend,
 )
 
+from .config import QualityWeights, SparsityConfig
+from .control import SparsityController, SparsityParams
+
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockMap",
+    "QualityWeights",
+    "SparsityConfig",
+    "SparsityController",
+    "SparsityParams",
     "block_sparse_attention",
     "block_sparse_sage2_attn_cuda",
     "predict_block_map",

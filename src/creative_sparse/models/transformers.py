@@ -98,6 +98,32 @@ class AttentionKnobs:
         if self.row_seeds is not None:
             object.__setattr__(self, "row_seeds", tuple(int(x) for x in self.row_seeds))
 
+    @classmethod
+    def from_params(cls, params, *, row_seeds: Sequence[int] | None = None,
+                    noise_per_level: float = 1.0, **overrides) -> "AttentionKnobs":
+        """Knobs from the dial: a :class:`creative_sparse.control.SparsityParams` at level s.
+
+        The key budget is ``params.keep_fraction`` (dense at s = 0); prefill uses
+        ``params.simthreshd1``/``cdfthreshd``; sub-network noise is
+        ``noise_per_level * s`` when ``row_seeds`` are given. ``overrides`` set
+        any other field.
+
+        Example:
+            >>> from creative_sparse.control import SparsityController
+            >>> p = SparsityController().get_sparsity_params(0.0)
+            >>> AttentionKnobs.from_params(p).dense
+            True
+        """
+        fields = dict(
+            keep_fraction=params.keep_fraction if params.keep_fraction is not None else 1.0,
+            simthreshd1=params.simthreshd1, cdfthreshd=params.cdfthreshd,
+            noise=noise_per_level * params.s if row_seeds is not None else 0.0,
+            row_seeds=tuple(row_seeds) if row_seeds is not None else None,
+            experts_per_token=params.experts_per_token,
+            router_temperature=params.router_temperature or 1.0)
+        fields.update(overrides)
+        return cls(**fields)
+
     @property
     def dense(self) -> bool:
         """True when attention is exact (nothing is skipped)."""
