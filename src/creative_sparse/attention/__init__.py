@@ -27,7 +27,9 @@ import torch
 from torch import Tensor
 
 from .blockmap import BlockMap, HeadParam, per_head_param, predict_block_map
-from .dispatch import available_backends, run_backend, select_backend, use_backend
+from .checks import check_output_dtype, check_qkv, check_scale, to_hnd
+from .dispatch import (_fit_block_map, available_backends, run_backend, select_backend,
+                       use_backend)
 from .reference import dense_attention, masked_attention
 
 __all__ = [
@@ -51,56 +53,14 @@ BLOCK_Q = 128
 BLOCK_K = 64
 
 
-def _to_hnd(q: Tensor, k: Tensor, v: Tensor, tensor_layout: str) -> tuple[Tensor, Tensor, Tensor]:
-    if tensor_layout not in ("HND", "NHD"):
-        raise ValueError(f"tensor_layout must be 'HND' ([B, H, L, D]) or 'NHD' ([B, L, H, D]), "
-                         f"got {tensor_layout!r}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions ({tensor_layout}), got shape "
-                             f"{tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if tensor_layout == "NHD":
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    return q, k, v
-
-
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
-    b, h, lq, d = q.shape
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ValueError(f"batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[-1] != d:
-        raise ValueError(f"head_dim of k ({k.shape[-1]}) must equal head_dim of q ({d})")
-    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v must have the same heads and length, got k "
-                         f"[H_kv={k.shape[1]}, L={k.shape[2]}], v [H_kv={v.shape[1]}, "
-                         f"L={v.shape[2]}]")
-    if k.shape[1] == 0 or h % k.shape[1] != 0:
-        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads "
-                         f"({k.shape[1]}) for grouped-query attention")
-    if min(lq, k.shape[2], d, v.shape[-1], b, h) < 1:
-        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}; every dimension must be at least 1")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-
-
 def _check_scalars(scale, output_dtype, attn_mask, dropout_p) -> None:
     if attn_mask is not None:
         raise ValueError("attn_mask is not supported by sparse attention (the block map is the "
                          "mask); pass attn_mask=None and use is_causal or block_sparse_attention")
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p must be 0.0 (inference only), got {dropout_p!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)
-                                  and scale > 0):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    if output_dtype is not None and not (isinstance(output_dtype, torch.dtype)
-                                         and output_dtype.is_floating_point):
-        raise ValueError(f"output_dtype must be a floating torch.dtype or None, got "
-                         f"{output_dtype!r}")
+    check_scale(scale)
+    check_output_dtype(output_dtype)
 
 
 def _finish(out: Tensor, block_map: BlockMap, tensor_layout: str, output_dtype,
@@ -133,19 +93,13 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
         >>> keep = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 1]], dtype=torch.bool)[None, None]
         >>> out = block_sparse_attention(q, k, v, BlockMap(keep, 128, 64, 256, 256))
     """
-    q, k, v = _to_hnd(q, k, v, tensor_layout)
-    _check_qkv(q, k, v)
+    q, k, v = to_hnd(q, k, v, tensor_layout)
+    check_qkv(q, k, v)
     _check_scalars(scale, output_dtype, None, 0.0)
-    b, h, lq, _ = q.shape
-    if (block_map.q_len, block_map.k_len) != (lq, k.shape[2]):
-        raise ValueError(f"block_map was made for q_len={block_map.q_len}, k_len="
-                         f"{block_map.k_len}; the inputs have q_len={lq}, k_len={k.shape[2]}")
-    bb, bh = block_map.keep.shape[:2]
-    if bb not in (1, b) or bh not in (1, h):
-        raise ValueError(f"block_map.keep has batch/heads {bb}/{bh}; allowed: 1 or {b} / "
-                         f"1 or {h}")
-    block_map = block_map.expand_batch_heads(b, h)
-    out = run_backend(q, k, v, block_map, scale=scale, backend=backend)
+    if not isinstance(block_map, BlockMap):
+        raise ValueError(f"block_map must be a BlockMap, got {type(block_map).__name__}")
+    block_map = _fit_block_map(block_map, q, k)
+    out = run_backend(q, k, v, block_map, scale=scale, backend=backend, out_dtype=output_dtype)
     return _finish(out, block_map, tensor_layout, output_dtype, return_sparsity)
 
 
@@ -192,18 +146,15 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False
         >>> out.shape, 0 <= s < 1
         (torch.Size([1, 9, 1000, 64]), True)
     """
-    q, k, v = _to_hnd(q, k, v, tensor_layout)
-    _check_qkv(q, k, v)
+    q, k, v = to_hnd(q, k, v, tensor_layout)
+    check_qkv(q, k, v)
     _check_scalars(scale, output_dtype, None, 0.0)
     per_head_param(pvthreshd, "pvthreshd", q.shape[1], 0.0, math.inf, low_open=True)
-    for name, value in (("block_q", block_q), ("block_k", block_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
     block_map = predict_block_map(q, k, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd,
                                   topk=topk, causal=bool(is_causal),
                                   attention_sink=attention_sink, smooth_k=smooth_k,
                                   scale=scale, block_q=block_q, block_k=block_k)
-    out = run_backend(q, k, v, block_map, scale=scale, backend=backend)
+    out = run_backend(q, k, v, block_map, scale=scale, backend=backend, out_dtype=output_dtype)
     return _finish(out, block_map, tensor_layout, output_dtype, return_sparsity)
 
 
@@ -281,8 +232,8 @@ def block_sparse_sage2_attn_cuda(q, k, v, mask_id=None, dropout_p=0.0, scale=Non
         0.5
     """
     _check_scalars(scale, output_dtype, None, dropout_p)
-    q, k, v = _to_hnd(q, k, v, tensor_layout)
-    _check_qkv(q, k, v)
+    q, k, v = to_hnd(q, k, v, tensor_layout)
+    check_qkv(q, k, v)
     per_head_param(pvthreshd, "pvthreshd", q.shape[1], 0.0, math.inf, low_open=True)
     b, h, lq, _ = q.shape
     lk = k.shape[2]
@@ -309,5 +260,5 @@ def block_sparse_sage2_attn_cuda(q, k, v, mask_id=None, dropout_p=0.0, scale=Non
         keep = keep.clone()
         keep[..., 0] = True
     block_map = BlockMap(keep, BLOCK_Q, BLOCK_K, lq, lk, bool(is_causal)).expand_batch_heads(b, h)
-    out = run_backend(q, k, v, block_map, scale=scale)
+    out = run_backend(q, k, v, block_map, scale=scale, out_dtype=output_dtype)
     return _finish(out, block_map, tensor_layout, output_dtype, return_sparsity)

@@ -30,6 +30,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from .checks import check_block_size, check_qk, check_scale
+
 __all__ = [
     "BlockMap",
     "HeadParam",
@@ -115,14 +117,13 @@ class BlockMap:
     causal: bool = False
 
     def __post_init__(self):
-        for name in ("block_q", "block_k"):
+        for name in ("block_q", "block_k", "q_len", "k_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"BlockMap: {name} must be a positive int, got {value!r}")
-        for name in ("q_len", "k_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"BlockMap: {name} must be a positive int, got {value!r}")
+        if not isinstance(self.keep, Tensor):
+            raise ValueError(f"BlockMap: keep must be a bool torch.Tensor, got "
+                             f"{type(self.keep).__name__}")
         nq, nk = _num_blocks(self.q_len, self.block_q), _num_blocks(self.k_len, self.block_k)
         keep = self.keep
         if keep.dim() != 4 or tuple(keep.shape[-2:]) != (nq, nk):
@@ -194,19 +195,22 @@ def per_head_param(value: HeadParam, name: str, num_heads: int, low: float, high
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a number or a per-head sequence, got {value!r}")
     if isinstance(value, (int, float)):
-        values = torch.full((num_heads,), float(value), device=device)
+        values = torch.full((num_heads,), float(value), dtype=torch.float64)
     else:
-        values = torch.as_tensor(value, dtype=torch.float32, device=device).flatten()
+        try:
+            values = torch.as_tensor(value, dtype=torch.float64, device="cpu").flatten()
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name} must be a number or a per-head sequence of numbers, got "
+                             f"{value!r}") from None
         if values.numel() != num_heads:
             raise ValueError(f"{name}: a per-head value needs {num_heads} entries (one per "
                              f"query head), got {values.numel()}")
-    values = values.to(device=device, dtype=torch.float32)
     interval = f"{'(' if low_open else '['}{low}, {high}]"
     bad = torch.isnan(values) | (values > high) | ((values <= low) if low_open else (values < low))
     if bool(bad.any()):
         offender = values[bad][0].item()
         raise ValueError(f"{name} must be in {interval}, got {offender}")
-    return values
+    return values.to(device=device, dtype=torch.float32)
 
 
 def _block_sums(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
@@ -286,6 +290,10 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
                          f"got cdfthreshd={cdfthreshd!r}, topk={topk!r}")
     if cdfthreshd is None and topk is None:
         cdfthreshd = 0.97
+    check_qk(q, k)
+    check_scale(scale)
+    check_block_size("block_q", block_q)
+    check_block_size("block_k", block_k)
     b, h, lq, d = q.shape
     h_kv, lk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)

@@ -110,8 +110,30 @@ def _implementation(name: str) -> Callable[..., Tensor]:
     return block_sparse_attention
 
 
+def _fit_block_map(block_map: BlockMap, q: Tensor, k: Tensor) -> BlockMap:
+    """``block_map`` checked against ``[B, H, Lq, D]`` / ``[B, H_kv, Lk, D]``, batch/heads broadcast."""
+    b, h, lq = q.shape[:3]
+    if (block_map.q_len, block_map.k_len) != (lq, k.shape[2]):
+        raise ValueError(f"block_map was made for q_len={block_map.q_len}, k_len="
+                         f"{block_map.k_len}; the inputs have q_len={lq}, k_len={k.shape[2]}")
+    bb, bh = block_map.keep.shape[:2]
+    if bb not in (1, b) or bh not in (1, h):
+        raise ValueError(f"block_map.keep has batch/heads {bb}/{bh}; allowed: 1 or {b} / "
+                         f"1 or {h}")
+    return block_map if (bb, bh) == (b, h) else block_map.expand_batch_heads(b, h)
+
+
 def run_backend(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap, *,
-                scale: float | None = None, backend: str | None = None) -> Tensor:
-    """Compute attention over ``block_map`` with the selected backend; ``[B, H, Lq, Dv]``."""
+                scale: float | None = None, backend: str | None = None,
+                out_dtype: torch.dtype | None = None) -> Tensor:
+    """Compute attention over ``block_map`` with the selected backend.
+
+    ``q``/``k``/``v`` are ``[B, H, Lq, D]`` / ``[B, H_kv, Lk, D]`` / ``[B, H_kv, Lk, Dv]``;
+    ``block_map.keep`` may have batch or heads of 1 (broadcast). Returns
+    ``[B, H, Lq, Dv]`` in ``out_dtype`` (default ``q.dtype``), cast once from the
+    backend's compute dtype.
+    """
+    block_map = _fit_block_map(block_map, q, k)
     name = select_backend(q.device, backend)
-    return _implementation(name)(q, k, v, block_map, scale=scale)
+    out = _implementation(name)(q, k, v, block_map, scale=scale)
+    return out.to(out_dtype or q.dtype)

@@ -98,7 +98,7 @@ def available() -> bool:
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap, *,
                            scale: float | None = None) -> Tensor:
-    """Block-sparse attention over ``block_map``'s kept blocks; fp32 compute, ``q.dtype`` out.
+    """Block-sparse attention over ``block_map``'s kept blocks; computed and returned in fp32.
 
     Shapes as in :func:`creative_sparse.attention.reference.masked_attention`.
     """
@@ -112,4 +112,4 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
         q.float().contiguous(), k.float().contiguous(), v.float().contiguous(),
         counts.contiguous(), indices.contiguous(), block_map.block_q, block_map.block_k,
         scale, block_map.causal)
-    return out.to(q.dtype)
+    return out

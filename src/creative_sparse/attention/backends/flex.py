@@ -50,6 +50,10 @@ def available(device: torch.device) -> bool:
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
+    # Static shapes: inductor's CPU flex template has failed to compile symbolic
+    # shapes with a mask_mod that indexes a tensor. Past dynamo's recompile
+    # limit torch runs FlexAttention eagerly, which stays correct because the
+    # kept blocks are part of mask_mod (only slower).
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -80,7 +84,10 @@ def build_block_mask(block_map: BlockMap):
     causal = block_map.causal
 
     def mask_mod(b, h, q_idx, kv_idx):
-        inside = (kv_idx < lk) & (q_idx < lq)
+        # The kept blocks are part of the mask itself: eager (uncompiled)
+        # FlexAttention, which torch falls back to past its recompile limit,
+        # applies mask_mod only and ignores the block lists.
+        inside = keep[b, h, q_idx // bq, kv_idx // bk] & (kv_idx < lk) & (q_idx < lq)
         if causal:
             inside = inside & (kv_idx <= q_idx + offset)
         return inside
@@ -97,7 +104,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
     """Attention over ``block_map``'s kept blocks with compiled FlexAttention.
 
     Shapes as in :func:`creative_sparse.attention.reference.masked_attention`;
-    fp32 compute on CPU, the input dtype (fp32 accumulation) on CUDA.
+    fp32 compute on CPU, the input dtype (fp32 accumulation) on CUDA; returned
+    in the compute dtype.
     """
     b, h, lq, d = q.shape
     lk = k.shape[2]
@@ -116,4 +124,4 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
     if bool((counts == 0).any()):
         empty = (counts == 0).repeat_interleave(block_map.block_q, dim=-1)[..., :lq]
         out = out.masked_fill(empty.unsqueeze(-1), 0.0)
-    return out.to(q.dtype)
+    return out

@@ -23,7 +23,7 @@ __all__ = ["block_sparse_attention"]
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap, *,
                            scale: float | None = None) -> Tensor:
-    """Attention over ``block_map``'s kept blocks; fp32 compute, ``q.dtype`` out.
+    """Attention over ``block_map``'s kept blocks; computed and returned in fp32.
 
     Shapes as in :func:`creative_sparse.attention.reference.masked_attention`.
     """
@@ -58,4 +58,4 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
             q_pos = torch.arange(r0, r1, device=q.device).view(1, 1, -1, 1) + (lk - lq)
             allowed = allowed & (key_pos <= q_pos)
         out[:, :, r0:r1] = softmax_attend(scores, allowed, vals)
-    return out.to(q.dtype)
+    return out

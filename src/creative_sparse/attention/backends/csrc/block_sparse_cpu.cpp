@@ -76,9 +76,21 @@ torch::Tensor block_sparse_forward(torch::Tensor q, torch::Tensor k, torch::Tens
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() &&
                   counts.is_contiguous() && indices.is_contiguous(),
               "block_sparse_forward: contiguous inputs expected");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && counts.dim() == 3 &&
+                  indices.dim() == 4, "block_sparse_forward: wrong ranks");
+  TORCH_CHECK(counts.scalar_type() == torch::kInt32 && indices.scalar_type() == torch::kInt32,
+              "block_sparse_forward: int32 block lists expected");
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
   const int64_t nq = counts.size(2), nk = indices.size(3);
+  TORCH_CHECK(block_q > 0 && block_k > 0, "block_sparse_forward: block sizes must be positive");
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(3) == D && v.size(1) == Hkv &&
+                  v.size(2) == Lk && Hkv > 0 && H % Hkv == 0,
+              "block_sparse_forward: q/k/v shapes do not match");
+  TORCH_CHECK(counts.size(0) == B && counts.size(1) == H && nq == (Lq + block_q - 1) / block_q &&
+                  indices.size(0) == B && indices.size(1) == H && indices.size(2) == nq &&
+                  nk == (Lk + block_k - 1) / block_k,
+              "block_sparse_forward: block lists do not match the shapes of q and k");
   const int64_t group = H / Hkv;
   const int64_t offset = Lk - Lq;  // bottom-right causal alignment
   auto out = torch::zeros({B, H, Lq, Dv}, q.options());

@@ -1,0 +1,91 @@
+"""Input validation shared by the public attention functions.
+
+Every check raises ``ValueError`` naming the argument, the offending value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_block_size", "check_qk", "check_qkv", "check_scale", "to_hnd"]
+
+
+def _check_tensor(name: str, t, layout: str = "HND") -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have 4 dimensions ({layout}), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def to_hnd(q: Tensor, k: Tensor, v: Tensor, tensor_layout: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate ``tensor_layout`` and the ranks/dtypes; return ``[B, H, L, D]`` views."""
+    if tensor_layout not in ("HND", "NHD"):
+        raise ValueError(f"tensor_layout must be 'HND' ([B, H, L, D]) or 'NHD' ([B, L, H, D]), "
+                         f"got {tensor_layout!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, tensor_layout)
+    if tensor_layout == "NHD":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return q, k, v
+
+
+def check_qk(q: Tensor, k: Tensor) -> None:
+    """``q`` ``[B, H, Lq, D]`` and ``k`` ``[B, H_kv, Lk, D]``: ranks, dtypes, batch, heads, D, sizes."""
+    _check_tensor("q", q)
+    _check_tensor("k", k)
+    b, h, lq, d = q.shape
+    if k.shape[0] != b:
+        raise ValueError(f"batch sizes differ: q {b}, k {k.shape[0]}")
+    if k.shape[-1] != d:
+        raise ValueError(f"head_dim of k ({k.shape[-1]}) must equal head_dim of q ({d})")
+    if min(b, h, lq, d) < 1:
+        raise ValueError(f"empty input: q {tuple(q.shape)}; every dimension must be at least 1")
+    if min(k.shape) < 1:
+        raise ValueError(f"empty input: k {tuple(k.shape)}; every dimension must be at least 1")
+    if h % k.shape[1] != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads "
+                         f"({k.shape[1]}) for grouped-query attention")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """:func:`check_qk` plus ``v`` ``[B, H_kv, Lk, Dv]``."""
+    check_qk(q, k)
+    _check_tensor("v", v)
+    if v.shape[0] != q.shape[0]:
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same heads and length, got k "
+                         f"[H_kv={k.shape[1]}, L={k.shape[2]}], v [H_kv={v.shape[1]}, "
+                         f"L={v.shape[2]}]")
+    if v.shape[-1] < 1:
+        raise ValueError(f"empty input: v {tuple(v.shape)}; every dimension must be at least 1")
+    if v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def check_scale(scale) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+
+
+def check_block_size(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_output_dtype(output_dtype) -> None:
+    if output_dtype is not None and not (isinstance(output_dtype, torch.dtype)
+                                         and output_dtype.is_floating_point):
+        raise ValueError(f"output_dtype must be a floating torch.dtype or None, got "
+                         f"{output_dtype!r}")
