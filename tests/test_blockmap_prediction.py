@@ -19,7 +19,9 @@ The definition (blockmap.py's module docstring), per batch ``b`` and query head 
    of the blocks before it is ``< cdfthreshd``; always keep the first one;
    ``cdfthreshd >= 1`` keeps them all. Top-k selection: keep the
    ``ceil(topk * valid blocks in the row)`` most probable (at least one).
-6. ``attention_sink`` keeps key block 0; finally only causally valid blocks remain.
+6. ``attention_sink`` keeps key block 0; with causal masking every key block that holds
+   the own position (``i + Lk - Lq``) of some query row ``i`` of the block is kept;
+   finally only causally valid blocks remain.
 
 The loop version computes in float64, the library in float32. Inputs are random
 and continuous (ties and threshold-straddling values have probability ~0), and
@@ -117,9 +119,11 @@ def slow_predict(q, k, *, simthreshd1=0.6, cdfthreshd=None, topk=None, causal=Fa
                         # topk is a decimal fraction: 0.3 * 10 blocks is 3 blocks, not 4
                         budget = max(1, math.ceil(round(thr[h] * len(valid), 6)))
                         chosen = set(ranked[:budget])
+                own = range(qb[0] + offset, qb[-1] + offset + 1)   # rows' own positions
                 for j in valid:
+                    diagonal = causal and any(p in own for p in k_blocks[j])
                     keep[b, h, i, j] = (q_dense[i] or k_dense[j] or j in chosen
-                                        or (attention_sink and j == 0))
+                                        or (attention_sink and j == 0) or diagonal)
     return keep
 
 
@@ -438,3 +442,19 @@ def test_pooled_blocks_zero_rows_count_as_dissimilar():
     assert sim.item() == pytest.approx(4 / 16)
     _, sim, _ = pooled_blocks(torch.zeros(1, 1, 65, 8), 64)
     assert sim.tolist() == [[[0.0, 0.0]]]
+
+
+@pytest.mark.parametrize("lq, lk, bq, bk", [(256, 256, 128, 64), (200, 331, 128, 64),
+                                            (63, 64, 16, 8), (129, 100, 32, 16), (1, 65, 128, 64)],
+                         ids=lambda x: str(x))
+def test_causal_rows_with_a_visible_key_always_attend_to_one(lq, lk, bq, bk):
+    # Sparsest settings: one block per row unless something forces more.
+    gen = torch.Generator().manual_seed(lq * 1000 + lk)
+    for _ in range(20):
+        q = torch.randn(1, 2, lq, 16, generator=gen)
+        k = torch.randn(1, 2, lk, 16, generator=gen)
+        bm = predict_block_map(q, k, topk=1e-6, simthreshd1=-1.0, causal=True,
+                               block_q=bq, block_k=bk)
+        mask = bm.to_token_mask()
+        visible = torch.arange(lq).view(-1, 1) + (lk - lq) >= 0
+        assert torch.equal(mask.any(-1), visible.view(1, 1, -1).expand(1, 2, -1))

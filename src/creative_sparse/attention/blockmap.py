@@ -16,7 +16,11 @@ A block is ``block_q`` query rows by ``block_k`` key rows (128 x 64 by default).
    keep the smallest set of most probable blocks whose mass reaches
    ``cdfthreshd``, or the ``ceil(topk * valid_blocks)`` most probable ones.
 4. At least one block per row that has any valid block; ``attention_sink``
-   keeps the first key block too.
+   keeps the first key block too. Under causal masking the diagonal band (the
+   key blocks holding the query rows' own positions) is always kept: its pooled
+   estimate is unreliable (partly masked), it carries the local context a
+   language model depends on, and without it a query row whose visible keys
+   all sit in one unkept block would attend to nothing.
 
 Hyperparameters are scalars or per-head sequences/tensors of length ``H``.
 """
@@ -36,6 +40,7 @@ __all__ = [
     "BlockMap",
     "HeadParam",
     "block_valid_map",
+    "block_diagonal_map",
     "block_full_map",
     "block_pair_counts",
     "per_head_param",
@@ -72,6 +77,23 @@ def block_full_map(q_len: int, k_len: int, block_q: int, block_k: int, causal: b
     first_q = torch.arange(nq, device=device) * block_q
     last_k = torch.clamp((torch.arange(nk, device=device) + 1) * block_k, max=k_len) - 1
     return last_k.unsqueeze(0) <= (first_q + offset).unsqueeze(1)
+
+
+def block_diagonal_map(q_len: int, k_len: int, block_q: int, block_k: int,
+                       device=None) -> Tensor:
+    """Bool ``[nq, nk]``: under causal masking, the key blocks that hold the query
+    rows' own positions (the diagonal band). Keeping them guarantees that every
+    query row with a visible key attends at least to itself."""
+    nq, nk = _num_blocks(q_len, block_q), _num_blocks(k_len, block_k)
+    offset = k_len - q_len
+    first_q = torch.arange(nq, device=device) * block_q
+    last_q = torch.clamp(first_q + block_q, max=q_len) - 1
+    lo = first_q + offset                      # own position of the block's first row
+    hi = last_q + offset                       # ... and of its last row
+    first_k = torch.arange(nk, device=device) * block_k
+    last_k = torch.clamp(first_k + block_k, max=k_len) - 1
+    return (first_k.unsqueeze(0) <= hi.unsqueeze(1)) & (last_k.unsqueeze(0) >= lo.unsqueeze(1)) \
+        & (hi >= 0).unsqueeze(1)
 
 
 def block_pair_counts(q_len: int, k_len: int, block_q: int, block_k: int, causal: bool,
@@ -339,6 +361,8 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
     keep = keep.scatter(-1, order, keep_sorted.expand(order.shape))
     keep = keep & candidate
     keep = keep | q_dense.unsqueeze(-1) | k_dense.unsqueeze(2)
+    if causal:
+        keep = keep | block_diagonal_map(lq, lk, block_q, block_k, q.device)
     if attention_sink:
         keep[..., 0] = True
     return BlockMap(keep, block_q, block_k, lq, lk, causal)
