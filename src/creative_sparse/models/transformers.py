@@ -239,6 +239,13 @@ def _token_topk(module, query, key, value, attention_mask, scaling, active: _Act
     return out
 
 
+def _causal_pairs(query: Tensor, key: Tensor) -> int:
+    """(query, key) pairs dense causal attention computes, over batch and heads."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    pairs = int(block_pair_counts(q_len, k_len, q_len, k_len, True).sum())
+    return pairs * query.shape[0] * query.shape[1]
+
+
 def creative_sparse_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                               attention_mask: Tensor | None, dropout: float = 0.0,
                               scaling: float | None = None, is_causal: bool | None = None,
@@ -256,9 +263,7 @@ def creative_sparse_attention(module: torch.nn.Module, query: Tensor, key: Tenso
                                     and query.shape[2] < active.knobs.min_prefill_len))
     if exact:
         if active is not None:
-            q_len, k_len = query.shape[2], key.shape[2]
-            pairs = int(block_pair_counts(q_len, k_len, q_len, k_len, True).sum())
-            pairs *= query.shape[0] * query.shape[1]
+            pairs = _causal_pairs(query, key)
             active.stats.pairs_computed += pairs
             active.stats.pairs_dense += pairs
             active.stats.calls += 1
@@ -277,9 +282,7 @@ def creative_sparse_attention(module: torch.nn.Module, query: Tensor, key: Tenso
             attention_sink=knobs.sink_tokens > 0, scale=scaling)
         out = block_sparse_attention(query, key, value, block_map, scale=scaling)
         stats.pairs_computed += block_map.pairs_computed()
-        dense_map = torch.ones_like(block_map.keep)
-        stats.pairs_dense += int((dense_map * block_pair_counts(
-            q_len, key.shape[2], block_map.block_q, block_map.block_k, True)).sum())
+        stats.pairs_dense += _causal_pairs(query, key)
         stats.blocks_kept += int(block_map.keep.sum())
         stats.blocks_total += int(block_map.valid().sum()) * query.shape[0] * query.shape[1]
     else:
