@@ -3,8 +3,10 @@
 Subcommands:
 
 * ``demo``: sparse attention against dense SDPA on inputs with positional
-  structure (accuracy and speed). Until the generation work lands this is the
-  main job of ``make demo``.
+  structure (accuracy and speed), then the dial on the embedded SmolLM2: one
+  prompt sampled at several sparsity levels with every knob from the
+  controller. Until the generation work lands this is the main job of
+  ``make demo``.
 * ``backends``: which attention backends can run here.
 """
 
@@ -84,6 +86,39 @@ def run_demo(length: int = 4096, heads: int = 9, head_dim: int = 64) -> None:
           "kernel-only table.")
 
 
+DEMO_PROMPT = "Write one sentence about a robot who learns to paint."
+
+
+def run_model_demo(levels=(0.0, 0.5, 0.8), max_new_tokens: int = 40, seed: int = 0) -> None:
+    """The dial on the embedded SmolLM2: the same prompt sampled at several levels s."""
+    from .control import SparsityController
+    from .models import load_model
+    from .models.transformers import AttentionKnobs, sparsity
+
+    start = time.perf_counter()
+    model, tokenizer = load_model()
+    print(f"\nSmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s; "
+          f"prompt: {DEMO_PROMPT!r}")
+    messages = [{"role": "user", "content": DEMO_PROMPT}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    controller = SparsityController()
+    for s in levels:
+        params = controller.get_sparsity_params(s)
+        knobs = AttentionKnobs.from_params(params, sink_tokens=4, local_window=8)
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        with sparsity(model, knobs) as stats, torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=params.temperature, top_p=params.top_p, top_k=0,
+                                 max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.eos_token_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        print(f"\ns={s:.1f}  T={params.temperature:.2f} top-p={params.top_p:.2f} "
+              f"keys attended {stats.attended_fraction:.0%} "
+              f"({time.perf_counter() - start:.1f} s)\n  {text}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="creative-sparse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--length", type=int, default=4096)
     demo.add_argument("--heads", type=int, default=9)
     demo.add_argument("--head-dim", type=int, default=64)
+    demo.add_argument("--no-model", action="store_true",
+                      help="skip the SmolLM2 part (attention kernels only)")
     sub.add_parser("backends", help="list the attention backends available here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -100,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--length and --heads must be >= 1 and --head-dim >= 2, got "
                          f"{args.length}, {args.heads}, {args.head_dim}")
         run_demo(args.length, args.heads, args.head_dim)
+        if not args.no_model:
+            run_model_demo()
     elif args.command == "backends":
         from .attention.dispatch import available_backends, select_backend
         print("available on cpu:", ", ".join(available_backends("cpu")))
