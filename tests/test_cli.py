@@ -1,0 +1,45 @@
+"""The creative-sparse command."""
+
+import pytest
+
+from creative_sparse.cli import main, structured_qkv
+
+
+def test_demo_attention_part_runs_and_reports(capsys):
+    assert main(["demo", "--length", "384", "--heads", "2", "--no-model"]) == 0
+    out = capsys.readouterr().out
+    assert "cdfthreshd=0.97 (default)" in out and "topk=0.25" in out
+    rows = [line for line in out.splitlines() if line.startswith(("cdf", "topk"))]
+    assert len(rows) == 6
+    for row in rows:  # sparsity column is a fraction in [0, 1]
+        sparsity = float(row.split()[-6])
+        assert 0.0 <= sparsity <= 1.0
+
+
+def test_backends_lists_the_cpu_default(capsys):
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "default on cpu: cpu_kernel" in out and "torch" in out
+
+
+def test_bad_demo_arguments_are_rejected(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--length", "0"])
+    assert exc.value.code == 2
+    assert "--length" in capsys.readouterr().err
+
+
+def test_structured_inputs_have_positional_structure():
+    q, k, v = structured_qkv(1, 2, 256, 32)
+    assert q.shape == k.shape == v.shape == (1, 2, 256, 32)
+    near = (q[0, 0, 100] * k[0, 0, 101]).sum()
+    far = (q[0, 0, 100] * k[0, 0, 250]).sum()
+    assert near > far  # nearby positions score higher: a sparse map exists
+
+
+@pytest.mark.slow
+def test_model_demo_samples_at_each_level(smollm2, capsys):
+    from creative_sparse.cli import run_model_demo
+    run_model_demo(levels=(0.0, 0.8), max_new_tokens=8)
+    out = capsys.readouterr().out
+    assert "s=0.0" in out and "s=0.8" in out and "keys attended 100%" in out
