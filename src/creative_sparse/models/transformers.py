@@ -35,8 +35,8 @@ from torch import Tensor
 from ..attention import block_sparse_attention, predict_block_map
 from ..attention.blockmap import block_pair_counts
 
-__all__ = ["ATTENTION_NAME", "AttentionKnobs", "AttentionStats", "register", "sparsity",
-           "creative_sparse_attention"]
+__all__ = ["ATTENTION_NAME", "AttentionKnobs", "AttentionStats", "register", "set_knobs",
+           "sparsity", "creative_sparse_attention"]
 
 ATTENTION_NAME = "creative_sparse"
 
@@ -288,6 +288,20 @@ def creative_sparse_attention(module: torch.nn.Module, query: Tensor, key: Tenso
     else:
         out = _token_topk(module, query, key, value, attention_mask, scaling, active)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def set_knobs(knobs: AttentionKnobs) -> None:
+    """Replace the knobs of the active :func:`sparsity` context (e.g. per decoding step).
+
+    Statistics keep accumulating. The MoE routing stays as set when the context
+    was entered (routers are patched once). Raises ``RuntimeError`` outside a context.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        raise RuntimeError("set_knobs() needs an active `with sparsity(model, knobs):` block")
+    if not isinstance(knobs, AttentionKnobs):
+        raise ValueError(f"knobs must be an AttentionKnobs, got {type(knobs).__name__}")
+    active.knobs = knobs
 
 
 def register() -> None:

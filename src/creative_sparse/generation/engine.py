@@ -1,0 +1,223 @@
+"""One decoding loop over ``model.forward`` with a KV cache.
+
+:func:`generate` prefills the prompt once, repeats the cache for ``num_rows``
+drafts and then, step by step: asks the schedule for the knobs of this step
+(sampling and attention, so the sparsity can change during generation),
+applies the caller's logit processor (constraints), samples one token per row
+with that row's own generator, and feeds the tokens back. Rows stop
+independently (EOS, a stop string, the length budget); finished rows leave the
+batch, so the cost follows the rows still running. With ``max_cache_tokens``
+the cache is pruned H2O-style after each step.
+
+Example:
+    >>> from creative_sparse.models import load_model          # doctest: +SKIP
+    >>> model, tok = load_model()                              # doctest: +SKIP
+    >>> result = generate(model, tok, "Once upon a time", num_rows=4, max_new_tokens=30,
+    ...                   seeds=[1, 2, 3, 4])                  # doctest: +SKIP
+    >>> result.texts[0], result.stats.generated_tokens          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..models.kv_cache import prefill, prune_cache
+from ..models.transformers import AttentionKnobs, set_knobs, sparsity
+from .knobs import SamplingParams, sample
+
+__all__ = ["GenerationResult", "GenerationStats", "StepKnobs", "generate"]
+
+StepKnobs = tuple[SamplingParams, AttentionKnobs]
+Schedule = Union[StepKnobs, Callable[[int], StepKnobs]]
+# (step, token ids generated so far per running row, logits [rows, vocab]) -> logits
+LogitProcessor = Callable[[int, list[list[int]], Tensor], Tensor]
+
+
+@dataclass
+class GenerationStats:
+    """Cost of one :func:`generate` call.
+
+    ``flops`` is an estimate: ``2 * parameters`` per processed token (prompt once)
+    plus ``4 * head_dim`` per (query, key) pair attended in every layer and head.
+    ``peak_cache_bytes`` is the largest size the KV cache reached.
+    """
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    attended_fraction: float = 1.0
+    pairs_attended: int = 0
+    flops: float = 0.0
+    wall_time: float = 0.0
+    peak_cache_bytes: int = 0
+    evicted_tokens: int = 0
+
+
+@dataclass
+class GenerationResult:
+    """Texts (stop strings removed), token ids and why each row ended
+    (``"eos"``, ``"stop"`` or ``"length"``), in row order."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def _cache_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size()
+               + layer.values.numel() * layer.values.element_size() for layer in cache.layers)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _keep_rows(cache, rows: Tensor) -> None:
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, rows)
+        layer.values = layer.values.index_select(0, rows)
+
+
+def _with_rows(knobs: AttentionKnobs, seeds: list[int]) -> AttentionKnobs:
+    return replace(knobs, row_seeds=tuple(seeds)) if knobs.noise > 0 else knobs
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompt: Union[str, Tensor], *, num_rows: int = 1,
+             max_new_tokens: int = 64, schedule: Schedule | None = None,
+             seeds: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+             logit_processor: LogitProcessor | None = None,
+             stream: Callable[[int, str], None] | None = None,
+             max_cache_tokens: int | None = None) -> GenerationResult:
+    """Generate ``num_rows`` continuations of one prompt in one batch.
+
+    Args:
+        prompt: text (tokenized as is; apply a chat template first if wanted) or
+            ids ``[1, L]``.
+        num_rows: drafts generated together from one prefilled prompt.
+        max_new_tokens: length budget per row.
+        schedule: ``(SamplingParams, AttentionKnobs)`` for every step, or a function
+            ``step -> (SamplingParams, AttentionKnobs)``; the attention knobs of step
+            ``t`` are used by the forward that produces step ``t``'s logits (step 0:
+            the prefill).
+            Default: plain sampling at T = 1, dense attention. Attention knobs with
+            ``noise > 0`` get each row's seed as its sub-network seed.
+        seeds: one int per row: its sampling generator and sub-network seed. Same
+            seeds, same outputs. Default ``0 .. num_rows-1``.
+        stop_strings: a row ends when its text contains one (the text is cut there).
+        logit_processor: ``(step, generated ids per running row, logits) -> logits``,
+            applied before temperature (constraints mask tokens here).
+        stream: called as ``stream(row, new_text)`` whenever a row's text grows.
+        max_cache_tokens: prune the cache (attention-mass eviction, sinks and the
+            recent window of the attention knobs kept) to at most this many tokens.
+
+    Returns:
+        A :class:`GenerationResult`.
+    """
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is empty; give at least one character")
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    else:
+        ids = prompt
+    ids = ids.to(model.device)
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+        raise ValueError(f"prompt ids must have shape [1, L] with L >= 1, got {tuple(ids.shape)}")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the model's context of {limit} tokens")
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1:
+        raise ValueError(f"num_rows must be an int >= 1, got {num_rows!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    seeds = list(range(num_rows)) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != num_rows:
+        raise ValueError(f"seeds: need one per row ({num_rows}), got {len(seeds)}")
+    if schedule is None:
+        schedule = (SamplingParams(), AttentionKnobs())
+    knobs_at = schedule if callable(schedule) else (lambda step, fixed=schedule: fixed)
+
+    start = time.perf_counter()
+    eos = _eos_ids(model, tokenizer)
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    alive = list(range(num_rows))                  # original row index of each batch row
+    generated: list[list[int]] = [[] for _ in range(num_rows)]
+    texts = [""] * num_rows
+    reasons = ["length"] * num_rows
+    stats = GenerationStats(prompt_tokens=ids.shape[1])
+    sampling, knobs = knobs_at(0)
+    track = max_cache_tokens is not None
+    # The prompt is prefilled once, as one row: no per-row sub-network noise there.
+    with sparsity(model, replace(knobs, noise=0.0, row_seeds=None),
+                  track_key_mass=track) as attention:
+        cache, logits, positions = prefill(model, ids, num_rows)
+        set_knobs(_with_rows(knobs, seeds))
+        stats.peak_cache_bytes = _cache_bytes(cache)
+        for step in range(max_new_tokens):
+            if logit_processor is not None:
+                logits = logit_processor(step, [generated[r] for r in alive], logits)
+            tokens = sample(logits, sampling, [generators[r] for r in alive]).cpu()
+            stats.steps += 1
+            still = []
+            for i, row in enumerate(alive):
+                token = int(tokens[i])
+                if token in eos:
+                    reasons[row] = "eos"
+                    continue
+                generated[row].append(token)
+                stats.generated_tokens += 1
+                text = tokenizer.decode(generated[row], skip_special_tokens=True)
+                hit = [text.index(s) for s in stop_strings if s and s in text]
+                if hit:
+                    text, reasons[row] = text[: min(hit)], "stop"
+                if stream is not None and len(text) > len(texts[row]):
+                    stream(row, text[len(texts[row]):])
+                texts[row] = text
+                if not hit:
+                    still.append(i)
+            if not still or step == max_new_tokens - 1:
+                alive = [alive[i] for i in still]
+                break
+            if len(still) < len(alive):
+                keep = torch.tensor(still, device=ids.device)
+                _keep_rows(cache, keep)
+                for layer, mass in list(attention.key_mass.items()):
+                    attention.key_mass[layer] = mass.index_select(0, keep)
+                tokens = tokens[still]
+                alive = [alive[i] for i in still]
+            # The forward below computes the logits of the next step: its knobs apply.
+            sampling, knobs = knobs_at(step + 1)
+            set_knobs(_with_rows(knobs, [seeds[r] for r in alive]))
+            out = model(input_ids=tokens.view(-1, 1).to(ids.device), past_key_values=cache,
+                        use_cache=True, **positions.model_kwargs(1, len(alive), ids.device))
+            positions.advance(1)
+            logits = out.logits[:, -1]
+            if track:
+                stats.evicted_tokens += prune_cache(
+                    cache, attention.key_mass, positions, max_tokens=max_cache_tokens,
+                    sink_tokens=knobs.sink_tokens, local_window=knobs.local_window)
+            stats.peak_cache_bytes = max(stats.peak_cache_bytes, _cache_bytes(cache))
+    n_params = sum(p.numel() for p in model.parameters())
+    head_dim = getattr(model.config, "head_dim", None) or (
+        model.config.hidden_size // model.config.num_attention_heads)
+    stats.attended_fraction = attention.attended_fraction
+    stats.pairs_attended = attention.pairs_computed
+    stats.flops = 2.0 * n_params * (stats.prompt_tokens + stats.generated_tokens) \
+        + 4.0 * head_dim * attention.pairs_computed
+    stats.wall_time = time.perf_counter() - start
+    return GenerationResult(texts, generated, reasons, stats)

@@ -1,0 +1,124 @@
+"""Sampling as small pure functions of logits.
+
+The order, applied by :func:`sample` to ``[N, vocab]`` logits:
+
+1. logit masks from constraints (banned tokens at ``-inf``), applied by the caller;
+2. temperature: ``logits / T`` (``T == 0`` means greedy: the argmax, nothing else);
+3. top-k: keep the ``k`` largest (``k == 0`` disables);
+4. top-p (nucleus): keep the smallest set of most probable tokens whose mass
+   reaches ``p`` (``p == 1`` disables);
+5. min-p: drop tokens whose probability is below ``min_p`` times the top one
+   (``min_p == 0`` disables);
+6. draw one token per row from the renormalised distribution, each row with its
+   own ``torch.Generator`` (reproducible per row, whatever the other rows do).
+
+The most probable token always survives every filter, so a row never ends up
+with an empty distribution (unless every logit was ``-inf`` to begin with,
+which :func:`sample` reports as an error).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["SamplingParams", "apply_temperature", "min_p_filter", "sample", "top_k_filter",
+           "top_p_filter"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling knobs for one step; validated.
+
+    Example:
+        >>> SamplingParams(temperature=0.8, top_p=0.95).top_k
+        0
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got "
+                             f"{self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 disables), got {self.top_k!r}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p!r}")
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """``logits / temperature`` (``temperature > 0``)."""
+    return logits / temperature
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Set all but the ``k`` largest logits of each row to ``-inf`` (``k <= 0``: unchanged)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of most probable tokens whose probability mass reaches ``p``."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs       # mass of the more probable tokens
+    drop_sorted = before >= p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
+    """Drop tokens whose probability is below ``min_p`` times the most probable one's."""
+    if min_p <= 0.0:
+        return logits
+    # p_i / p_max = exp(l_i - l_max): compare in log space.
+    threshold = logits.amax(dim=-1, keepdim=True) + math.log(min_p)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def sample(logits: Tensor, params: SamplingParams,
+           generators: Sequence[torch.Generator] | None = None) -> Tensor:
+    """One token per row of ``[N, vocab]`` logits; returns int64 ``[N]``.
+
+    ``generators`` (one per row) make each row reproducible on its own.
+
+    Example:
+        >>> logits = torch.tensor([[0.0, 3.0, 1.0]])
+        >>> sample(logits, SamplingParams(temperature=0)).tolist()
+        [1]
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, vocab], got shape {tuple(logits.shape)}")
+    if bool((logits == float("-inf")).all(dim=-1).any()):
+        raise ValueError("a row has every token masked (all logits are -inf): the constraints "
+                         "leave nothing to sample")
+    if generators is not None and len(generators) != logits.shape[0]:
+        raise ValueError(f"need one generator per row: {logits.shape[0]} rows, "
+                         f"{len(generators)} generators")
+    logits = logits.float()
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = apply_temperature(logits, params.temperature)
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    logits = min_p_filter(logits, params.min_p)
+    probs = torch.softmax(logits, dim=-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g)
+                      for i, g in enumerate(generators)])

@@ -1,0 +1,74 @@
+"""Sampling functions: each filter against a hand-computed answer."""
+
+import math
+
+import pytest
+import torch
+
+from creative_sparse.generation.knobs import (SamplingParams, min_p_filter, sample, top_k_filter,
+                                              top_p_filter)
+
+NEG = float("-inf")
+
+
+def kept(logits):
+    return (logits != NEG).nonzero()[:, -1].tolist()
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0]])
+    assert kept(top_k_filter(logits, 2)) == [1, 3]
+    assert torch.equal(top_k_filter(logits, 0), logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    assert kept(top_p_filter(logits, 0.5)) == [0]          # 0.5 alone reaches 0.5
+    assert kept(top_p_filter(logits, 0.7)) == [0, 1]
+    assert kept(top_p_filter(logits, 0.96)) == [0, 1, 2, 3]
+    assert kept(top_p_filter(logits, 1e-9)) == [0]         # the top token always survives
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top():
+    probs = torch.tensor([[0.6, 0.25, 0.1, 0.05]])
+    assert kept(min_p_filter(probs.log(), 0.2)) == [0, 1]  # 0.12 is the cut
+    assert kept(min_p_filter(probs.log(), 0.0)) == [0, 1, 2, 3]
+
+
+def test_greedy_and_per_row_reproducibility():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample(logits, SamplingParams(temperature=0)), logits.argmax(-1))
+    params = SamplingParams(temperature=1.3, top_p=0.9, top_k=20, min_p=0.01)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731
+    a, b = sample(logits, params, gens()), sample(logits, params, gens())
+    assert torch.equal(a, b)
+    # Row 0 depends only on its own generator: same draw when sampled alone.
+    alone = sample(logits[:1], params, [torch.Generator().manual_seed(1)])
+    assert alone.item() == a[0].item()
+
+
+def test_sampling_follows_the_filtered_distribution():
+    logits = torch.tensor([[0.0, math.log(3.0), NEG]])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample(logits, SamplingParams(), [gen]) for _ in range(4000)])
+    assert set(draws.tolist()) == {0, 1}
+    assert abs((draws == 1).float().mean().item() - 0.75) < 0.03
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-1.0), "temperature must be finite and >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-2), "top_k must be an int >= 0"),
+    (dict(min_p=1.0), r"min_p must be in \[0, 1\)"),
+])
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_all_masked_row_is_an_error():
+    logits = torch.tensor([[NEG, NEG], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="every token masked"):
+        sample(logits, SamplingParams())
