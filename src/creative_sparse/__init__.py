@@ -1,7 +1,9 @@
 """Creative-Sparse: one dial, the sparsity level s in [0, 1], over generative models.
 
 This release holds the sparse-attention core (the SpargeAttn algorithm on CPU
-and GPU). Nothing is loaded or compiled at import time.
+and GPU), the dial (control manifold), the knobs inside Hugging Face models,
+the decoding engine and the quality functional. Nothing is loaded or compiled
+at import time.
 
     >>> import torch
     >>> from creative_sparse import sparse_attention
@@ -24,17 +26,20 @@ from .attention import (
 
 from .config import QualityWeights, SparsityConfig
 from .control import SparsityController, SparsityParams
+from .quality import QualityFunctional, compute_quality_score
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockMap",
+    "QualityFunctional",
     "QualityWeights",
     "SparsityConfig",
     "SparsityController",
     "SparsityParams",
     "block_sparse_attention",
     "block_sparse_sage2_attn_cuda",
+    "compute_quality_score",
     "predict_block_map",
     "sparse_attention",
     "spas_sage2_attn_meansim_cuda",
