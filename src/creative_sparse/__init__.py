@@ -26,12 +26,14 @@ from .attention import (
 
 from .config import QualityWeights, SparsityConfig
 from .control import SparsityController, SparsityParams
+from .generation import CreativeSparseWrapper
 from .quality import QualityFunctional, compute_quality_score
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockMap",
+    "CreativeSparseWrapper",
     "QualityFunctional",
     "QualityWeights",
     "SparsityConfig",

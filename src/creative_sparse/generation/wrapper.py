@@ -1,0 +1,250 @@
+"""`CreativeSparseWrapper`: diverge at high sparsity, refine the best drafts at low sparsity.
+
+1. **Reference**: the model's own greedy, dense continuation of the prompt ("what
+   the model would say anyway"): novelty is measured against it.
+2. **Diverge**: ``num_candidates`` short drafts (``draft_fraction`` of the length
+   budget) in one batch at the divergence level: temperature, nucleus, attention
+   key budget, MoE experts and kernel thresholds all from the controller, and a
+   different sub-network seed per draft.
+3. **Select**: rank the drafts by Q and keep the best ``keep_fraction`` of them.
+4. **Refine**: continue each kept draft to the length budget at the refinement
+   level, under the constraints (banned phrases, required keywords, minimum
+   length; validators are counted as violations).
+5. **Rank** the finished candidates by Q (novelty, diversity, incoherence with
+   violations) and return the best, or all.
+
+This slice re-prefills prompt + draft for each refined candidate; reusing the
+drafts' cached keys and values (the KV-reuse knob) is not implemented yet.
+
+Example:
+    >>> wrapper = CreativeSparseWrapper()                          # doctest: +SKIP
+    >>> wrapper.generate_creative("Write a haiku about rain.", max_length=60,
+    ...                           num_candidates=4, seed=1)        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..attention import sparse_attention
+from ..config import QualityWeights, SparsityConfig
+from ..control import SparsityController, check_level
+from ..models.moe import find_routers
+from ..models.transformers import AttentionKnobs
+from ..quality import LikelihoodScorer, OutputQuality, QualityFunctional
+from .constraints import (BannedPhrases, ConstraintSet, MinLength, RequiredKeywords, abc_notation,
+                          python_syntax, regex_validator)
+from .engine import GenerationStats, generate
+from .knobs import SamplingParams
+
+__all__ = ["Candidate", "CreativeResult", "CreativeSparseWrapper", "build_constraints"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One finished candidate: its text, the draft it grew from and its Q breakdown."""
+
+    text: str
+    draft: str
+    quality: OutputQuality
+
+
+@dataclass
+class CreativeResult:
+    """Every candidate (best first), the reference, the drafts and the cost of each stage."""
+
+    candidates: list[Candidate]
+    drafts: list[str]
+    reference: str
+    diverge_stats: GenerationStats
+    refine_stats: list[GenerationStats] = field(default_factory=list)
+    wall_time: float = 0.0
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[0]
+
+
+_VALIDATORS = {"python": python_syntax, "abc": abc_notation}
+
+
+def build_constraints(tokenizer, spec: Mapping[str, Any] | ConstraintSet | None, budget: int,
+                      eos_ids: Sequence[int]) -> ConstraintSet:
+    """A :class:`ConstraintSet` from a dict spec (or pass one through).
+
+    Keys: ``banned`` (phrases), ``required`` (keywords), ``min_tokens`` (int),
+    ``validators`` (``"python"``, ``"abc"``, ``"regex:<pattern>"`` or callables).
+    """
+    if spec is None:
+        return ConstraintSet()
+    if isinstance(spec, ConstraintSet):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"constraints must be a dict or a ConstraintSet, got "
+                         f"{type(spec).__name__}")
+    unknown = set(spec) - {"banned", "required", "min_tokens", "validators"}
+    if unknown:
+        raise ValueError(f"unknown constraint types {sorted(unknown)}; allowed: banned, "
+                         "required, min_tokens, validators")
+    processors, validators = [], []
+    if spec.get("banned"):
+        processors.append(BannedPhrases(tokenizer, spec["banned"]))
+    if spec.get("required"):
+        processors.append(RequiredKeywords(tokenizer, spec["required"], budget))
+    if spec.get("min_tokens"):
+        processors.append(MinLength(list(eos_ids), int(spec["min_tokens"])))
+    for item in spec.get("validators", ()):
+        if callable(item):
+            validators.append(item)
+        elif isinstance(item, str) and item.startswith("regex:"):
+            validators.append(regex_validator(item[len("regex:"):]))
+        elif item in _VALIDATORS:
+            validators.append(_VALIDATORS[item])
+        else:
+            raise ValueError(f"unknown validator {item!r}; allowed: 'python', 'abc', "
+                             "'regex:<pattern>' or a callable text -> violations")
+    return ConstraintSet(processors, validators)
+
+
+class CreativeSparseWrapper:
+    """Creative-Sparse generation over one model (see the module docstring).
+
+    Args:
+        model_name: anything :func:`creative_sparse.models.load_model` accepts.
+        sparsity_schedule: ``(diverge, refine)`` levels in [0, 1], refine <= diverge.
+        quality_weights: alpha, beta, gamma of Q (default ``QualityWeights()``).
+        sparsity_config: constants of the dial (default ``SparsityConfig()``).
+        model, tokenizer: an already loaded pair instead of ``model_name``.
+        draft_fraction: share of the length budget spent on a draft.
+        keep_fraction: share of the drafts that is refined.
+    """
+
+    def __init__(self, model_name: str = "smollm2-135m",
+                 sparsity_schedule: Sequence[float] = (0.7, 0.3),
+                 quality_weights: QualityWeights | None = None,
+                 sparsity_config: SparsityConfig | None = None, *, model=None, tokenizer=None,
+                 device: str = "cpu", draft_fraction: float = 0.4, keep_fraction: float = 0.5):
+        if len(tuple(sparsity_schedule)) != 2:
+            raise ValueError(f"sparsity_schedule must be (diverge, refine), got "
+                             f"{sparsity_schedule!r}")
+        diverge, refine = (check_level(s) for s in sparsity_schedule)
+        if refine > diverge:
+            raise ValueError(f"sparsity_schedule: refine ({refine}) must not exceed diverge "
+                             f"({diverge})")
+        for name, value in (("draft_fraction", draft_fraction), ("keep_fraction", keep_fraction)):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        if model is None:
+            from ..models import load_model
+            model, tokenizer = load_model(model_name, device=device)
+        self.model, self.tokenizer = model, tokenizer
+        self.sparsity_schedule = (diverge, refine)
+        self.controller = SparsityController(sparsity_config)
+        self.quality = QualityFunctional(quality_weights, scorer=LikelihoodScorer(model, tokenizer))
+        self.draft_fraction, self.keep_fraction = draft_fraction, keep_fraction
+        routers = find_routers(model)
+        self._experts = (routers[0].num_experts, routers[0].top_k) if routers else (None, None)
+
+    # ------------------------------------------------------------ helpers
+    def prompt_ids(self, prompt: str) -> torch.Tensor:
+        """``[1, L]`` ids: the chat template for chat models, the raw prompt otherwise."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}]
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt",
+                return_dict=True)["input_ids"]
+        return self.tokenizer(prompt, return_tensors="pt").input_ids
+
+    def knobs(self, s: float, seeds: Sequence[int] | None = None):
+        """``(SamplingParams, AttentionKnobs)`` of the dial at level ``s``."""
+        params = self.controller.get_sparsity_params(
+            s, num_experts=self._experts[0], default_experts=self._experts[1])
+        sampling = SamplingParams(temperature=params.temperature, top_p=params.top_p)
+        return sampling, AttentionKnobs.from_params(params, row_seeds=seeds)
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos or [])
+
+    # ------------------------------------------------------------ the two stages
+    def generate_candidates(self, prompt: str, max_length: int = 200, num_candidates: int = 5,
+                            sparsity_level: float | None = None, constraints=None,
+                            seed: int | None = None) -> CreativeResult:
+        """Diverge -> select -> refine -> rank; every candidate with its Q breakdown."""
+        start = time.perf_counter()
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be an int >= 1 (new tokens), got {max_length!r}")
+        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) \
+                or num_candidates < 1:
+            raise ValueError(f"num_candidates must be an int >= 1, got {num_candidates!r}")
+        diverge, refine = self.sparsity_schedule
+        if sparsity_level is not None:
+            diverge = check_level(sparsity_level)
+            refine = min(refine, diverge)
+        seed = 0 if seed is None else int(seed)
+        ids = self.prompt_ids(prompt)
+        draft_len = max(1, min(max_length, math.ceil(max_length * self.draft_fraction)))
+        constraint_set = build_constraints(self.tokenizer, constraints, max_length - draft_len,
+                                           self._eos_ids())
+        model, tok = self.model, self.tokenizer
+
+        reference = generate(model, tok, ids, max_new_tokens=draft_len,
+                             schedule=(SamplingParams(temperature=0), AttentionKnobs()))
+        seeds = [seed * 1000 + i for i in range(num_candidates)]
+        drafts = generate(model, tok, ids, num_rows=num_candidates, max_new_tokens=draft_len,
+                          schedule=self.knobs(diverge, seeds), seeds=seeds)
+        ref_texts = [reference.texts[0] or " "]
+        draft_q = self.quality.scores([t or " " for t in drafts.texts], reference_data=ref_texts)
+        n_keep = max(1, math.ceil(num_candidates * self.keep_fraction))
+        chosen = sorted(range(num_candidates), key=lambda i: -draft_q[i])[:n_keep]
+
+        finals, refine_stats = [], []
+        for i in chosen:
+            draft_ids = drafts.token_ids[i]
+            remaining = max_length - len(draft_ids)
+            if remaining < 1 or drafts.finish_reasons[i] == "eos":
+                finals.append(drafts.texts[i])
+                continue
+            prefix = torch.cat([ids, torch.tensor([draft_ids], dtype=ids.dtype)], dim=1)
+            result = generate(model, tok, prefix, max_new_tokens=remaining,
+                              schedule=self.knobs(refine, [seeds[i]]), seeds=[seeds[i]],
+                              logit_processor=constraint_set if constraint_set.processors
+                              else None)
+            refine_stats.append(result.stats)
+            finals.append(tok.decode(draft_ids + result.token_ids[0], skip_special_tokens=True))
+
+        saved = self.quality.validators
+        self.quality.validators = list(constraint_set.validators)
+        try:
+            breakdown = self.quality.breakdown([t or " " for t in finals],
+                                               reference_data=ref_texts)
+        finally:
+            self.quality.validators = saved
+        candidates = [Candidate(text, drafts.texts[i], q)
+                      for text, i, q in zip(finals, chosen, breakdown)]
+        candidates.sort(key=lambda c: -c.quality.q)
+        return CreativeResult(candidates, drafts.texts, reference.texts[0], drafts.stats,
+                              refine_stats, time.perf_counter() - start)
+
+    def generate_creative(self, prompt: str, max_length: int = 200, num_candidates: int = 5,
+                          return_best: bool = True, sparsity_level: float | None = None,
+                          constraints=None, seed: int | None = None):
+        """The seed API: the best text, or every candidate's text (best first)."""
+        result = self.generate_candidates(prompt, max_length, num_candidates, sparsity_level,
+                                          constraints, seed)
+        if return_best:
+            return result.best.text
+        return [c.text for c in result.candidates]
+
+    def apply_sparse_attention(self, q, k, v, sparsity: float, is_causal: bool = False):
+        """Sparse attention with the kernel thresholds of the dial at level ``sparsity``."""
+        params = self.controller.get_sparsity_params(sparsity)
+        return sparse_attention(q, k, v, is_causal=is_causal, simthreshd1=params.simthreshd1,
+                                cdfthreshd=params.cdfthreshd, pvthreshd=params.pvthreshd)
