@@ -43,3 +43,21 @@ def test_model_demo_samples_at_each_level(smollm2, capsys):
     run_model_demo(levels=(0.0, 0.8), max_new_tokens=8)
     out = capsys.readouterr().out
     assert "s=0.0" in out and "s=0.8" in out and "keys attended 100%" in out
+
+
+@pytest.mark.slow
+def test_generate_json(smollm2, capsys):
+    import json
+    assert main(["generate", "Write one line about the sea.", "--candidates", "2",
+                 "--max-tokens", "12", "--seed", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["drafts"]) == 2 and len(data["candidates"]) == 1
+    cand = data["candidates"][0]
+    assert cand["text"] and -1.0 <= cand["q"] <= 1.0 and 0.0 <= cand["incoherence"] <= 1.0
+
+
+def test_generate_rejects_a_bad_schedule(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "hi", "--schedule", "0.7"])
+    assert exc.value.code == 2
+    assert "--schedule must be two numbers" in capsys.readouterr().err

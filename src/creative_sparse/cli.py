@@ -7,6 +7,7 @@ Subcommands:
   prompt sampled at several sparsity levels with every knob from the
   controller. Until the generation work lands this is the main job of
   ``make demo``.
+* ``generate``: Creative-Sparse generation (diverge -> refine) of one prompt.
 * ``backends``: which attention backends can run here.
 """
 
@@ -119,6 +120,54 @@ def run_model_demo(levels=(0.0, 0.5, 0.8), max_new_tokens: int = 40, seed: int =
               f"({time.perf_counter() - start:.1f} s)\n  {text}")
 
 
+def _schedule(text: str) -> tuple[float, float]:
+    try:
+        diverge, refine = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--schedule must be two numbers 'diverge,refine' in [0, 1], got {text!r}") from None
+    return diverge, refine
+
+
+def run_generate(args) -> None:
+    """``creative-sparse generate``: the winner first, then the other candidates."""
+    import json
+
+    from tqdm import tqdm
+
+    from .generation import CreativeSparseWrapper
+
+    with tqdm(total=2, desc="creative-sparse", unit="stage", disable=args.json) as bar:
+        bar.set_postfix_str("loading model")
+        wrapper = CreativeSparseWrapper(args.model, sparsity_schedule=args.schedule)
+        bar.update(1)
+        bar.set_postfix_str("diverge -> refine")
+        result = wrapper.generate_candidates(args.prompt, max_length=args.max_tokens,
+                                             num_candidates=args.candidates,
+                                             sparsity_level=args.sparsity, seed=args.seed)
+        bar.update(1)
+    if args.json:
+        print(json.dumps({
+            "prompt": args.prompt, "schedule": wrapper.sparsity_schedule,
+            "reference": result.reference, "drafts": result.drafts,
+            "candidates": [{"text": c.text, "draft": c.draft, **vars(c.quality)}
+                           for c in result.candidates],
+            "wall_time": result.wall_time}, indent=2))
+        return
+    best, others = result.candidates[0], result.candidates[1:]
+
+    def scores(c):
+        q = c.quality
+        return (f"Q={q.q:+.3f}  novelty {q.novelty:.2f}  diversity {q.diversity:.2f}  "
+                f"incoherence {q.incoherence:.2f}  violations {q.violations:g}")
+
+    print(f"\nBest ({scores(best)}):\n{best.text}\n")
+    for i, cand in enumerate(others, 2):
+        print(f"#{i} ({scores(cand)}):\n{cand.text}\n")
+    print(f"{len(result.drafts)} drafts, {len(result.candidates)} refined, "
+          f"{result.wall_time:.1f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="creative-sparse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-model", action="store_true",
                       help="skip the SmolLM2 part (attention kernels only)")
     sub.add_parser("backends", help="list the attention backends available here")
+    gen = sub.add_parser("generate", help="Creative-Sparse generation: diverge -> refine")
+    gen.add_argument("prompt")
+    gen.add_argument("--candidates", type=int, default=5, help="drafts in the diverge stage")
+    gen.add_argument("--sparsity", type=float, default=None,
+                     help="divergence level s (overrides the schedule's first number)")
+    gen.add_argument("--schedule", type=_schedule, default=(0.7, 0.3),
+                     help="diverge,refine levels, e.g. 0.7,0.3")
+    gen.add_argument("--max-tokens", type=int, default=120)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--model", default="smollm2-135m")
+    gen.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -139,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(args.length, args.heads, args.head_dim)
         if not args.no_model:
             run_model_demo()
+    elif args.command == "generate":
+        try:
+            run_generate(args)
+        except ValueError as exc:
+            parser.error(str(exc))
     elif args.command == "backends":
         from .attention.dispatch import available_backends, select_backend
         print("available on cpu:", ", ".join(available_backends("cpu")))
