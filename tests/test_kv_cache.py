@@ -106,7 +106,18 @@ def test_prune_errors(model, prompt):
     cache, _, pos = prefill(model, prompt, 1)
     with pytest.raises(ValueError, match="must exceed sink_tokens"):
         prune_cache(cache, {}, pos, max_tokens=6, sink_tokens=2, local_window=4)
-    with pytest.raises(ValueError, match=r"shape \[1, L\]"):
-        prefill(model, prompt.repeat(2, 1), 1)
+    with pytest.raises(ValueError, match=r"shape \[R, L\]"):
+        prefill(model, prompt[:, :0], 1)
     with pytest.raises(ValueError, match="num_rows must be an int >= 1"):
         prefill(model, prompt, 0)
+    with pytest.raises(ValueError, match="multiple of the 2 prompt"):
+        prefill(model, prompt.repeat(2, 1), 3)
+
+
+@torch.no_grad()
+def test_prefill_several_prompts(model, prompt):
+    two = torch.cat([prompt, prompt.flip(1)])
+    cache, logits, _ = prefill(model, two, 4)
+    ref = model(two).logits[:, -1]
+    assert torch.allclose(logits, ref.repeat_interleave(2, 0), atol=1e-5)
+    assert cache.layers[0].keys.shape[0] == 4

@@ -105,9 +105,10 @@ def generate(model, tokenizer, prompt: Union[str, Tensor], *, num_rows: int = 1,
     """Generate ``num_rows`` continuations of one prompt in one batch.
 
     Args:
-        prompt: text (tokenized as is; apply a chat template first if wanted) or
-            ids ``[1, L]``.
-        num_rows: drafts generated together from one prefilled prompt.
+        prompt: text (tokenized as is; apply a chat template first if wanted), or
+            ids ``[R, L]``: R prompts of one length, each continued by
+            ``num_rows // R`` consecutive rows.
+        num_rows: rows generated together from the prefilled prompt(s).
         max_new_tokens: length budget per row.
         schedule: ``(SamplingParams, AttentionKnobs)`` for every step, or a function
             ``step -> (SamplingParams, AttentionKnobs)``; the attention knobs of step
@@ -134,14 +135,17 @@ def generate(model, tokenizer, prompt: Union[str, Tensor], *, num_rows: int = 1,
     else:
         ids = prompt
     ids = ids.to(model.device)
-    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
-        raise ValueError(f"prompt ids must have shape [1, L] with L >= 1, got {tuple(ids.shape)}")
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise ValueError(f"prompt ids must have shape [R, L] with R, L >= 1, got "
+                         f"{tuple(ids.shape)}")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) "
                          f"exceeds the model's context of {limit} tokens")
-    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1:
-        raise ValueError(f"num_rows must be an int >= 1, got {num_rows!r}")
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1 \
+            or num_rows % ids.shape[0]:
+        raise ValueError(f"num_rows must be an int >= 1 and a multiple of the {ids.shape[0]} "
+                         f"prompt(s), got {num_rows!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -159,7 +163,7 @@ def generate(model, tokenizer, prompt: Union[str, Tensor], *, num_rows: int = 1,
     generated: list[list[int]] = [[] for _ in range(num_rows)]
     texts = [""] * num_rows
     reasons = ["length"] * num_rows
-    stats = GenerationStats(prompt_tokens=ids.shape[1])
+    stats = GenerationStats(prompt_tokens=ids.numel())
     sampling, knobs = knobs_at(0)
     track = max_cache_tokens is not None
     # The prompt is prefilled once, as one row: no per-row sub-network noise there.

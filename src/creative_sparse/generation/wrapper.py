@@ -13,8 +13,9 @@
 5. **Rank** the finished candidates by Q (novelty, diversity, incoherence with
    violations) and return the best, or all.
 
-This slice re-prefills prompt + draft for each refined candidate; reusing the
-drafts' cached keys and values (the KV-reuse knob) is not implemented yet.
+Refined drafts of one length continue together in one batch, re-prefilling
+prompt + draft once per batch; reusing the drafts' cached keys and values (the
+KV-reuse knob) is not implemented yet.
 
 Example:
     >>> wrapper = CreativeSparseWrapper()                          # doctest: +SKIP
@@ -205,20 +206,28 @@ class CreativeSparseWrapper:
         n_keep = max(1, math.ceil(num_candidates * self.keep_fraction))
         chosen = sorted(range(num_candidates), key=lambda i: -draft_q[i])[:n_keep]
 
-        finals, refine_stats = [], []
+        finals = {i: drafts.texts[i] for i in chosen}   # finished drafts stay as they are
+        groups: dict[int, list[int]] = {}                 # draft length -> drafts to refine
         for i in chosen:
-            draft_ids = drafts.token_ids[i]
-            remaining = max_length - len(draft_ids)
-            if remaining < 1 or drafts.finish_reasons[i] == "eos":
-                finals.append(drafts.texts[i])
-                continue
-            prefix = torch.cat([ids, torch.tensor([draft_ids], dtype=ids.dtype)], dim=1)
-            result = generate(model, tok, prefix, max_new_tokens=remaining,
-                              schedule=self.knobs(refine, [seeds[i]]), seeds=[seeds[i]],
+            if drafts.finish_reasons[i] != "eos" and len(drafts.token_ids[i]) < max_length:
+                groups.setdefault(len(drafts.token_ids[i]), []).append(i)
+        refine_stats = []
+        for length, members in sorted(groups.items()):
+            # Drafts of one length continue together: one batch, one prefill.
+            prefix = torch.cat([ids.expand(len(members), -1),
+                                torch.tensor([drafts.token_ids[i] for i in members],
+                                             dtype=ids.dtype)], dim=1)
+            member_seeds = [seeds[i] for i in members]
+            result = generate(model, tok, prefix, num_rows=len(members),
+                              max_new_tokens=max_length - length,
+                              schedule=self.knobs(refine, member_seeds), seeds=member_seeds,
                               logit_processor=constraint_set if constraint_set.processors
                               else None)
             refine_stats.append(result.stats)
-            finals.append(tok.decode(draft_ids + result.token_ids[0], skip_special_tokens=True))
+            for row, i in enumerate(members):
+                finals[i] = tok.decode(drafts.token_ids[i] + result.token_ids[row],
+                                       skip_special_tokens=True)
+        finals = [finals[i] for i in chosen]
 
         saved = self.quality.validators
         self.quality.validators = list(constraint_set.validators)

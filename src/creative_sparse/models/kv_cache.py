@@ -2,7 +2,8 @@
 
 * :func:`prefill` runs the prompt once and repeats the cache for ``num_rows``
   drafts (``DynamicCache.batch_repeat_interleave``): the prompt's keys and
-  values are computed once, not N times.
+  values are computed once, not N times. Several prompts of one length can be
+  prefilled together (``[R, L]``).
 * :func:`prune_cache` evicts the cached tokens that received the least
   attention (accumulated attention mass, H2O style, recorded by
   :func:`creative_sparse.models.transformers.sparsity` with
@@ -53,28 +54,33 @@ def cache_length(cache) -> int:
 
 @torch.no_grad()
 def prefill(model, input_ids: Tensor, num_rows: int = 1):
-    """Run a ``[1, L]`` prompt once and return ``(cache, last_logits, positions)`` for ``num_rows``.
+    """Run ``R`` prompts ``[R, L]`` once and return ``(cache, last_logits, positions)``
+    for ``num_rows`` rows (a multiple of ``R``: each prompt is repeated
+    ``num_rows // R`` times, consecutively).
 
     ``last_logits`` is ``[num_rows, vocab]`` (the next-token logits, repeated);
-    the cache holds the prompt for every row.
+    the cache holds the prompts for every row. Prompts of one call share a length
+    (no padding).
 
     Example:
         >>> cache, logits, pos = prefill(model, tokenizer("Hi", return_tensors="pt").input_ids, 4)  # doctest: +SKIP
     """
     from transformers import DynamicCache
 
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
-        raise ValueError(f"prefill expects one non-empty prompt of shape [1, L], got "
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"prefill expects non-empty prompts of shape [R, L], got "
                          f"{tuple(input_ids.shape)}")
-    if not isinstance(num_rows, int) or num_rows < 1:
-        raise ValueError(f"num_rows must be an int >= 1, got {num_rows!r}")
+    if not isinstance(num_rows, int) or num_rows < 1 or num_rows % input_ids.shape[0]:
+        raise ValueError(f"num_rows must be an int >= 1 and a multiple of the "
+                         f"{input_ids.shape[0]} prompt(s), got {num_rows!r}")
     cache = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
     cache = out.past_key_values
-    if num_rows > 1:
-        cache.batch_repeat_interleave(num_rows)
+    repeats = num_rows // input_ids.shape[0]
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
     length = input_ids.shape[1]
-    logits = out.logits[:, -1].expand(num_rows, -1).clone()
+    logits = out.logits[:, -1].repeat_interleave(repeats, dim=0)
     return cache, logits, CachePositions(next_position=length, cache_len=length)
 
 
