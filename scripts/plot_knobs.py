@@ -39,6 +39,7 @@ def draw(out: Path, dpi: int = 90, points: int = 201) -> Path:
     s = np.linspace(0.0, 1.0, points)
     mono = SparsityController(SparsityConfig())
     seed = SparsityController(SparsityConfig(attention_schedule="seed"))
+    seed_consts = _sweep(SparsityController(SparsityConfig.seed_constants()), s)
     moe_k1 = _sweep(mono, s, num_experts=NUM_EXPERTS, context_len=CONTEXT_LEN, head_dim=HEAD_DIM)
     moe_k2 = _sweep(mono, s, num_experts=NUM_EXPERTS, default_experts=2)
     seed_p = _sweep(seed, s, context_len=CONTEXT_LEN, head_dim=HEAD_DIM)
@@ -47,8 +48,11 @@ def draw(out: Path, dpi: int = 90, points: int = 201) -> Path:
         return [getattr(p, name) for p in params]
 
     panels = [
-        ("temperature T(s)", "T", [(col(moe_k1, "temperature"), "T0=1, kappa_T=0.5")]),
-        ("nucleus p(s), clamped to 1", "top-p", [(col(moe_k1, "top_p"), "p0=0.9")]),
+        ("temperature T(s)", "T", [(col(moe_k1, "temperature"), "default: T0=0.8, kappa_T=0.4"),
+                                   (col(seed_consts, "temperature"), "seed: T0=1, kappa_T=0.5")]),
+        ("nucleus p(s), clamped to 1", "top-p",
+         [(col(moe_k1, "top_p"), "default: kappa_p=0.1"),
+          (col(seed_consts, "top_p"), "seed: kappa_p=0.3")]),
         (f"MoE experts per token K(s), E={NUM_EXPERTS}", "experts",
          [(col(moe_k1, "experts_per_token"), "K0=1 (seed)"),
           (col(moe_k2, "experts_per_token"), "K0=2 (model default)")]),

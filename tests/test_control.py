@@ -41,7 +41,7 @@ def params(s, cfg=None, **kw) -> SparsityParams:
 
 def test_s0_is_the_dense_model():
     p = params(0.0, num_experts=8, default_experts=2, context_len=777)
-    assert p.temperature == 1.0 and p.top_p == 0.9
+    assert p.temperature == 0.8 and p.top_p == 0.9
     assert p.experts_per_token == 2 and p.router_temperature == 1.0
     assert p.keep_fraction == 1.0 and p.topk == 1.0 and p.attention_keys == 777
     assert p.token_pruning_rate == 0.0 and p.kv_reuse_ratio == 0.0
@@ -75,8 +75,8 @@ def test_formulas_match_the_written_math(s):
 
 
 def test_seed_values_at_seed_operating_point():
-    # The seed's SparsityController with its defaults (K with E = 8, rounded, not floored).
-    ctl = SparsityController()
+    # The seed's SparsityController with its constants (K with E = 8, rounded, not floored).
+    ctl = SparsityController(SparsityConfig.seed_constants())
     assert ctl.get_temperature(0.6) == pytest.approx(math.exp(0.5 * 0.6 * 0.7))
     assert ctl.get_nucleus_threshold(0.3) == pytest.approx(0.9 + 0.3 * 0.3 * math.tanh(0.6))
     assert ctl.get_nucleus_threshold(0.6) == 1.0  # the seed returns 1.05 here; we clamp
@@ -296,7 +296,7 @@ def test_as_dict_and_repr():
     assert set(d) == {f.name for f in dataclasses.fields(SparsityParams)}
     assert d["temperature"] == p.temperature and d["attention_keys"] == p.attention_keys
     text = repr(params(0.7))
-    assert text.startswith("SparsityParams(s=0.7, temperature=1.") and "experts" not in text
+    assert text.startswith("SparsityParams(s=0.7, temperature=0.9") and "experts" not in text
     assert len(text) < 300
 
 

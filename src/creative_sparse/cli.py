@@ -2,11 +2,10 @@
 
 Subcommands:
 
-* ``demo``: sparse attention against dense SDPA on inputs with positional
-  structure (accuracy and speed), then the dial on the embedded SmolLM2: one
-  prompt sampled at several sparsity levels with every knob from the
-  controller. Until the generation work lands this is the main job of
-  ``make demo``.
+* ``demo``: the main job of ``make demo``: sparse attention against dense SDPA
+  on inputs with positional structure (accuracy and speed), then Creative-Sparse
+  generation beside plain top-p sampling of as many candidates on three prompts,
+  with Q breakdowns and the cost of each.
 * ``generate``: Creative-Sparse generation (diverge -> refine) of one prompt.
 * ``backends``: which attention backends can run here.
 """
@@ -87,37 +86,63 @@ def run_demo(length: int = 4096, heads: int = 9, head_dim: int = 64) -> None:
           "kernel-only table.")
 
 
-DEMO_PROMPT = "Write one sentence about a robot who learns to paint."
+DEMO_PROMPTS = [
+    "Describe a robot learning to paint in a way that's both technically accurate and "
+    "emotionally engaging.",
+    "Write the opening of a story set in a lighthouse at the edge of the world.",
+    "Write a slogan and two lines of ad copy for a bicycle made of bamboo.",
+]
 
 
-def run_model_demo(levels=(0.0, 0.5, 0.8), max_new_tokens: int = 40, seed: int = 0) -> None:
-    """The dial on the embedded SmolLM2: the same prompt sampled at several levels s."""
-    from .control import SparsityController
+def _kv_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size()
+               + layer.values.numel() * layer.values.element_size() for layer in cache.layers)
+
+
+def run_creative_demo(prompts=DEMO_PROMPTS, candidates: int = 5, max_tokens: int = 100,
+                      seed: int = 0) -> None:
+    """The main job: Creative-Sparse beside plain top-p sampling of as many candidates."""
+    from .generation import CreativeSparseWrapper
     from .models import load_model
-    from .models.transformers import AttentionKnobs, sparsity
 
     start = time.perf_counter()
     model, tokenizer = load_model()
-    print(f"\nSmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s; "
-          f"prompt: {DEMO_PROMPT!r}")
-    messages = [{"role": "user", "content": DEMO_PROMPT}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
-    controller = SparsityController()
-    for s in levels:
-        params = controller.get_sparsity_params(s)
-        knobs = AttentionKnobs.from_params(params, sink_tokens=4, local_window=8)
+    wrapper = CreativeSparseWrapper(model=model, tokenizer=tokenizer)
+    print(f"\nSmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s. "
+          f"Creative-Sparse (schedule {wrapper.sparsity_schedule}) beside plain top-p "
+          f"sampling (p=0.9), {candidates} candidates of {max_tokens} tokens each.")
+
+    def line(name, qualities, seconds, kv):
+        mean = lambda f: sum(getattr(q, f) for q in qualities) / len(qualities)  # noqa: E731
+        best = max(q.q for q in qualities)
+        return (f"  {name:<15} best Q {best:+.3f} | mean novelty {mean('novelty'):.2f} "
+                f"diversity {mean('diversity'):.2f} incoherence {mean('incoherence'):.2f} "
+                f"| {seconds:5.1f} s, peak KV {kv / 2**20:.1f} MB")
+
+    for i, prompt in enumerate(prompts, 1):
+        print(f"\n[{i}/{len(prompts)}] {prompt}")
+        ids = wrapper.prompt_ids(prompt)
         torch.manual_seed(seed)
-        start = time.perf_counter()
-        with sparsity(model, knobs) as stats, torch.no_grad():
+        begin = time.perf_counter()
+        with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=params.temperature, top_p=params.top_p, top_k=0,
-                                 max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.eos_token_id)
-        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-        print(f"\ns={s:.1f}  T={params.temperature:.2f} top-p={params.top_p:.2f} "
-              f"keys attended {stats.attended_fraction:.0%} "
-              f"({time.perf_counter() - start:.1f} s)\n  {text}")
+                                 top_p=0.9, top_k=0, num_return_sequences=candidates,
+                                 max_new_tokens=max_tokens, pad_token_id=tokenizer.eos_token_id,
+                                 return_dict_in_generate=True)
+        t_plain = time.perf_counter() - begin
+        plain = [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() or " "
+                 for row in out.sequences]
+        result = wrapper.generate_candidates(prompt, max_length=max_tokens,
+                                             num_candidates=candidates, seed=seed)
+        plain_q = wrapper.quality.breakdown(plain, reference_data=[result.reference or " "])
+        kv_creative = max([result.diverge_stats.peak_cache_bytes]
+                          + [s.peak_cache_bytes for s in result.refine_stats])
+        print(line("top-p sampling", plain_q, t_plain, _kv_bytes(out.past_key_values)))
+        print(line("Creative-Sparse", [c.quality for c in result.candidates], result.wall_time,
+                   kv_creative))
+        best_plain = plain[max(range(len(plain)), key=lambda j: plain_q[j].q)]
+        print(f"  best top-p:          {best_plain[:300]}")
+        print(f"  best Creative-Sparse: {result.best.text[:300]}")
 
 
 def _schedule(text: str) -> tuple[float, float]:
@@ -198,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{args.length}, {args.heads}, {args.head_dim}")
         run_demo(args.length, args.heads, args.head_dim)
         if not args.no_model:
-            run_model_demo()
+            run_creative_demo()
     elif args.command == "generate":
         try:
             run_generate(args)

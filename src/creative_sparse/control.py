@@ -65,7 +65,7 @@ def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
-def temperature(s: float, *, T0: float = 1.0, kappa_T: float = 0.5,
+def temperature(s: float, *, T0: float = 0.8, kappa_T: float = 0.4,
                 schedule: str = "exponential") -> float:
     """Sampling temperature ``T(s) = T0 * exp(kappa_T * s * (1 - s/2))``, in [T0, T0*e^(kappa_T/2)].
 
@@ -73,7 +73,7 @@ def temperature(s: float, *, T0: float = 1.0, kappa_T: float = 0.5,
 
     Example:
         >>> temperature(0.0), round(temperature(1.0), 4)
-        (1.0, 1.284)
+        (0.8, 0.9771)
     """
     s = check_level(s)
     if schedule == "constant":
@@ -81,15 +81,15 @@ def temperature(s: float, *, T0: float = 1.0, kappa_T: float = 0.5,
     return T0 * math.exp(kappa_T * s * (1.0 - s / 2.0))
 
 
-def top_p(s: float, *, p0: float = 0.9, kappa_p: float = 0.3, sigma_p: float = 0.5,
+def top_p(s: float, *, p0: float = 0.9, kappa_p: float = 0.1, sigma_p: float = 0.5,
           schedule: str = "sigmoidal") -> float:
     """Nucleus mass ``p(s) = p0 + kappa_p * s * tanh(s / sigma_p)``, clamped to (0, 1].
 
     ``schedule="constant"`` returns ``p0``.
 
     Example:
-        >>> top_p(0.0), round(top_p(0.3), 4), top_p(1.0)
-        (0.9, 0.9483, 1.0)
+        >>> top_p(0.0), round(top_p(0.3), 4), round(top_p(1.0), 4)
+        (0.9, 0.9161, 0.9964)
     """
     s = check_level(s)
     p = p0 if schedule == "constant" else p0 + kappa_p * s * math.tanh(s / sigma_p)
@@ -252,7 +252,7 @@ class SparsityParams:
     Example:
         >>> p = SparsityController().get_sparsity_params(0.0)
         >>> p.temperature, p["nucleus_threshold"], p.keep_fraction, p.token_pruning_rate
-        (1.0, 0.9, 1.0, 0.0)
+        (0.8, 0.9, 1.0, 0.0)
     """
 
     s: float
