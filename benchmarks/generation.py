@@ -23,20 +23,12 @@ import time
 
 import torch
 
+from creative_sparse.cli import DEMO_PROMPTS
 from creative_sparse.generation import CreativeSparseWrapper
 from creative_sparse.models import load_model
+from creative_sparse.models.kv_cache import cache_bytes
 
-PROMPTS = [
-    "Describe a robot learning to paint in a way that's both technically accurate and "
-    "emotionally engaging.",
-    "Write the opening of a story set in a lighthouse at the edge of the world.",
-    "Write a slogan and two lines of ad copy for a bicycle made of bamboo.",
-]
-
-
-def cache_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size()
-               + layer.values.numel() * layer.values.element_size() for layer in cache.layers)
+PROMPTS = DEMO_PROMPTS  # the prompts of `make demo`
 
 
 @torch.inference_mode()
@@ -71,8 +63,7 @@ def main(argv=None) -> int:
                                       args.seed)
         result = wrapper.generate_candidates(prompt, max_length=args.max_tokens,
                                              num_candidates=args.candidates, seed=args.seed)
-        kv_creative = max([result.diverge_stats.peak_cache_bytes]
-                          + [s.peak_cache_bytes for s in result.refine_stats])
+        kv_creative = result.peak_cache_bytes
         totals = [totals[0] + t_dense, totals[1] + result.wall_time,
                   max(totals[2], kv_dense), max(totals[3], kv_creative)]
         print(f"| {i + 1} | {t_dense:.1f} | {result.wall_time:.1f} "

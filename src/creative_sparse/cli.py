@@ -94,16 +94,12 @@ DEMO_PROMPTS = [
 ]
 
 
-def _kv_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size()
-               + layer.values.numel() * layer.values.element_size() for layer in cache.layers)
-
-
 def run_creative_demo(prompts=DEMO_PROMPTS, candidates: int = 5, max_tokens: int = 100,
                       seed: int = 0) -> None:
     """The main job: Creative-Sparse beside plain top-p sampling of as many candidates."""
     from .generation import CreativeSparseWrapper
     from .models import load_model
+    from .models.kv_cache import cache_bytes
 
     start = time.perf_counter()
     model, tokenizer = load_model()
@@ -135,9 +131,8 @@ def run_creative_demo(prompts=DEMO_PROMPTS, candidates: int = 5, max_tokens: int
         result = wrapper.generate_candidates(prompt, max_length=max_tokens,
                                              num_candidates=candidates, seed=seed)
         plain_q = wrapper.quality.breakdown(plain, reference_data=[result.reference or " "])
-        kv_creative = max([result.diverge_stats.peak_cache_bytes]
-                          + [s.peak_cache_bytes for s in result.refine_stats])
-        print(line("top-p sampling", plain_q, t_plain, _kv_bytes(out.past_key_values)))
+        kv_creative = result.peak_cache_bytes
+        print(line("top-p sampling", plain_q, t_plain, cache_bytes(out.past_key_values)))
         print(line("Creative-Sparse", [c.quality for c in result.candidates], result.wall_time,
                    kv_creative))
         best_plain = plain[max(range(len(plain)), key=lambda j: plain_q[j].q)]

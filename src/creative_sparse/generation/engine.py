@@ -26,7 +26,7 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..models.kv_cache import prefill, prune_cache
+from ..models.kv_cache import cache_bytes, prefill, prune_cache
 from ..models.transformers import AttentionKnobs, set_knobs, sparsity
 from .knobs import SamplingParams, sample
 
@@ -67,11 +67,6 @@ class GenerationResult:
     token_ids: list[list[int]]
     finish_reasons: list[str]
     stats: GenerationStats = field(default_factory=GenerationStats)
-
-
-def _cache_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size()
-               + layer.values.numel() * layer.values.element_size() for layer in cache.layers)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -171,7 +166,7 @@ def generate(model, tokenizer, prompt: Union[str, Tensor], *, num_rows: int = 1,
                   track_key_mass=track) as attention:
         cache, logits, positions = prefill(model, ids, num_rows)
         set_knobs(_with_rows(knobs, seeds))
-        stats.peak_cache_bytes = _cache_bytes(cache)
+        stats.peak_cache_bytes = cache_bytes(cache)
         for step in range(max_new_tokens):
             if logit_processor is not None:
                 logits = logit_processor(step, [generated[r] for r in alive], logits)
@@ -215,7 +210,7 @@ def generate(model, tokenizer, prompt: Union[str, Tensor], *, num_rows: int = 1,
                 stats.evicted_tokens += prune_cache(
                     cache, attention.key_mass, positions, max_tokens=max_cache_tokens,
                     sink_tokens=knobs.sink_tokens, local_window=knobs.local_window)
-            stats.peak_cache_bytes = max(stats.peak_cache_bytes, _cache_bytes(cache))
+            stats.peak_cache_bytes = max(stats.peak_cache_bytes, cache_bytes(cache))
     n_params = sum(p.numel() for p in model.parameters())
     head_dim = getattr(model.config, "head_dim", None) or (
         model.config.hidden_size // model.config.num_attention_heads)

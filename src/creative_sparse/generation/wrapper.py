@@ -70,6 +70,12 @@ class CreativeResult:
     def best(self) -> Candidate:
         return self.candidates[0]
 
+    @property
+    def peak_cache_bytes(self) -> int:
+        """The largest KV cache of any stage (the stages run one after another)."""
+        return max([self.diverge_stats.peak_cache_bytes]
+                   + [s.peak_cache_bytes for s in self.refine_stats])
+
 
 _VALIDATORS = {"python": python_syntax, "abc": abc_notation}
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CachePositions", "prefill", "prune_cache", "cache_length"]
+__all__ = ["CachePositions", "cache_bytes", "cache_length", "prefill", "prune_cache"]
 
 
 @dataclass
@@ -45,6 +45,12 @@ class CachePositions:
     def advance(self, num_new: int) -> None:
         self.next_position += num_new
         self.cache_len += num_new
+
+
+def cache_bytes(cache) -> int:
+    """Memory held by the cached keys and values, in bytes (all layers and rows)."""
+    return sum(layer.keys.numel() * layer.keys.element_size()
+               + layer.values.numel() * layer.values.element_size() for layer in cache.layers)
 
 
 def cache_length(cache) -> int:
