@@ -346,7 +346,8 @@ def test_inputs_are_unchanged_by_good_and_failing_calls(name, layout):
 
 # ----------------------------------------------------------------- import surface
 
-def test_seed_import_path_exposes_exactly_the_five_names():
+def test_seed_import_path_exposes_the_seed_names():
+    import creative_sparse
     import spas_sage_attn
     from spas_sage_attn import (  # noqa: F401
         block_sparse_sage2_attn_cuda as a,
@@ -355,11 +356,15 @@ def test_seed_import_path_exposes_exactly_the_five_names():
         spas_sage_attn_meansim_cuda as d,
         spas_sage_attn_meansim_topk_cuda as e,
     )
+    from spas_sage_attn.creative_sparse import SparsityController  # noqa: F401
 
-    assert sorted(spas_sage_attn.__all__) == sorted(SEED_NAMES)
-    assert len(spas_sage_attn.__all__) == 5
+    seed_library = {"CreativeSparseWrapper", "QualityFunctional", "QualityWeights",
+                    "SparsityConfig", "SparsityController", "compute_quality_score"}
+    assert sorted(spas_sage_attn.__all__) == sorted(set(SEED_NAMES) | seed_library)
     for name in SEED_NAMES:
         assert getattr(spas_sage_attn, name) is getattr(attention, name)
+    for name in seed_library:  # re-exports only: the very same objects
+        assert getattr(spas_sage_attn, name) is getattr(creative_sparse, name)
 
 
 def test_import_does_no_work():

@@ -303,3 +303,11 @@ def test_as_dict_and_repr():
 def test_import_does_no_work():
     assert not any(isinstance(v, (SparsityController, SparsityParams))
                    for v in vars(control).values())
+
+
+def test_seed_dict_keys_work_for_a_dense_model():
+    # The seed's example formats params['expert_activation'] with ':7d' for any model.
+    p = SparsityController().get_sparsity_params(0.6)
+    assert p.experts_per_token is None
+    assert p["expert_activation"] == SparsityController().get_expert_activation(0.6) == 3
+    assert f"{p['expert_activation']:7d}" == "      3"

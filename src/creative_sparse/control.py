@@ -247,7 +247,9 @@ class SparsityParams:
     (the kernel's top-k fraction, equal to ``keep_fraction``).
 
     ``params["temperature"]`` also works, with the seed's dict keys
-    ``nucleus_threshold``, ``expert_activation`` and ``attention_scaling`` as aliases.
+    ``nucleus_threshold``, ``expert_activation`` and ``attention_scaling`` as aliases
+    (``params["expert_activation"]`` of a dense model is the seed's K(s) for 8
+    experts, as the seed reported it; the attribute stays None).
 
     Example:
         >>> p = SparsityController().get_sparsity_params(0.0)
@@ -277,9 +279,13 @@ class SparsityParams:
 
     def __getitem__(self, key: str) -> Any:
         try:
-            return getattr(self, _SEED_KEYS.get(key, key))
+            value = getattr(self, _SEED_KEYS.get(key, key))
         except AttributeError:
             raise KeyError(key) from None
+        if key == "expert_activation" and value is None:
+            # Seed code formats this as an int for any model: the seed's K(s) with E = 8.
+            value = experts_per_token(self.s, 8, K0=1)
+        return value
 
     def __repr__(self) -> str:
         parts = []

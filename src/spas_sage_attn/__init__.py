@@ -1,6 +1,9 @@
 """The seed library's import path. Re-exports only; the code lives in :mod:`creative_sparse`.
 
     >>> from spas_sage_attn import spas_sage2_attn_meansim_cuda
+    >>> from spas_sage_attn import CreativeSparseWrapper, SparsityConfig, QualityWeights
+
+``find_optimal_sparsity`` (the seed's autotuner) is not there yet.
 """
 
 from creative_sparse.attention import (
@@ -11,8 +14,23 @@ from creative_sparse.attention import (
     spas_sage_attn_meansim_topk_cuda,
 )
 
+from .creative_sparse import (
+    CreativeSparseWrapper,
+    QualityFunctional,
+    QualityWeights,
+    SparsityConfig,
+    SparsityController,
+    compute_quality_score,
+)
+
 __all__ = [
+    "CreativeSparseWrapper",
+    "QualityFunctional",
+    "QualityWeights",
+    "SparsityConfig",
+    "SparsityController",
     "block_sparse_sage2_attn_cuda",
+    "compute_quality_score",
     "spas_sage2_attn_meansim_cuda",
     "spas_sage2_attn_meansim_topk_cuda",
     "spas_sage_attn_meansim_cuda",
