@@ -98,3 +98,28 @@ def test_bad_arguments(smollm2, kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         generate(model, tokenizer, args.pop("prompt"), **args)
+
+
+def test_continuing_from_the_state_equals_one_long_run(smollm2, chat_ids):
+    model, tokenizer = smollm2
+    hot = (SamplingParams(temperature=0.9), AttentionKnobs())
+    whole = generate(model, tokenizer, chat_ids, num_rows=3, max_new_tokens=24, schedule=hot,
+                     seeds=[1, 2, 3])
+    first = generate(model, tokenizer, chat_ids, num_rows=3, max_new_tokens=10, schedule=hot,
+                     seeds=[1, 2, 3], keep_state=True)
+    running = [r for r in range(3) if first.finish_reasons[r] == "length"]
+    assert running and first.state.rows == [0, 1, 2]
+    # Continue rows 2 and 0 (reordered) greedily from their cached keys and values,
+    # and compare with the same rows decoded greedily from scratch.
+    state = first.state.select(running[::-1])
+    greedy = (SamplingParams(temperature=0), AttentionKnobs())
+    rest = generate(model, tokenizer, state, num_rows=len(running), max_new_tokens=8,
+                    schedule=greedy, seeds=[0] * len(running))
+    assert rest.stats.prompt_tokens == 0
+    for out_row, row in enumerate(running[::-1]):
+        prefix = torch.cat([chat_ids, torch.tensor([first.token_ids[row]])], dim=1)
+        ref = generate(model, tokenizer, prefix, max_new_tokens=8, schedule=greedy)
+        assert rest.token_ids[out_row] == ref.token_ids[0]
+    assert whole.token_ids[0][:10] == first.token_ids[0][:10]   # same seeds, same start
+    with pytest.raises(ValueError, match="subset of the rows"):
+        first.state.select([7])

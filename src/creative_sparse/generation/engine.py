@@ -26,11 +26,11 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..models.kv_cache import cache_bytes, prefill, prune_cache
+from ..models.kv_cache import CachePositions, cache_bytes, prefill, prune_cache
 from ..models.transformers import AttentionKnobs, set_knobs, sparsity
 from .knobs import SamplingParams, sample
 
-__all__ = ["GenerationResult", "GenerationStats", "StepKnobs", "generate"]
+__all__ = ["DecodeState", "GenerationResult", "GenerationStats", "StepKnobs", "generate"]
 
 StepKnobs = tuple[SamplingParams, AttentionKnobs]
 Schedule = Union[StepKnobs, Callable[[int], StepKnobs]]
@@ -59,14 +59,41 @@ class GenerationStats:
 
 
 @dataclass
+class DecodeState:
+    """Where a generation stopped, to continue some of its rows without recomputing
+    their keys and values (the KV-reuse knob).
+
+    ``cache`` holds one row per entry of ``rows`` (the original row indices);
+    ``pending`` is each cache row's last sampled token, not yet fed to the model.
+    """
+
+    cache: object
+    positions: CachePositions
+    pending: Tensor
+    rows: list[int]
+
+    def select(self, rows: Sequence[int]) -> "DecodeState":
+        """Keep only the original ``rows`` (in that order). Consumes this state."""
+        missing = [r for r in rows if r not in self.rows]
+        if missing or not rows:
+            raise ValueError(f"rows {list(rows)} must be a non-empty subset of the rows still "
+                             f"in the cache {self.rows}")
+        index = torch.tensor([self.rows.index(r) for r in rows])
+        _keep_rows(self.cache, index.to(self.pending.device))
+        return DecodeState(self.cache, self.positions, self.pending[index], list(rows))
+
+
+@dataclass
 class GenerationResult:
     """Texts (stop strings removed), token ids and why each row ended
-    (``"eos"``, ``"stop"`` or ``"length"``), in row order."""
+    (``"eos"``, ``"stop"`` or ``"length"``), in row order; ``state`` (with
+    ``keep_state=True``) lets rows that reached the length budget continue."""
 
     texts: list[str]
     token_ids: list[list[int]]
     finish_reasons: list[str]
     stats: GenerationStats = field(default_factory=GenerationStats)
+    state: DecodeState | None = None
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -91,18 +118,21 @@ def _with_rows(knobs: AttentionKnobs, seeds: list[int]) -> AttentionKnobs:
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompt: Union[str, Tensor], *, num_rows: int = 1,
+def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_rows: int = 1,
              max_new_tokens: int = 64, schedule: Schedule | None = None,
              seeds: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
              logit_processor: LogitProcessor | None = None,
              stream: Callable[[int, str], None] | None = None,
-             max_cache_tokens: int | None = None) -> GenerationResult:
+             max_cache_tokens: int | None = None, keep_state: bool = False
+             ) -> GenerationResult:
     """Generate ``num_rows`` continuations of one prompt in one batch.
 
     Args:
         prompt: text (tokenized as is; apply a chat template first if wanted), or
             ids ``[R, L]``: R prompts of one length, each continued by
-            ``num_rows // R`` consecutive rows.
+            ``num_rows // R`` consecutive rows, or a :class:`DecodeState` of an
+            earlier call (``num_rows`` = its rows): those rows continue from their
+            cached keys and values, nothing is recomputed.
         num_rows: rows generated together from the prefilled prompt(s).
         max_new_tokens: length budget per row.
         schedule: ``(SamplingParams, AttentionKnobs)`` for every step, or a function
@@ -119,23 +149,33 @@ def generate(model, tokenizer, prompt: Union[str, Tensor], *, num_rows: int = 1,
         stream: called as ``stream(row, new_text)`` whenever a row's text grows.
         max_cache_tokens: prune the cache (attention-mass eviction, sinks and the
             recent window of the attention knobs kept) to at most this many tokens.
+        keep_state: return the final cache in ``result.state`` (to continue rows).
 
     Returns:
         A :class:`GenerationResult`.
     """
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ValueError("prompt is empty; give at least one character")
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    resume = prompt if isinstance(prompt, DecodeState) else None
+    if resume is not None:
+        if num_rows != len(resume.rows):
+            raise ValueError(f"num_rows ({num_rows}) must equal the rows of the DecodeState "
+                             f"({len(resume.rows)})")
+        ids = resume.pending.view(-1, 1).to(model.device)   # [rows, 1]: the tokens to feed
+        used = resume.positions.next_position
     else:
-        ids = prompt
-    ids = ids.to(model.device)
-    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-        raise ValueError(f"prompt ids must have shape [R, L] with R, L >= 1, got "
-                         f"{tuple(ids.shape)}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; give at least one character")
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+        else:
+            ids = prompt
+        ids = ids.to(model.device)
+        if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise ValueError(f"prompt ids must have shape [R, L] with R, L >= 1, got "
+                             f"{tuple(ids.shape)}")
+        used = ids.shape[1]
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) "
+    if limit is not None and used + max_new_tokens > limit:
+        raise ValueError(f"prompt ({used} tokens) + max_new_tokens ({max_new_tokens}) "
                          f"exceeds the model's context of {limit} tokens")
     if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1 \
             or num_rows % ids.shape[0]:
@@ -158,14 +198,24 @@ def generate(model, tokenizer, prompt: Union[str, Tensor], *, num_rows: int = 1,
     generated: list[list[int]] = [[] for _ in range(num_rows)]
     texts = [""] * num_rows
     reasons = ["length"] * num_rows
-    stats = GenerationStats(prompt_tokens=ids.numel())
+    stats = GenerationStats(prompt_tokens=0 if resume is not None else ids.numel())
     sampling, knobs = knobs_at(0)
     track = max_cache_tokens is not None
     # The prompt is prefilled once, as one row: no per-row sub-network noise there.
     with sparsity(model, replace(knobs, noise=0.0, row_seeds=None),
                   track_key_mass=track) as attention:
-        cache, logits, positions = prefill(model, ids, num_rows)
-        set_knobs(_with_rows(knobs, seeds))
+        if resume is None:
+            cache, logits, positions = prefill(model, ids, num_rows)
+            set_knobs(_with_rows(knobs, seeds))
+        else:
+            # Feed each row's pending token to its cached rows: nothing is recomputed.
+            set_knobs(_with_rows(knobs, seeds))
+            cache, positions = resume.cache, resume.positions
+            out = model(input_ids=resume.pending.view(-1, 1).to(model.device),
+                        past_key_values=cache, use_cache=True,
+                        **positions.model_kwargs(1, num_rows, model.device))
+            positions.advance(1)
+            logits = out.logits[:, -1]
         stats.peak_cache_bytes = cache_bytes(cache)
         for step in range(max_new_tokens):
             if logit_processor is not None:
@@ -190,6 +240,8 @@ def generate(model, tokenizer, prompt: Union[str, Tensor], *, num_rows: int = 1,
                 if not hit:
                     still.append(i)
             if not still or step == max_new_tokens - 1:
+                state = DecodeState(cache, positions, tokens, list(alive)) if keep_state \
+                    else None
                 alive = [alive[i] for i in still]
                 break
             if len(still) < len(alive):
@@ -219,4 +271,4 @@ def generate(model, tokenizer, prompt: Union[str, Tensor], *, num_rows: int = 1,
     stats.flops = 2.0 * n_params * (stats.prompt_tokens + stats.generated_tokens) \
         + 4.0 * head_dim * attention.pairs_computed
     stats.wall_time = time.perf_counter() - start
-    return GenerationResult(texts, generated, reasons, stats)
+    return GenerationResult(texts, generated, reasons, stats, state)

@@ -13,9 +13,9 @@
 5. **Rank** the finished candidates by Q (novelty, diversity, incoherence with
    violations) and return the best, or all.
 
-Refined drafts of one length continue together in one batch, re-prefilling
-prompt + draft once per batch; reusing the drafts' cached keys and values (the
-KV-reuse knob) is not implemented yet.
+The refined drafts continue together in one batch from the diverge stage's
+cache (KV reuse): neither the prompt nor the drafts are computed again. Drafts
+that ended (end of sequence) before their budget are final as they are.
 
 Example:
     >>> wrapper = CreativeSparseWrapper()                          # doctest: +SKIP
@@ -206,26 +206,22 @@ class CreativeSparseWrapper:
                              schedule=(SamplingParams(temperature=0), AttentionKnobs()))
         seeds = [seed * 1000 + i for i in range(num_candidates)]
         drafts = generate(model, tok, ids, num_rows=num_candidates, max_new_tokens=draft_len,
-                          schedule=self.knobs(diverge, seeds), seeds=seeds)
+                          schedule=self.knobs(diverge, seeds), seeds=seeds, keep_state=True)
         ref_texts = [reference.texts[0] or " "]
         draft_q = self.quality.scores([t or " " for t in drafts.texts], reference_data=ref_texts)
         n_keep = max(1, math.ceil(num_candidates * self.keep_fraction))
         chosen = sorted(range(num_candidates), key=lambda i: -draft_q[i])[:n_keep]
 
         finals = {i: drafts.texts[i] for i in chosen}   # finished drafts stay as they are
-        groups: dict[int, list[int]] = {}                 # draft length -> drafts to refine
-        for i in chosen:
-            if drafts.finish_reasons[i] != "eos" and len(drafts.token_ids[i]) < max_length:
-                groups.setdefault(len(drafts.token_ids[i]), []).append(i)
+        # Drafts that used their whole budget continue from their cached keys and
+        # values (KV reuse): the prompt and the draft are not computed again.
+        members = [i for i in chosen if drafts.finish_reasons[i] == "length"
+                   and len(drafts.token_ids[i]) < max_length]
         refine_stats = []
-        for length, members in sorted(groups.items()):
-            # Drafts of one length continue together: one batch, one prefill.
-            prefix = torch.cat([ids.expand(len(members), -1),
-                                torch.tensor([drafts.token_ids[i] for i in members],
-                                             dtype=ids.dtype)], dim=1)
+        if members:
             member_seeds = [seeds[i] for i in members]
-            result = generate(model, tok, prefix, num_rows=len(members),
-                              max_new_tokens=max_length - length,
+            result = generate(model, tok, drafts.state.select(members), num_rows=len(members),
+                              max_new_tokens=max_length - draft_len,
                               schedule=self.knobs(refine, member_seeds), seeds=member_seeds,
                               logit_processor=constraint_set if constraint_set.processors
                               else None)
