@@ -85,13 +85,16 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *,
     return out.to(q.dtype)
 
 
-def softmax_attend(scores: Tensor, allowed: Tensor, values: Tensor) -> Tensor:
+def softmax_attend(scores: Tensor, allowed: Tensor, values: Tensor, *,
+                   return_weights: bool = False):
     """``softmax(scores over allowed keys) @ values``; rows with no allowed key give zeros.
 
     Args:
         scores: fp32 ``[..., Lq, Lk]`` (already scaled).
         allowed: bool, broadcastable to ``scores``.
         values: fp32 ``[..., Lk, Dv]``.
+        return_weights: also return the attention probabilities ``[..., Lq, Lk]``
+            (zero rows where nothing is allowed).
     """
     scores = scores.masked_fill(~allowed, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
@@ -99,8 +102,10 @@ def softmax_attend(scores: Tensor, allowed: Tensor, values: Tensor) -> Tensor:
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
-    out = torch.matmul(weights, values) / denom.clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.where(denom > 0, out, torch.zeros_like(out))
+    inv = torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(torch.float32).tiny),
+                      torch.zeros_like(denom))
+    out = torch.matmul(weights, values) * inv
+    return (out, weights * inv) if return_weights else out
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,

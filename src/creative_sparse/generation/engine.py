@@ -201,6 +201,7 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
     stats = GenerationStats(prompt_tokens=0 if resume is not None else ids.numel())
     sampling, knobs = knobs_at(0)
     track = max_cache_tokens is not None
+    watch_text = bool(stop_strings) or stream is not None
     # The prompt is prefilled once, as one row: no per-row sub-network noise there.
     with sparsity(model, replace(knobs, noise=0.0, row_seeds=None),
                   track_key_mass=track) as attention:
@@ -230,13 +231,15 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
                     continue
                 generated[row].append(token)
                 stats.generated_tokens += 1
-                text = tokenizer.decode(generated[row], skip_special_tokens=True)
-                hit = [text.index(s) for s in stop_strings if s and s in text]
-                if hit:
-                    text, reasons[row] = text[: min(hit)], "stop"
-                if stream is not None and len(text) > len(texts[row]):
-                    stream(row, text[len(texts[row]):])
-                texts[row] = text
+                hit = []
+                if watch_text:  # decoding every step is only needed to watch the text
+                    text = tokenizer.decode(generated[row], skip_special_tokens=True)
+                    hit = [text.index(s) for s in stop_strings if s and s in text]
+                    if hit:
+                        text, reasons[row] = text[: min(hit)], "stop"
+                    if stream is not None and len(text) > len(texts[row]):
+                        stream(row, text[len(texts[row]):])
+                    texts[row] = text
                 if not hit:
                     still.append(i)
             if not still or step == max_new_tokens - 1:
@@ -263,6 +266,8 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
                     cache, attention.key_mass, positions, max_tokens=max_cache_tokens,
                     sink_tokens=knobs.sink_tokens, local_window=knobs.local_window)
             stats.peak_cache_bytes = max(stats.peak_cache_bytes, cache_bytes(cache))
+    if not watch_text:
+        texts = [tokenizer.decode(ids_, skip_special_tokens=True) for ids_ in generated]
     n_params = sum(p.numel() for p in model.parameters())
     head_dim = getattr(model.config, "head_dim", None) or (
         model.config.hidden_size // model.config.num_attention_heads)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..attention import block_sparse_attention, predict_block_map
 from ..attention.blockmap import block_pair_counts
+from ..attention.reference import softmax_attend
 
 __all__ = ["ATTENTION_NAME", "AttentionKnobs", "AttentionStats", "register", "set_knobs",
            "sparsity", "creative_sparse_attention"]
@@ -189,7 +190,9 @@ def _gumbel(seeds: Sequence[int], layer: int, shape: tuple[int, ...], device) ->
     """Reproducible Gumbel noise ``[B, *shape]``: row b depends only on (seed_b, layer, shape)."""
     rows = []
     for seed in seeds:
-        gen = torch.Generator().manual_seed(hash((int(seed), layer, shape)) & 0x7FFF_FFFF_FFFF)
+        # A fixed arithmetic mix (not hash()), so a seed means the same noise everywhere.
+        key = (int(seed) * 1_000_003 + layer) * 1_000_003 + math.prod(shape) * 31 + shape[-1]
+        gen = torch.Generator().manual_seed(key & 0x7FFF_FFFF_FFFF)
         u = torch.rand(shape, generator=gen).clamp_(1e-9, 1 - 1e-9)
         rows.append(-torch.log(-torch.log(u)))
     return torch.stack(rows).to(device)
@@ -225,12 +228,12 @@ def _token_topk(module, query, key, value, attention_mask, scaling, active: _Act
     order = torch.argsort(select, dim=-1, descending=True)
     ranks = torch.empty_like(order).scatter_(-1, order, positions.expand_as(order))
     keep = (ranks < budget) & allowed
-    from ..attention.reference import softmax_attend
-    out = softmax_attend(scores, keep, vf)
+    track = active.track_key_mass and getattr(module, "layer_idx", None) is not None
+    out = softmax_attend(scores, keep, vf, return_weights=track)
     stats.pairs_computed += int(keep.sum())
     stats.pairs_dense += int(allowed.sum())
-    if active.track_key_mass and getattr(module, "layer_idx", None) is not None:
-        probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
+    if track:
+        out, probs = out
         mass = probs.sum(dim=(1, 2))                                    # [B, k_len]
         prev = stats.key_mass.get(module.layer_idx)
         if prev is not None and prev.shape[-1] <= k_len:
