@@ -3,9 +3,19 @@
 `smollm2` loads the embedded default model once per test session, from the
 creative_sparse cache (``$CREATIVE_SPARSE_CACHE`` or the user cache directory);
 the first session on a machine converts the GGUF (tens of seconds).
+
+Without a GPU the session runs with ``TRITON_INTERPRET=1`` (see below).
 """
 
+import os
+
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run under Triton's interpreter. Triton reads the
+# switch when it is first imported, so it must be set before anything imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,10 @@ Public entry points:
 * The seed library's names, with its parameters: :func:`spas_sage2_attn_meansim_cuda`,
   :func:`spas_sage2_attn_meansim_topk_cuda`, :func:`spas_sage_attn_meansim_cuda`,
   :func:`spas_sage_attn_meansim_topk_cuda`, :func:`block_sparse_sage2_attn_cuda`.
-  Despite the ``_cuda`` suffix they run on CPU tensors too. The computation is
-  in fp32 on CPU (no INT8/FP8 quantization here), and the output has the input
-  dtype unless ``output_dtype`` says otherwise.
+  Despite the ``_cuda`` suffix they run on CPU tensors too. On CPU the
+  computation is exact fp32; on CUDA with Triton the default backend quantizes
+  Q and K to INT8 per block (SageAttention) and skips negligible P·V products
+  (``pvthreshd``). The output has the input dtype unless ``output_dtype`` says otherwise.
 
 Shapes: ``q`` is ``[B, H, Lq, D]`` and ``k``/``v`` are ``[B, H_kv, Lk, D]`` /
 ``[B, H_kv, Lk, Dv]`` with ``H % H_kv == 0`` (``tensor_layout="HND"``), or
@@ -75,14 +76,19 @@ def _finish(out: Tensor, block_map: BlockMap, tensor_layout: str, output_dtype,
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap, *,
                            scale: float | None = None, tensor_layout: str = "HND",
                            output_dtype: torch.dtype | None = None,
-                           return_sparsity: bool = False, backend: str | None = None):
-    """Exact attention over the kept blocks of ``block_map``.
+                           return_sparsity: bool = False, backend: str | None = None,
+                           pvthreshd: HeadParam | None = None):
+    """Attention over the kept blocks of ``block_map`` (exact, except the Triton
+    backend's INT8 scores).
 
     Args:
         q, k, v: see the module docstring; ``block_map.keep`` must be
             ``[B|1, H|1, ceil(Lq/block_q), ceil(Lk/block_k)]``.
         scale: score multiplier, default ``1/sqrt(D)``.
-        backend: force ``"cpu_kernel"``, ``"flex"``, ``"torch"`` or ``"reference"``.
+        backend: force ``"cpu_kernel"``, ``"triton"``, ``"flex"``, ``"torch"`` or
+            ``"reference"``.
+        pvthreshd: log2 units, scalar or per head: lets the Triton kernel skip
+            negligible P·V products (see :func:`sparse_attention`); None never skips.
 
     Returns:
         The output in ``q``'s layout and dtype (or ``output_dtype``); with
@@ -99,7 +105,10 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
     if not isinstance(block_map, BlockMap):
         raise ValueError(f"block_map must be a BlockMap, got {type(block_map).__name__}")
     block_map = _fit_block_map(block_map, q, k)
-    out = run_backend(q, k, v, block_map, scale=scale, backend=backend, out_dtype=output_dtype)
+    if pvthreshd is not None:
+        per_head_param(pvthreshd, "pvthreshd", q.shape[1], 0.0, math.inf, low_open=True)
+    out = run_backend(q, k, v, block_map, scale=scale, backend=backend, out_dtype=output_dtype,
+                      pvthreshd=pvthreshd)
     return _finish(out, block_map, tensor_layout, output_dtype, return_sparsity)
 
 
@@ -124,10 +133,10 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False
             0.97 when ``topk`` is not given. 1.0 is dense.
         topk: instead of ``cdfthreshd``, the fraction of key blocks each query
             block keeps, in (0, 1]. 1.0 is dense.
-        pvthreshd: > 0, in log2 units: a kernel may skip P.V for a block whose
-            weights are all below ``2**-pvthreshd`` of the row maximum. The CPU
-            backends compute every kept block exactly, so it never changes
-            their result; it is validated and accepted for compatibility.
+        pvthreshd: > 0, in log2 units: the Triton GPU kernel skips P.V for a
+            block whose weights are all below ``2**-pvthreshd`` of the running
+            row maximum. The CPU backends compute every kept block exactly, so
+            there it never changes the result.
         smooth_k: subtract the mean key before prediction (no effect on the output math).
         attention_sink: always keep the first key block.
         tensor_layout: ``"HND"`` or ``"NHD"``.
@@ -154,7 +163,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False
                                   topk=topk, causal=bool(is_causal),
                                   attention_sink=attention_sink, smooth_k=smooth_k,
                                   scale=scale, block_q=block_q, block_k=block_k)
-    out = run_backend(q, k, v, block_map, scale=scale, backend=backend, out_dtype=output_dtype)
+    out = run_backend(q, k, v, block_map, scale=scale, backend=backend, out_dtype=output_dtype,
+                      pvthreshd=pvthreshd)
     return _finish(out, block_map, tensor_layout, output_dtype, return_sparsity)
 
 
@@ -260,5 +270,6 @@ def block_sparse_sage2_attn_cuda(q, k, v, mask_id=None, dropout_p=0.0, scale=Non
         keep = keep.clone()
         keep[..., 0] = True
     block_map = BlockMap(keep, BLOCK_Q, BLOCK_K, lq, lk, bool(is_causal)).expand_batch_heads(b, h)
-    out = run_backend(q, k, v, block_map, scale=scale, out_dtype=output_dtype)
+    out = run_backend(q, k, v, block_map, scale=scale, out_dtype=output_dtype,
+                      pvthreshd=pvthreshd)
     return _finish(out, block_map, tensor_layout, output_dtype, return_sparsity)

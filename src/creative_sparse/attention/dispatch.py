@@ -3,8 +3,11 @@
 Backends (each computes exactly the kept blocks of a :class:`BlockMap`):
 
 * ``"cpu_kernel"``: compiled C++ (OpenMP + BLAS tiles), CPU only; the CPU default.
+* ``"triton"``: fused Triton kernel with INT8 Q·Kᵀ and the PV threshold; the
+  CUDA default where Triton is installed (compute capability >= 8.0). On CPU
+  tensors it runs only under Triton's interpreter (``TRITON_INTERPRET=1``), for tests.
 * ``"flex"``: ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built
-  from the kept-block lists; the CUDA default (compiled with ``torch.compile``).
+  from the kept-block lists (compiled with ``torch.compile``); the CUDA fallback.
 * ``"torch"``: pure PyTorch, any device; the fallback.
 * ``"reference"``: the fp32 oracle over the token mask (slow, for tests).
 
@@ -28,7 +31,7 @@ from .blockmap import BlockMap
 __all__ = ["BACKENDS", "ENV_VAR", "available_backends", "select_backend", "run_backend",
            "use_backend"]
 
-BACKENDS = ("cpu_kernel", "flex", "torch", "reference")
+BACKENDS = ("cpu_kernel", "triton", "flex", "torch", "reference")
 ENV_VAR = "CREATIVE_SPARSE_BACKEND"
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("creative_sparse_backend",
                                                                      default=None)
@@ -65,6 +68,9 @@ def _is_available(name: str, device: torch.device) -> bool:
     if name == "flex":
         from .backends import flex
         return flex.available(device)
+    if name == "triton":
+        from .backends import triton
+        return triton.available(device)
     return True
 
 
@@ -88,7 +94,7 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
             raise ValueError(f"{source}: attention backend {name!r} cannot run on device "
                              f"{device} here; available: {', '.join(available_backends(device))}")
         return name
-    preference = ("flex", "torch") if device.type == "cuda" else ("cpu_kernel", "torch")
+    preference = ("triton", "flex", "torch") if device.type == "cuda" else ("cpu_kernel", "torch")
     for name in preference:
         if _is_available(name, device):
             return name
@@ -98,6 +104,8 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
 def _implementation(name: str) -> Callable[..., Tensor]:
     if name == "cpu_kernel":
         from .backends.cpu_kernel import block_sparse_attention
+    elif name == "triton":
+        from .backends.triton import block_sparse_attention
     elif name == "flex":
         from .backends.flex import block_sparse_attention
     elif name == "torch":
@@ -125,15 +133,17 @@ def _fit_block_map(block_map: BlockMap, q: Tensor, k: Tensor) -> BlockMap:
 
 def run_backend(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap, *,
                 scale: float | None = None, backend: str | None = None,
-                out_dtype: torch.dtype | None = None) -> Tensor:
+                out_dtype: torch.dtype | None = None, pvthreshd=None) -> Tensor:
     """Compute attention over ``block_map`` with the selected backend.
 
     ``q``/``k``/``v`` are ``[B, H, Lq, D]`` / ``[B, H_kv, Lk, D]`` / ``[B, H_kv, Lk, Dv]``;
     ``block_map.keep`` may have batch or heads of 1 (broadcast). Returns
     ``[B, H, Lq, Dv]`` in ``out_dtype`` (default ``q.dtype``), cast once from the
-    backend's compute dtype.
+    backend's compute dtype. ``pvthreshd`` (log2 units, scalar or per head) reaches
+    the backends that skip P·V (``"triton"``); the others compute kept blocks exactly.
     """
     block_map = _fit_block_map(block_map, q, k)
     name = select_backend(q.device, backend)
-    out = _implementation(name)(q, k, v, block_map, scale=scale)
+    extra = {"pvthreshd": pvthreshd} if name == "triton" else {}
+    out = _implementation(name)(q, k, v, block_map, scale=scale, **extra)
     return out.to(out_dtype or q.dtype)

@@ -1,0 +1,140 @@
+"""GPU: the Triton kernel against dense SDPA (FlashAttention) and FlexAttention, same run.
+
+For each sequence length N, head dim D, causal flag and target sparsity, the
+script builds one block map (top-k selection with the requested keep fraction),
+checks the Triton output against FlexAttention on the same map (exact bf16
+computation) before timing, then times:
+
+* ``sdpa``: ``F.scaled_dot_product_attention`` (dense; FlashAttention on NVIDIA),
+* ``flex``: compiled FlexAttention with the same block mask (our ``BlockMask``),
+* ``triton``: our kernel including its per-call INT8 quantization, with the PV
+  threshold at the seed default (``pvthreshd=15``), and ``triton-nopv`` without it.
+
+TFLOP/s count the effective work, ``4 * D * (query, key) pairs computed`` (the
+kept blocks, causal-aware; dense causal counts the lower triangle), so a
+sparse kernel is not credited for work it skips. Speedup is against SDPA.
+Prediction time (``predict_block_map``) is reported as a share of SDPA's time.
+
+Usage::
+
+    python benchmarks/gpu_attention.py                     # N 8k/16k/32k, D 64/128
+    python benchmarks/gpu_attention.py --lengths 8192 --dims 64 --sparsities 0 0.75
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def bench(fn) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events via triton.testing.do_bench)."""
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def rel_l1(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).abs().sum() / b.abs().sum().clamp_min(1e-30))
+
+
+def make_inputs(n, d, heads, dtype, seed=0):
+    """Random Q/K/V with a shared key offset and clustered queries (see the tests)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, heads, n, d, device="cuda", generator=g)
+    k = torch.randn(1, heads, n, d, device="cuda", generator=g)
+    v = torch.randn(1, heads, n, d, device="cuda", generator=g)
+    k = k + 2.0 * torch.randn(1, heads, 1, d, device="cuda", generator=g)
+    centers = torch.randn(8, d, device="cuda", generator=g)
+    q = 0.5 * q + centers[torch.randint(0, 8, (n,), device="cuda", generator=g)]
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.75, 0.9])
+    parser.add_argument("--heads", type=int, default=0,
+                        help="query heads (default: 2048 / D, i.e. 32 at D=64, 16 at D=128)")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to benchmark", file=sys.stderr)
+        return 1
+
+    from torch import _dynamo
+    _dynamo.config.cache_size_limit = 64   # one compile per (N, D, causal) for flex
+    from creative_sparse.attention import predict_block_map
+    from creative_sparse.attention.dispatch import run_backend
+
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    header = (f"{'N':>6} {'D':>4} {'H':>3} {'causal':>6} {'target':>6} {'skipped':>7} "
+              f"{'sdpa ms':>8} {'flex ms':>8} {'ours ms':>8} {'nopv ms':>8} "
+              f"{'sdpa TF':>7} {'flex TF':>7} {'ours TF':>7} {'x sdpa':>6} {'x flex':>6} "
+              f"{'pred %':>6} {'relL1':>7}")
+    print(header, flush=True)
+    rows = []
+    for n in args.lengths:
+        for d in args.dims:
+            heads = args.heads or max(1, 2048 // d)
+            q, k, v = make_inputs(n, d, heads, torch.bfloat16)
+            for causal in (False, True):
+                sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                dense_pairs = heads * (n * (n + 1) // 2 if causal else n * n)
+                for target in args.sparsities:
+                    keep = 1.0 - target
+                    predict = lambda: predict_block_map(q, k, topk=keep, simthreshd1=-1.0,
+                                                        causal=causal)
+                    bm = predict()
+                    pred_ms = bench(predict)
+                    pairs = bm.pairs_computed()
+                    run = lambda pv: run_backend(q, k, v, bm, backend="triton", pvthreshd=pv)
+                    ours = run(15.0)
+                    check, flex_ms = None, math.nan
+                    if not args.no_flex:
+                        try:
+                            check = run_backend(q, k, v, bm, backend="flex")
+                            flex_ms = bench(lambda: run_backend(q, k, v, bm, backend="flex"))
+                        except Exception as exc:  # report it and go on without flex
+                            print(f"!! flex failed, skipping it from now on: {exc!r}"[:400],
+                                  flush=True)
+                            args.no_flex = True
+                    if check is None and target == 0:
+                        check = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                    err = rel_l1(ours, check) if check is not None else math.nan
+                    if not err < 0.02 and check is not None:
+                        print(f"!! accuracy check failed: relative L1 {err:.4f}", flush=True)
+                    ours_ms = bench(lambda: run(15.0))
+                    nopv_ms = bench(lambda: run(None))
+                    tf = lambda p, ms: 4 * d * p / (ms * 1e-3) / 1e12
+                    row = dict(n=n, d=d, heads=heads, causal=causal, target=target,
+                               skipped=bm.sparsity(), sdpa_ms=sdpa, flex_ms=flex_ms,
+                               ours_ms=ours_ms, nopv_ms=nopv_ms,
+                               sdpa_tflops=tf(dense_pairs, sdpa), flex_tflops=tf(pairs, flex_ms),
+                               ours_tflops=tf(pairs, ours_ms), speedup=sdpa / ours_ms,
+                               vs_flex=flex_ms / ours_ms, predict_pct=100 * pred_ms / sdpa,
+                               rel_l1=err)
+                    rows.append(row)
+                    print(f"{n:>6} {d:>4} {heads:>3} {str(causal):>6} {target:>6.2f} "
+                          f"{row['skipped']:>7.3f} {sdpa:>8.3f} {flex_ms:>8.3f} {ours_ms:>8.3f} "
+                          f"{nopv_ms:>8.3f} {row['sdpa_tflops']:>7.1f} {row['flex_tflops']:>7.1f} "
+                          f"{row['ours_tflops']:>7.1f} {row['speedup']:>6.2f} "
+                          f"{row['vs_flex']:>6.2f} {row['predict_pct']:>6.1f} {err:>7.4f}",
+                          flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""INT8 quantization of Q and K per block, and a PyTorch emulation of the GPU kernel's numerics.
+
+The Triton kernel (``backends/triton.py``) follows SageAttention's recipe:
+
+1. **K smoothing**: subtract the mean key over the sequence, per (batch, KV
+   head). Every score of a query row moves by the same constant, so softmax is
+   unchanged, while the shared offset that dominates K's range no longer costs
+   quantization levels.
+2. **Per-block INT8**: each block of ``block_q`` query rows (``block_k`` key
+   rows) gets one scale ``amax / 127``; values are rounded to nearest. The
+   softmax scale and ``log2(e)`` are folded into the Q scale, so the kernel's
+   ``int32`` dot product times ``q_scale * k_scale`` is the score in log2 units.
+3. **P·V in low precision**: P (fp32 inside the kernel) is cast to the dtype of
+   V for the product (fp16 or bf16), accumulated in fp32. With ``pv_dtype="fp8"``,
+   V is scaled per channel into float8_e4m3 and P is multiplied by 448 first.
+4. **PV threshold**: the P·V product of a kept block is skipped when every row's
+   block maximum is more than ``pvthreshd`` (log2 units) below its running
+   maximum; the block still counts in the softmax denominator.
+
+:func:`prepare` produces the kernel's inputs; :func:`emulate` computes the
+kernel's result from them with the same order of operations, vectorised over
+(batch, head, query block), so CPU tests can check the kernel's math tightly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .blockmap import BlockMap
+
+__all__ = ["PV_DTYPES", "QuantizedInputs", "emulate", "full_block_counts", "prepare",
+           "quantize_per_block", "smooth_k"]
+
+LOG2E = 1.4426950408889634
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+PV_DTYPES = ("fp16", "bf16", "fp8")
+
+
+def smooth_k(k: Tensor) -> Tensor:
+    """``k`` minus its mean over the sequence, per batch and head (``[B, H, L, D]``)."""
+    return k - k.mean(dim=-2, keepdim=True)
+
+
+def _pad_to(x: Tensor, length: int, dim_size: int) -> Tensor:
+    """Zero-pad ``[B, H, L, D]`` to ``[B, H, length, dim_size]``."""
+    pad_l, pad_d = length - x.shape[-2], dim_size - x.shape[-1]
+    if pad_l == 0 and pad_d == 0:
+        return x
+    return torch.nn.functional.pad(x, (0, pad_d, 0, pad_l))
+
+
+def quantize_per_block(x: Tensor, block: int, *, dim_size: int | None = None,
+                       multiplier: float = 1.0,
+                       mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric INT8 quantization with one scale per block of ``block`` rows.
+
+    Args:
+        x: ``[B, H, L, D]``, any float dtype (quantized from fp32).
+        block: rows per block.
+        dim_size: pad the last dimension to this size with zeros (default ``D``).
+        multiplier: folded into the returned scales (e.g. softmax scale * log2 e).
+        mean: fp32 ``[B, H, D]`` subtracted from every row first (K smoothing).
+
+    Returns:
+        ``(x_int8, scale)``: ``int8 [B, H, ceil(L/block)*block, dim_size]`` (padding
+        rows are zero) and ``float32 [B, H, ceil(L/block)]`` with
+        ``x ≈ x_int8 * scale / multiplier`` inside each block. An all-zero block
+        gets scale 0.
+
+    Example:
+        >>> x = torch.randn(1, 1, 100, 16)
+        >>> xi, s = quantize_per_block(x, 64)
+        >>> xi.shape, s.shape
+        (torch.Size([1, 1, 128, 16]), torch.Size([1, 1, 2]))
+        >>> bool(((xi[..., :100, :].float() * s.repeat_interleave(64, -1)[..., :100, None]
+        ...        - x).abs().max() <= s.max() / 2 + 1e-6))
+        True
+    """
+    b, h, length, d = x.shape
+    n = math.ceil(length / block)
+    x = x.float() if mean is None else x.float() - mean[..., None, :]
+    padded = _pad_to(x, n * block, dim_size or d)
+    blocks = padded.view(b, h, n, block, padded.shape[-1])
+    amax = blocks.abs().amax(dim=(-1, -2))
+    scale = amax / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # floor(y + 0.5) rather than round-half-even: the Triton quantizer does the same.
+    y = blocks / safe[..., None, None]
+    x_int8 = torch.floor(y + 0.5).clamp_(-127, 127).to(torch.int8)
+    return x_int8.view(b, h, n * block, -1), scale * multiplier
+
+
+@dataclass(frozen=True)
+class QuantizedInputs:
+    """What the kernel reads: padded, quantized Q/K and V in the P·V dtype.
+
+    ``q``: int8 ``[B, H, nq*block_q, Dp]``; ``q_scale``: ``[B, H, nq]`` (softmax
+    scale and log2 e folded in); ``k``: int8 ``[B, H_kv, nk*block_k, Dp]``;
+    ``k_scale``: ``[B, H_kv, nk]``; ``v``: ``[B, H_kv, nk*block_k, Dvp]`` in fp16,
+    bf16 or float8_e4m3fn; ``v_scale``: fp32 ``[B, H_kv, Dvp]`` for fp8 (the
+    output is multiplied by it), else None. ``head_dim_v`` is the unpadded Dv.
+    """
+
+    q: Tensor
+    q_scale: Tensor
+    k: Tensor
+    k_scale: Tensor
+    v: Tensor
+    v_scale: Tensor | None
+    head_dim_v: int
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _torch_pv_dtype(pv_dtype: str | None, v: Tensor) -> torch.dtype:
+    if pv_dtype is None:
+        if v.dtype in (torch.float16, torch.bfloat16):
+            return v.dtype
+        # fp32 inputs: fp16 keeps three more mantissa bits than bf16, if V fits its range.
+        return torch.float16 if float(v.abs().max()) < 6.0e4 else torch.bfloat16
+    if pv_dtype not in PV_DTYPES:
+        raise ValueError(f"pv_dtype must be one of {', '.join(PV_DTYPES)} or None, got "
+                         f"{pv_dtype!r}")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16,
+            "fp8": torch.float8_e4m3fn}[pv_dtype]
+
+
+def prepare(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, *,
+            scale: float | None = None, pv_dtype: str | None = None,
+            quantize=quantize_per_block) -> QuantizedInputs:
+    """Smooth K, quantize Q and K per block, cast and pad V: the kernel's inputs.
+
+    Shapes as in :func:`creative_sparse.attention.reference.masked_attention`.
+    Head dims are zero-padded to a power of two (at least 16); sequence lengths
+    to whole blocks. ``quantize`` has :func:`quantize_per_block`'s signature
+    (the Triton backend passes its fused GPU version).
+    """
+    d, dv = q.shape[-1], v.shape[-1]
+    dp, dvp = _pow2(d), _pow2(dv)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    q_i8, q_scale = quantize(q, block_q, dim_size=dp, multiplier=scale * LOG2E)
+    k_mean = k.mean(dim=-2, dtype=torch.float32)
+    k_i8, k_scale = quantize(k, block_k, dim_size=dp, mean=k_mean)
+    dtype = _torch_pv_dtype(pv_dtype, v)
+    nk_rows = k_i8.shape[-2]
+    v_scale = None
+    if dtype == torch.float8_e4m3fn:
+        vf = v.float()
+        v_scale = (vf.abs().amax(dim=-2) / FP8_MAX).clamp_min(1e-12)
+        v_pad = _pad_to(vf / v_scale[..., None, :], nk_rows, dvp).to(dtype)
+        v_scale = torch.nn.functional.pad(v_scale, (0, dvp - dv), value=1.0).contiguous()
+    else:
+        v_pad = _pad_to(v.to(dtype), nk_rows, dvp)
+    return QuantizedInputs(q_i8.contiguous(), q_scale.contiguous(), k_i8.contiguous(),
+                           k_scale.contiguous(), v_pad.contiguous(), v_scale, dv)
+
+
+def full_block_counts(block_map: BlockMap, counts: Tensor, indices: Tensor) -> Tensor:
+    """Per query block, how many of its first kept key blocks need no element mask.
+
+    Kept blocks are listed in ascending order, and the blocks that need a mask
+    (they cross the causal diagonal or the end of the keys) are the highest, so
+    they form a suffix of each list. Returns int32 ``[B, H, nq]``.
+    """
+    nq = block_map.num_q_blocks
+    bq, bk = block_map.block_q, block_map.block_k
+    first_row = torch.arange(nq, device=counts.device) * bq
+    limit = torch.full((nq,), block_map.k_len // bk, device=counts.device)
+    if block_map.causal:
+        offset = block_map.k_len - block_map.q_len
+        # key block kb is whole for every row of the query block iff
+        # kb*bk + bk - 1 <= first_row + offset
+        causal_limit = torch.div(first_row + offset + 1, bk, rounding_mode="floor")
+        limit = torch.minimum(limit, causal_limit.clamp_min(0))
+    position = torch.arange(indices.shape[-1], device=counts.device)
+    listed = position < counts[..., None]
+    whole = indices < limit[:, None]
+    return (listed & whole).sum(dim=-1, dtype=torch.int32)
+
+
+def emulate(inputs: QuantizedInputs, block_map: BlockMap, *,
+            pvthreshd: Tensor | None = None) -> Tensor:
+    """The kernel's result computed in PyTorch with the kernel's numerics.
+
+    Args:
+        inputs: from :func:`prepare`.
+        block_map: the map the kernel runs over (batch and heads expanded).
+        pvthreshd: fp32 ``[H]`` in log2 units, or None (never skip P·V).
+
+    Returns:
+        fp32 ``[B, H, Lq, Dv]``. Rows with no kept key are zero.
+    """
+    q, k, v = inputs.q, inputs.k, inputs.v
+    b, h, _, _ = q.shape
+    h_kv = k.shape[1]
+    bq, bk = block_map.block_q, block_map.block_k
+    nq, nk = block_map.num_q_blocks, block_map.num_k_blocks
+    group = h // h_kv
+    qf = q.float().view(b, h, nq, bq, -1)
+    kf = k.float().repeat_interleave(group, dim=1).view(b, h, nk, bk, -1)
+    vf = v.float().repeat_interleave(group, dim=1).view(b, h, nk, bk, -1)
+    k_scale = inputs.k_scale.repeat_interleave(group, dim=1)
+    counts, indices = block_map.kv_indices()
+    counts, indices = counts.to(q.device), indices.to(q.device).long()
+    rows = (torch.arange(nq, device=q.device)[:, None] * bq
+            + torch.arange(bq, device=q.device))                       # [nq, bq]
+    offset = block_map.k_len - block_map.q_len
+    limit = torch.full((b, h, nq), -math.inf, device=q.device)
+    if pvthreshd is not None:
+        limit = -pvthreshd.float().to(q.device).view(1, h, 1).expand(b, h, nq)
+    fp8 = v.dtype == torch.float8_e4m3fn
+    pv_dtype = v.dtype
+
+    m = torch.full((b, h, nq, bq), -math.inf, device=q.device)
+    l = torch.zeros((b, h, nq, bq), device=q.device)
+    acc = torch.zeros((b, h, nq, bq, vf.shape[-1]), device=q.device)
+    for j in range(int(counts.max()) if counts.numel() else 0):
+        active = j < counts                                              # [b, h, nq]
+        kb = indices[..., j]                                            # [b, h, nq]
+        k_blk = torch.gather(kf, 2, kb[..., None, None].expand(-1, -1, -1, bk, kf.shape[-1]))
+        v_blk = torch.gather(vf, 2, kb[..., None, None].expand(-1, -1, -1, bk, vf.shape[-1]))
+        s = qf @ k_blk.transpose(-1, -2)                               # exact integer sums
+        s = s * (inputs.q_scale * torch.gather(k_scale, 2, kb))[..., None, None]
+        cols = kb[..., None, None] * bk + torch.arange(bk, device=q.device)  # [b,h,nq,1,bk]
+        allowed = cols < block_map.k_len
+        if block_map.causal:
+            allowed = allowed & (cols <= rows[..., None] + offset)
+        s = s.masked_fill(~allowed, -math.inf)
+        m_blk = s.amax(dim=-1)
+        m_new = torch.maximum(m, m_blk)
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp2(s - m_safe[..., None])
+        alpha = torch.exp2(m - m_safe)
+        do_pv = active & ((m_blk - m_safe).amax(dim=-1) >= limit)
+        p_low = (p * FP8_MAX).to(pv_dtype).float() if fp8 else p.to(pv_dtype).float()
+        pv = p_low @ v_blk
+        a = active[..., None]
+        l = torch.where(a, l * alpha + p.sum(dim=-1), l)
+        acc = torch.where(a[..., None], acc * alpha[..., None], acc)
+        acc = acc + torch.where(do_pv[..., None, None], pv, torch.zeros_like(pv))
+        m = torch.where(a, m_new, m)
+    out = acc / torch.where(l == 0, torch.ones_like(l), l)[..., None]
+    if fp8:
+        out = out / FP8_MAX * inputs.v_scale.repeat_interleave(group, dim=1)[:, :, None, None]
+    out = out.view(b, h, nq * bq, -1)
+    return out[:, :, : block_map.q_len, : inputs.head_dim_v]
