@@ -7,8 +7,9 @@ computation) before timing, then times:
 
 * ``sdpa``: ``F.scaled_dot_product_attention`` (dense; FlashAttention on NVIDIA),
 * ``flex``: compiled FlexAttention with the same block mask (our ``BlockMask``),
-* ``triton``: our kernel including its per-call INT8 quantization, with the PV
-  threshold at the seed default (``pvthreshd=15``), and ``triton-nopv`` without it.
+* ``ours``: our Triton kernel including its per-call INT8 quantization and block
+  lists, with the PV threshold at the seed default (``pvthreshd=15``); ``nopv``
+  the same without the PV threshold; ``prep`` the per-call work before the kernel.
 
 TFLOP/s count the effective work, ``4 * D * (query, key) pairs computed`` (the
 kept blocks, causal-aware; dense causal counts the lower triangle), so a
@@ -71,12 +72,18 @@ def main(argv=None) -> int:
 
     from torch import _dynamo
     _dynamo.config.cache_size_limit = 64   # one compile per (N, D, causal) for flex
-    from creative_sparse.attention import predict_block_map
+    from creative_sparse.attention import predict_block_map, quant
+    from creative_sparse.attention.backends import triton as triton_backend
     from creative_sparse.attention.dispatch import run_backend
+
+    def prepare(q, k, v, bm):
+        """The per-call work before the attention kernel: quantization and block lists."""
+        quant.prepare(q, k, v, bm.block_q, bm.block_k, quantize=triton_backend.quantize_per_block)
+        bm.kv_indices()
 
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     header = (f"{'N':>6} {'D':>4} {'H':>3} {'causal':>6} {'target':>6} {'skipped':>7} "
-              f"{'sdpa ms':>8} {'flex ms':>8} {'ours ms':>8} {'nopv ms':>8} "
+              f"{'sdpa ms':>8} {'flex ms':>8} {'ours ms':>8} {'nopv ms':>8} {'prep ms':>7} "
               f"{'sdpa TF':>7} {'flex TF':>7} {'ours TF':>7} {'x sdpa':>6} {'x flex':>6} "
               f"{'pred %':>6} {'relL1':>7}")
     print(header, flush=True)
@@ -113,10 +120,11 @@ def main(argv=None) -> int:
                         print(f"!! accuracy check failed: relative L1 {err:.4f}", flush=True)
                     ours_ms = bench(lambda: run(15.0))
                     nopv_ms = bench(lambda: run(None))
+                    prep_ms = bench(lambda: prepare(q, k, v, bm))
                     tf = lambda p, ms: 4 * d * p / (ms * 1e-3) / 1e12
                     row = dict(n=n, d=d, heads=heads, causal=causal, target=target,
                                skipped=bm.sparsity(), sdpa_ms=sdpa, flex_ms=flex_ms,
-                               ours_ms=ours_ms, nopv_ms=nopv_ms,
+                               ours_ms=ours_ms, nopv_ms=nopv_ms, prep_ms=prep_ms,
                                sdpa_tflops=tf(dense_pairs, sdpa), flex_tflops=tf(pairs, flex_ms),
                                ours_tflops=tf(pairs, ours_ms), speedup=sdpa / ours_ms,
                                vs_flex=flex_ms / ours_ms, predict_pct=100 * pred_ms / sdpa,
@@ -124,7 +132,8 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(f"{n:>6} {d:>4} {heads:>3} {str(causal):>6} {target:>6.2f} "
                           f"{row['skipped']:>7.3f} {sdpa:>8.3f} {flex_ms:>8.3f} {ours_ms:>8.3f} "
-                          f"{nopv_ms:>8.3f} {row['sdpa_tflops']:>7.1f} {row['flex_tflops']:>7.1f} "
+                          f"{nopv_ms:>8.3f} {prep_ms:>7.3f} {row['sdpa_tflops']:>7.1f} "
+                          f"{row['flex_tflops']:>7.1f} "
                           f"{row['ours_tflops']:>7.1f} {row['speedup']:>6.2f} "
                           f"{row['vs_flex']:>6.2f} {row['predict_pct']:>6.1f} {err:>7.4f}",
                           flush=True)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .blockmap import BlockMap
 
-__all__ = ["PV_DTYPES", "QuantizedInputs", "emulate", "full_block_counts", "prepare",
+__all__ = ["PV_DTYPES", "QuantizedInputs", "emulate", "prepare",
            "quantize_per_block", "smooth_k"]
 
 LOG2E = 1.4426950408889634
@@ -159,29 +159,6 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, *,
         v_pad = _pad_to(v.to(dtype), nk_rows, dvp)
     return QuantizedInputs(q_i8.contiguous(), q_scale.contiguous(), k_i8.contiguous(),
                            k_scale.contiguous(), v_pad.contiguous(), v_scale, dv)
-
-
-def full_block_counts(block_map: BlockMap, counts: Tensor, indices: Tensor) -> Tensor:
-    """Per query block, how many of its first kept key blocks need no element mask.
-
-    Kept blocks are listed in ascending order, and the blocks that need a mask
-    (they cross the causal diagonal or the end of the keys) are the highest, so
-    they form a suffix of each list. Returns int32 ``[B, H, nq]``.
-    """
-    nq = block_map.num_q_blocks
-    bq, bk = block_map.block_q, block_map.block_k
-    first_row = torch.arange(nq, device=counts.device) * bq
-    limit = torch.full((nq,), block_map.k_len // bk, device=counts.device)
-    if block_map.causal:
-        offset = block_map.k_len - block_map.q_len
-        # key block kb is whole for every row of the query block iff
-        # kb*bk + bk - 1 <= first_row + offset
-        causal_limit = torch.div(first_row + offset + 1, bk, rounding_mode="floor")
-        limit = torch.minimum(limit, causal_limit.clamp_min(0))
-    position = torch.arange(indices.shape[-1], device=counts.device)
-    listed = position < counts[..., None]
-    whole = indices < limit[:, None]
-    return (listed & whole).sum(dim=-1, dtype=torch.int32)
 
 
 def emulate(inputs: QuantizedInputs, block_map: BlockMap, *,

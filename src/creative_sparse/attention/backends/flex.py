@@ -116,8 +116,11 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
     kp = F.pad(k.to(work_dtype), (0, 0, 0, nk * block_map.block_k - lk))
     vp = F.pad(v.to(work_dtype), (0, 0, 0, nk * block_map.block_k - lk))
     mask = build_block_mask(block_map)
+    # On CUDA the kernel's own tile must divide our blocks (its default key tile
+    # can be 128, larger than our 64-row key blocks).
+    options = {"BLOCK_N": min(64, block_map.block_k)} if q.device.type == "cuda" else None
     out = _compiled_flex()(qp, kp, vp, block_mask=mask, scale=scale,
-                           enable_gqa=k.shape[1] != h)
+                           enable_gqa=k.shape[1] != h, kernel_options=options)
     out = out[:, :, :lq]
     # Rows with no allowed key: FlexAttention leaves them at zero already; make it explicit.
     counts = block_map.keep.sum(dim=-1)

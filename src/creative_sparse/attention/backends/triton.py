@@ -95,6 +95,27 @@ def quantize_per_block(x: Tensor, block: int, *, dim_size: int | None = None,
     return out, scale
 
 
+@functools.lru_cache(maxsize=64)
+def _constant_limits(value: float, heads: int, device: torch.device) -> Tensor:
+    return torch.full((heads,), value, device=device, dtype=torch.float32)
+
+
+def _pv_limits(pvthreshd, heads: int, device: torch.device) -> Tensor:
+    """fp32 ``[heads]`` on ``device``. Scalars are made there directly: a host-to-device
+    copy per call would make every call wait for the GPU."""
+    if pvthreshd is None or isinstance(pvthreshd, (int, float)):
+        value = math.inf if pvthreshd is None else float(pvthreshd)
+        if pvthreshd is not None:
+            per_head_param(value, "pvthreshd", 1, 0.0, math.inf, low_open=True)
+        return _constant_limits(value, heads, device)
+    if isinstance(pvthreshd, Tensor) and pvthreshd.device == device:
+        limits = pvthreshd.to(torch.float32).flatten()
+        if limits.numel() == heads:
+            return limits.contiguous()          # validated by the public entry points
+    return per_head_param(pvthreshd, "pvthreshd", heads, 0.0, math.inf,
+                          low_open=True).to(device).contiguous()
+
+
 def _check_supported(q: Tensor, v: Tensor, block_map: BlockMap) -> None:
     for name, size in (("head_dim", q.shape[-1]), ("value head_dim", v.shape[-1])):
         if size > MAX_HEAD_DIM:
@@ -130,11 +151,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
     inputs = quant.prepare(q, k, v, block_map.block_q, block_map.block_k, scale=scale,
                            pv_dtype=pv_dtype, quantize=quantize_per_block)
     counts, indices = block_map.kv_indices()
-    n_full = quant.full_block_counts(block_map, counts, indices)
+    limits = _pv_limits(pvthreshd, h, q.device)
     pv_skip = pvthreshd is not None
-    limits = (per_head_param(pvthreshd, "pvthreshd", h, 0.0, math.inf, low_open=True)
-              if pv_skip else torch.full((h,), math.inf))
-    limits = limits.to(device=q.device, dtype=torch.float32).contiguous()
     out = torch.empty(b, h, lq, inputs.head_dim_v, device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
@@ -145,11 +163,11 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
     qi, ki, vi = inputs.q, inputs.k, inputs.v
     kernel[grid](
         qi, ki, vi, inputs.q_scale, inputs.k_scale, v_scale, out,
-        counts.contiguous(), n_full.contiguous(), indices.contiguous(), limits,
+        counts.contiguous(), indices.contiguous(), limits,
         qi.stride(0), qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1), ki.stride(2),
         vi.stride(0), vi.stride(1), vi.stride(2), out.stride(0), out.stride(1), out.stride(2),
         h, h // h_kv, nq, nk, lq, k.shape[2], k.shape[2] - lq, inputs.head_dim_v,
         HEAD_DIM=qi.shape[-1], HEAD_DIM_V=vi.shape[-1], BLOCK_M=block_map.block_q,
         BLOCK_N=block_map.block_k, IS_CAUSAL=block_map.causal, PV_SKIP=pv_skip,
-        PV_FP8=inputs.v_scale is not None)
+        PV_FP8=inputs.v_scale is not None, NK_POW2=max(16, 1 << (nk - 1).bit_length()))
     return out

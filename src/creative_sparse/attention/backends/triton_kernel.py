@@ -42,28 +42,30 @@ def _attend(acc, l_i, m_i, q, q_scale, k_base, v_base, ks_base, idx_base, start,
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        do_pv = True
+        # V is loaded unconditionally so the loop's software pipeline can prefetch it.
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :])
+        if PV_FP8:
+            p_low = (p * 448.0).to(v.dtype)
+        else:
+            p_low = p.to(v.dtype)
         if PV_SKIP:   # skip P.V when every row of the block is far below its running max
-            do_pv = tl.max(m_blk - m_new_safe, 0) >= -pv_limit
-        if do_pv:
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :])
-            if PV_FP8:
-                acc = tl.dot((p * 448.0).to(v.dtype), v, acc)
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc)
+            if tl.max(m_blk - m_new_safe, 0) >= -pv_limit:
+                acc = tl.dot(p_low, v, acc)
+        else:
+            acc = tl.dot(p_low, v, acc)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def block_sparse_fwd(Q, K, V, QScale, KScale, VScale, Out, Counts, NFull, Indices, PVLimit,
+def block_sparse_fwd(Q, K, V, QScale, KScale, VScale, Out, Counts, Indices, PVLimit,
                      stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
                      stride_vz, stride_vh, stride_vn, stride_oz, stride_oh, stride_om,
                      num_heads, group, num_q_blocks, num_k_blocks, q_len, k_len, causal_offset,
                      head_dim_v,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, PV_SKIP: tl.constexpr,
-                     PV_FP8: tl.constexpr):
+                     PV_FP8: tl.constexpr, NK_POW2: tl.constexpr):
     # Causal rows near the end hold the most blocks: start them first.
     qb = num_q_blocks - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -72,7 +74,15 @@ def block_sparse_fwd(Q, K, V, QScale, KScale, VScale, Out, Counts, NFull, Indice
     hk = h // group
     row = bh * num_q_blocks + qb
     count = tl.load(Counts + row)
-    n_full = tl.load(NFull + row)
+    idx_base = Indices + row.to(tl.int64) * num_k_blocks
+    # The kept list is ascending and the blocks needing an element mask (crossing the
+    # causal diagonal or the end of the keys) are its highest: count the prefix below.
+    offs_list = tl.arange(0, NK_POW2)
+    listed = tl.load(idx_base + offs_list, mask=offs_list < count, other=num_k_blocks)
+    limit = k_len // BLOCK_N
+    if IS_CAUSAL:
+        limit = tl.minimum(limit, tl.maximum((qb * BLOCK_M + causal_offset + 1) // BLOCK_N, 0))
+    n_full = tl.sum((listed < limit).to(tl.int32), 0)
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -83,7 +93,6 @@ def block_sparse_fwd(Q, K, V, QScale, KScale, VScale, Out, Counts, NFull, Indice
     k_base = K + b * stride_kz + hk * stride_kh
     v_base = V + b * stride_vz + hk * stride_vh
     ks_base = KScale + (b * (num_heads // group) + hk) * num_k_blocks
-    idx_base = Indices + row.to(tl.int64) * num_k_blocks
     pv_limit = tl.load(PVLimit + h)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
