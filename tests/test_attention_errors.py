@@ -208,7 +208,7 @@ OPTION_CASES = (
              r"attn_mask is not supported.*attn_mask=None"))
     + cases(WITH_BACKEND,
             ("backend_unknown", {"backend": "cudnn"},
-             r"unknown attention backend 'cudnn'; allowed: cpu_kernel, flex, torch, reference"))
+             r"unknown attention backend 'cudnn'; allowed: cpu_kernel, triton, flex, torch, reference"))
     + cases(("sparse_attention", "predict_block_map"),
             ("block_q_0", {"block_q": 0}, r"block_q must be a positive int, got 0"),
             ("block_k_-64", {"block_k": -64}, r"block_k must be a positive int, got -64"))

@@ -8,6 +8,8 @@ Subcommands:
   with Q breakdowns and the cost of each.
 * ``generate``: Creative-Sparse generation (diverge -> refine) of one prompt.
 * ``backends``: which attention backends can run here.
+* ``tune``: the sparsity s* that maximises Q on a task (``find_optimal_sparsity``):
+  the table of Q(s), the Goldilocks fit, its bounds and a plot.
 """
 
 from __future__ import annotations
@@ -188,6 +190,53 @@ def run_generate(args) -> None:
           f"{result.wall_time:.1f} s")
 
 
+def _no_nan(value):
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_nan(v) for v in value]
+    return value
+
+
+def run_tune(args) -> None:
+    """``creative-sparse tune``: sweep Q(s) on a task, print the table, write the plot."""
+    import json
+    import warnings
+
+    from .autotune import OptimumNotIdentifiedWarning, sweep_sparsity
+
+    common = dict(seed=args.seed, cache=not args.no_cache, progress=not args.json)
+    with warnings.catch_warnings():   # the table prints them
+        warnings.simplefilter("ignore", OptimumNotIdentifiedWarning)
+        result = sweep_sparsity(args.model, args.task, args.budget, **common)
+        held = None
+        if args.held_out:   # the tuned s* and the tuning levels, on prompts tuning never saw
+            levels = sorted({row.s for row in result.table} | {round(result.s_star, 4)})
+            held = sweep_sparsity(args.model, args.task, args.budget, split="held_out",
+                                  levels=levels, **common)
+    plot = result.plot(args.plot or f"tune_{args.task}.png")
+    held_plot = held.plot(plot.with_name(f"{plot.stem}_held_out{plot.suffix}")) if held else None
+    if args.json:
+        print(json.dumps(_no_nan({"s_star": result.s_star, "tune": result.to_dict(),
+                                  "held_out": held.to_dict() if held else None,
+                                  "plot": str(plot),
+                                  "held_out_plot": str(held_plot) if held else None}), indent=1))
+        return
+    print(result.format_table())
+    print(f"plot: {plot}")
+    if held is not None:
+        at = held.row(round(result.s_star, 4))
+        dense = held.row(0.0)
+        best = max(held.table, key=lambda r: r.q)
+        print(f"\n{held.format_table()}\nplot: {held_plot}")
+        print(f"held-out: Q at the tuned s* = {result.s_star:.3f}: {at.q:+.3f} "
+              f"[{at.q_ci[0]:+.3f}, {at.q_ci[1]:+.3f}]; at s = 0: {dense.q:+.3f}; best level "
+              f"s = {best.s:.3f}: {best.q:+.3f}; the held-out prompts' own s* = "
+              f"{held.s_star:.3f} ({held.method})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="creative-sparse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,6 +258,19 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--model", default="smollm2-135m")
     gen.add_argument("--json", action="store_true", help="machine-readable output")
+    tune = sub.add_parser("tune", help="find the sparsity s* that maximises Q on a task")
+    tune.add_argument("--task", required=True,
+                      help="creative_writing, poetry, ad_copy, code or music")
+    tune.add_argument("--budget", type=float, default=1.0,
+                      help="fraction of the reference cost (8 prompts x 6 samples x 7 levels x "
+                           "64 tokens); default 1.0")
+    tune.add_argument("--plot", default=None, help="PNG path (default tune_<task>.png)")
+    tune.add_argument("--held-out", action="store_true",
+                      help="also measure the held-back prompts at the tuning levels and s*")
+    tune.add_argument("--model", default="smollm2-135m")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--no-cache", action="store_true", help="measure again, ignore the cache")
+    tune.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -224,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
             run_generate(args)
         except ValueError as exc:
             parser.error(str(exc))
+    elif args.command == "tune":
+        from .autotune import SweepFailedError
+        try:
+            run_tune(args)
+        except ValueError as exc:
+            parser.error(str(exc))
+        except SweepFailedError as exc:
+            parser.exit(1, f"creative-sparse tune: {exc}\n")
     elif args.command == "backends":
         from .attention.dispatch import available_backends, select_backend
         print("available on cpu:", ", ".join(available_backends("cpu")))
