@@ -31,6 +31,19 @@ def test_dense_greedy_equals_hf_generate(smollm2, chat_ids):
     assert ours.stats.attended_fraction == 1.0
 
 
+def test_reference_row_is_dense_greedy_inside_a_sparse_batch(smollm2, chat_ids):
+    model, tokenizer = smollm2
+    alone = generate(model, tokenizer, chat_ids, max_new_tokens=20,
+                     schedule=(SamplingParams(temperature=0), AttentionKnobs()))
+    batch = generate(model, tokenizer, chat_ids, num_rows=3, max_new_tokens=20, schedule=HOT,
+                     seeds=[7, 1, 2], reference_rows=[0])
+    assert batch.token_ids[0] == alone.token_ids[0]
+    assert batch.token_ids[1] != batch.token_ids[0]          # the others still sample
+    assert 0 < batch.stats.attended_fraction < 1.0
+    with pytest.raises(ValueError, match=r"reference_rows must be row indices in \[0, 3\)"):
+        generate(model, tokenizer, chat_ids, num_rows=3, max_new_tokens=2, reference_rows=[3])
+
+
 def test_same_seeds_same_drafts_different_seeds_different(smollm2, chat_ids):
     model, tokenizer = smollm2
     a = generate(model, tokenizer, chat_ids, num_rows=3, max_new_tokens=24, schedule=HOT,

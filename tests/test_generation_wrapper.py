@@ -62,6 +62,18 @@ def test_bad_arguments(wrapper, kwargs, match):
         wrapper.generate_creative(**args)
 
 
+def test_seed_weights_tuple_and_quality_functional_name(smollm2):
+    model, tokenizer = smollm2
+    w = CreativeSparseWrapper(model=model, tokenizer=tokenizer, quality_weights=(0.5, 0.2, 0.3))
+    assert (w.quality.weights.alpha, w.quality.weights.beta, w.quality.weights.gamma) == \
+        (0.5, 0.2, 0.3)
+    assert w.quality_functional is w.quality
+    with pytest.raises(ValueError, match=r"\(alpha, beta, gamma\) tuple, got \(0.5, 0.5\)"):
+        CreativeSparseWrapper(model=model, tokenizer=tokenizer, quality_weights=(0.5, 0.5))
+    with pytest.raises(ValueError, match="all 0"):
+        CreativeSparseWrapper(model=model, tokenizer=tokenizer, quality_weights=(0, 0, 0))
+
+
 def test_bad_schedule(smollm2):
     model, tokenizer = smollm2
     with pytest.raises(ValueError, match="refine .* must not exceed diverge"):

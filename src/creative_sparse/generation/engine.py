@@ -113,8 +113,12 @@ def _keep_rows(cache, rows: Tensor) -> None:
         layer.values = layer.values.index_select(0, rows)
 
 
-def _with_rows(knobs: AttentionKnobs, seeds: list[int]) -> AttentionKnobs:
-    return replace(knobs, row_seeds=tuple(seeds)) if knobs.noise > 0 else knobs
+def _with_rows(knobs: AttentionKnobs, seeds: list[int], dense: Sequence[int] = ()
+               ) -> AttentionKnobs:
+    """``knobs`` for the running rows: their noise seeds and which of them stay dense."""
+    if knobs.noise > 0:
+        knobs = replace(knobs, row_seeds=tuple(seeds))
+    return replace(knobs, dense_rows=tuple(dense)) if dense or knobs.dense_rows else knobs
 
 
 @torch.inference_mode()
@@ -123,8 +127,8 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
              seeds: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
              logit_processor: LogitProcessor | None = None,
              stream: Callable[[int, str], None] | None = None,
-             max_cache_tokens: int | None = None, keep_state: bool = False
-             ) -> GenerationResult:
+             max_cache_tokens: int | None = None, keep_state: bool = False,
+             reference_rows: Sequence[int] = ()) -> GenerationResult:
     """Generate ``num_rows`` continuations of one prompt in one batch.
 
     Args:
@@ -150,6 +154,11 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
         max_cache_tokens: prune the cache (attention-mass eviction, sinks and the
             recent window of the attention knobs kept) to at most this many tokens.
         keep_state: return the final cache in ``result.state`` (to continue rows).
+        reference_rows: rows decoded greedily with exact attention whatever the
+            schedule says (Creative-Sparse's novelty reference, generated in the
+            same batch as the drafts instead of in a pass of its own). They share
+            the prompt's prefill and the MoE routing with the other rows, and
+            ignore ``logit_processor``.
 
     Returns:
         A :class:`GenerationResult`.
@@ -187,6 +196,10 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
     seeds = list(range(num_rows)) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != num_rows:
         raise ValueError(f"seeds: need one per row ({num_rows}), got {len(seeds)}")
+    reference = {int(r) for r in reference_rows}
+    if any(not 0 <= r < num_rows for r in reference):
+        raise ValueError(f"reference_rows must be row indices in [0, {num_rows}), got "
+                         f"{sorted(reference)}")
     if schedule is None:
         schedule = (SamplingParams(), AttentionKnobs())
     knobs_at = schedule if callable(schedule) else (lambda step, fixed=schedule: fixed)
@@ -202,15 +215,18 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
     sampling, knobs = knobs_at(0)
     track = max_cache_tokens is not None
     watch_text = bool(stop_strings) or stream is not None
+
+    def dense_positions(rows: list[int]) -> list[int]:
+        return [i for i, r in enumerate(rows) if r in reference]
     # The prompt is prefilled once, as one row: no per-row sub-network noise there.
     with sparsity(model, replace(knobs, noise=0.0, row_seeds=None),
                   track_key_mass=track) as attention:
         if resume is None:
             cache, logits, positions = prefill(model, ids, num_rows)
-            set_knobs(_with_rows(knobs, seeds))
+            set_knobs(_with_rows(knobs, seeds, dense_positions(alive)))
         else:
             # Feed each row's pending token to its cached rows: nothing is recomputed.
-            set_knobs(_with_rows(knobs, seeds))
+            set_knobs(_with_rows(knobs, seeds, dense_positions(alive)))
             cache, positions = resume.cache, resume.positions
             out = model(input_ids=resume.pending.view(-1, 1).to(model.device),
                         past_key_values=cache, use_cache=True,
@@ -219,9 +235,13 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
             logits = out.logits[:, -1]
         stats.peak_cache_bytes = cache_bytes(cache)
         for step in range(max_new_tokens):
+            greedy = dense_positions(alive)
+            raw = logits[greedy].argmax(dim=-1) if greedy else None
             if logit_processor is not None:
                 logits = logit_processor(step, [generated[r] for r in alive], logits)
             tokens = sample(logits, sampling, [generators[r] for r in alive]).cpu()
+            if greedy:
+                tokens[greedy] = raw.cpu().to(tokens.dtype)
             stats.steps += 1
             still = []
             for i, row in enumerate(alive):
@@ -256,7 +276,7 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
                 alive = [alive[i] for i in still]
             # The forward below computes the logits of the next step: its knobs apply.
             sampling, knobs = knobs_at(step + 1)
-            set_knobs(_with_rows(knobs, [seeds[r] for r in alive]))
+            set_knobs(_with_rows(knobs, [seeds[r] for r in alive], dense_positions(alive)))
             out = model(input_ids=tokens.view(-1, 1).to(ids.device), past_key_values=cache,
                         use_cache=True, **positions.model_kwargs(1, len(alive), ids.device))
             positions.advance(1)

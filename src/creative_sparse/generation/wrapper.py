@@ -1,7 +1,9 @@
 """`CreativeSparseWrapper`: diverge at high sparsity, refine the best drafts at low sparsity.
 
 1. **Reference**: the model's own greedy, dense continuation of the prompt ("what
-   the model would say anyway"): novelty is measured against it.
+   the model would say anyway"): novelty is measured against it. It is decoded
+   as one extra row of the diverge batch (exact attention, greedy), so it costs a
+   row rather than a pass of its own.
 2. **Diverge**: ``num_candidates`` short drafts (``draft_fraction`` of the length
    budget) in one batch at the divergence level: temperature, nucleus, attention
    key budget, MoE experts and kernel thresholds all from the controller, and a
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -57,7 +59,8 @@ class Candidate:
 
 @dataclass
 class CreativeResult:
-    """Every candidate (best first), the reference, the drafts and the cost of each stage."""
+    """Every candidate (best first), the reference, the drafts and the cost of each stage
+    (``diverge_stats`` covers the diverge batch, the reference row included)."""
 
     candidates: list[Candidate]
     drafts: list[str]
@@ -118,13 +121,31 @@ def build_constraints(tokenizer, spec: Mapping[str, Any] | ConstraintSet | None,
     return ConstraintSet(processors, validators)
 
 
+def _without_first_row(result):
+    """The drafts of a diverge batch whose row 0 is the reference (state kept aside)."""
+    return replace(result, texts=result.texts[1:], token_ids=result.token_ids[1:],
+                   finish_reasons=result.finish_reasons[1:], state=None)
+
+
+def _as_weights(weights) -> QualityWeights | None:
+    """``QualityWeights``, None, or an ``(alpha, beta, gamma)`` sequence (the seed's form)."""
+    if weights is None or isinstance(weights, QualityWeights):
+        return weights
+    if isinstance(weights, (tuple, list)) and len(weights) == 3:
+        return QualityWeights(*weights)
+    raise ValueError(f"quality_weights must be a QualityWeights or an (alpha, beta, gamma) "
+                     f"tuple, got {weights!r}")
+
+
 class CreativeSparseWrapper:
     """Creative-Sparse generation over one model (see the module docstring).
 
     Args:
         model_name: anything :func:`creative_sparse.models.load_model` accepts.
         sparsity_schedule: ``(diverge, refine)`` levels in [0, 1], refine <= diverge.
-        quality_weights: alpha, beta, gamma of Q (default ``QualityWeights()``).
+        quality_weights: alpha, beta, gamma of Q: a ``QualityWeights`` or an
+            ``(alpha, beta, gamma)`` tuple as in the seed's quick start (default
+            ``QualityWeights()``).
         sparsity_config: constants of the dial (default ``SparsityConfig()``).
         model, tokenizer: an already loaded pair instead of ``model_name``.
         draft_fraction: share of the length budget spent on a draft.
@@ -133,7 +154,7 @@ class CreativeSparseWrapper:
 
     def __init__(self, model_name: str = "smollm2-135m",
                  sparsity_schedule: Sequence[float] = (0.7, 0.3),
-                 quality_weights: QualityWeights | None = None,
+                 quality_weights: QualityWeights | Sequence[float] | None = None,
                  sparsity_config: SparsityConfig | None = None, *, model=None, tokenizer=None,
                  device: str = "cpu", draft_fraction: float = 0.4, keep_fraction: float = 0.5):
         if len(tuple(sparsity_schedule)) != 2:
@@ -146,6 +167,7 @@ class CreativeSparseWrapper:
         for name, value in (("draft_fraction", draft_fraction), ("keep_fraction", keep_fraction)):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        quality_weights = _as_weights(quality_weights)
         if model is None:
             from ..models import load_model
             model, tokenizer = load_model(model_name, device=device)
@@ -156,6 +178,11 @@ class CreativeSparseWrapper:
         self.draft_fraction, self.keep_fraction = draft_fraction, keep_fraction
         routers = find_routers(model)
         self._experts = (routers[0].num_experts, routers[0].top_k) if routers else (None, None)
+
+    @property
+    def quality_functional(self) -> QualityFunctional:
+        """The seed's name for :attr:`quality` (the functional that ranks candidates)."""
+        return self.quality
 
     # ------------------------------------------------------------ helpers
     def prompt_ids(self, prompt: str) -> torch.Tensor:
@@ -202,12 +229,15 @@ class CreativeSparseWrapper:
                                            self._eos_ids())
         model, tok = self.model, self.tokenizer
 
-        reference = generate(model, tok, ids, max_new_tokens=draft_len,
-                             schedule=(SamplingParams(temperature=0), AttentionKnobs()))
+        # Row 0 is the reference (greedy, exact attention), decoded in the same batch
+        # as the drafts (rows 1..N), so it costs a row, not a pass of its own.
         seeds = [seed * 1000 + i for i in range(num_candidates)]
-        drafts = generate(model, tok, ids, num_rows=num_candidates, max_new_tokens=draft_len,
-                          schedule=self.knobs(diverge, seeds), seeds=seeds, keep_state=True)
-        ref_texts = [reference.texts[0] or " "]
+        batch = generate(model, tok, ids, num_rows=num_candidates + 1, max_new_tokens=draft_len,
+                         schedule=self.knobs(diverge, [seed * 1000 - 1] + seeds),
+                         seeds=[seed * 1000 - 1] + seeds, keep_state=True, reference_rows=[0])
+        reference_text = batch.texts[0]
+        drafts = _without_first_row(batch)
+        ref_texts = [reference_text or " "]
         draft_q = self.quality.scores([t or " " for t in drafts.texts], reference_data=ref_texts)
         n_keep = max(1, math.ceil(num_candidates * self.keep_fraction))
         chosen = sorted(range(num_candidates), key=lambda i: -draft_q[i])[:n_keep]
@@ -220,7 +250,8 @@ class CreativeSparseWrapper:
         refine_stats = []
         if members:
             member_seeds = [seeds[i] for i in members]
-            result = generate(model, tok, drafts.state.select(members), num_rows=len(members),
+            result = generate(model, tok, batch.state.select([i + 1 for i in members]),
+                              num_rows=len(members),
                               max_new_tokens=max_length - draft_len,
                               schedule=self.knobs(refine, member_seeds), seeds=member_seeds,
                               logit_processor=constraint_set if constraint_set.processors
@@ -241,7 +272,7 @@ class CreativeSparseWrapper:
         candidates = [Candidate(text, drafts.texts[i], q)
                       for text, i, q in zip(finals, chosen, breakdown)]
         candidates.sort(key=lambda c: -c.quality.q)
-        return CreativeResult(candidates, drafts.texts, reference.texts[0], drafts.stats,
+        return CreativeResult(candidates, drafts.texts, reference_text, batch.stats,
                               refine_stats, time.perf_counter() - start)
 
     def generate_creative(self, prompt: str, max_length: int = 200, num_candidates: int = 5,

@@ -56,6 +56,9 @@ class AttentionKnobs:
         min_prefill_len: queries per call from which the block-sparse path is used.
         noise: Gumbel-noise scale on the key selection scores, >= 0 (0 = none).
         row_seeds: one int seed per batch row for the noise; ``None`` = no noise.
+        dense_rows: batch rows whose decode attention stays exact (a reference
+            row generated beside sparse drafts); the prompt prefill, which all
+            rows share, and the MoE routing follow the knobs as usual.
         experts_per_token: MoE experts per token, or ``None`` to leave routers alone.
         router_temperature: MoE router softmax temperature, > 0.
 
@@ -73,6 +76,7 @@ class AttentionKnobs:
     min_prefill_len: int = 256
     noise: float = 0.0
     row_seeds: tuple[int, ...] | None = None
+    dense_rows: tuple[int, ...] = ()
     experts_per_token: int | None = None
     router_temperature: float = 1.0
 
@@ -98,6 +102,8 @@ class AttentionKnobs:
               and math.isfinite(self.router_temperature), "finite and > 0")
         if self.row_seeds is not None:
             object.__setattr__(self, "row_seeds", tuple(int(x) for x in self.row_seeds))
+        object.__setattr__(self, "dense_rows", tuple(int(x) for x in self.dense_rows))
+        check("dense_rows", all(r >= 0 for r in self.dense_rows), "batch indices >= 0")
 
     @classmethod
     def from_params(cls, params, *, row_seeds: Sequence[int] | None = None,
@@ -186,16 +192,36 @@ def _allowed_from_mask(attention_mask: Tensor | None, q_len: int, k_len: int,
     return attention_mask[..., :k_len] > torch.finfo(attention_mask.dtype).min / 2
 
 
-def _gumbel(seeds: Sequence[int], layer: int, shape: tuple[int, ...], device) -> Tensor:
-    """Reproducible Gumbel noise ``[B, *shape]``: row b depends only on (seed_b, layer, shape)."""
-    rows = []
-    for seed in seeds:
-        # A fixed arithmetic mix (not hash()), so a seed means the same noise everywhere.
-        key = (int(seed) * 1_000_003 + layer) * 1_000_003 + math.prod(shape) * 31 + shape[-1]
-        gen = torch.Generator().manual_seed(key & 0x7FFF_FFFF_FFFF)
-        u = torch.rand(shape, generator=gen).clamp_(1e-9, 1 - 1e-9)
-        rows.append(-torch.log(-torch.log(u)))
-    return torch.stack(rows).to(device)
+_NOISE_CHUNK = 1024
+_noise_cache: dict[tuple[int, int, int], Tensor] = {}
+
+
+def _key_noise(seed: int, layer: int, heads: int, k_len: int) -> Tensor:
+    """Gumbel noise ``[heads, k_len]`` fixed per (seed, layer, head, key position).
+
+    One draw per key, kept for the whole generation: each seed is one consistent
+    sub-network (a fixed random preference over the keys), and a decode step costs
+    a slice, not a fresh random draw. Drawn in chunks of 1024 positions.
+    """
+    chunks = []
+    for c in range(math.ceil(k_len / _NOISE_CHUNK)):
+        key = (int(seed), layer, heads * 1_000_003 + c)
+        noise = _noise_cache.get(key)
+        if noise is None:
+            if len(_noise_cache) > 4096:       # bound the memory of long-running processes
+                _noise_cache.clear()
+            # A fixed arithmetic mix (not hash()), so a seed means the same noise everywhere.
+            mix = ((int(seed) * 1_000_003 + layer) * 1_000_003 + heads) * 1_000_003 + c
+            gen = torch.Generator().manual_seed(mix & 0x7FFF_FFFF_FFFF)
+            u = torch.rand((heads, _NOISE_CHUNK), generator=gen).clamp_(1e-9, 1 - 1e-9)
+            noise = _noise_cache[key] = -torch.log(-torch.log(u))
+        chunks.append(noise)
+    return torch.cat(chunks, dim=-1)[:, :k_len]
+
+
+def _gumbel(seeds: Sequence[int], layer: int, heads: int, k_len: int, device) -> Tensor:
+    """Noise ``[B, heads, 1, k_len]`` for batch rows with ``seeds`` (see :func:`_key_noise`)."""
+    return torch.stack([_key_noise(s, layer, heads, k_len) for s in seeds])[:, :, None].to(device)
 
 
 def _token_topk(module, query, key, value, attention_mask, scaling, active: _Active) -> Tensor:
@@ -218,8 +244,7 @@ def _token_topk(module, query, key, value, attention_mask, scaling, active: _Act
             raise ValueError(f"AttentionKnobs.row_seeds has {len(knobs.row_seeds)} seeds for a "
                              f"batch of {b} rows; give one seed per row")
         layer = int(getattr(module, "layer_idx", 0) or 0)
-        select = select + knobs.noise * _gumbel(knobs.row_seeds, layer, (h, q_len, k_len),
-                                                query.device)
+        select = select + knobs.noise * _gumbel(knobs.row_seeds, layer, h, k_len, query.device)
     # Sinks and the recent window always win the selection.
     positions = torch.arange(k_len, device=query.device)
     last = (torch.arange(q_len, device=query.device) + (k_len - q_len)).view(1, 1, -1, 1)
@@ -228,6 +253,12 @@ def _token_topk(module, query, key, value, attention_mask, scaling, active: _Act
     order = torch.argsort(select, dim=-1, descending=True)
     ranks = torch.empty_like(order).scatter_(-1, order, positions.expand_as(order))
     keep = (ranks < budget) & allowed
+    if knobs.dense_rows:
+        if max(knobs.dense_rows) >= b:
+            raise ValueError(f"AttentionKnobs.dense_rows {knobs.dense_rows} outside a batch of "
+                             f"{b} rows")
+        rows = torch.tensor(knobs.dense_rows, device=query.device)
+        keep[rows] = allowed[rows]
     track = active.track_key_mass and getattr(module, "layer_idx", None) is not None
     out = softmax_attend(scores, keep, vf, return_weights=track)
     stats.pairs_computed += int(keep.sum())
