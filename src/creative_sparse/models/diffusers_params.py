@@ -1,0 +1,349 @@
+"""Which diffusers models sparse attention supports, and the per-head thresholds for them.
+
+* :data:`FAMILIES`, :func:`detect_family`, :func:`attention_layers`: the supported
+  transformers and the self-attention modules that are made sparse.
+* :class:`LayerThresholds`: per-head ``simthreshd1``/``cdfthreshd``/``pvthreshd`` of
+  one layer. :class:`SparseParams`: those of every layer of one model, bound to
+  the model's identity (family, class, config fingerprint), with the tuning targets
+  and report, saved as a small versioned JSON file.
+
+Example:
+    >>> from creative_sparse.models.diffusers_tiny import tiny_transformer
+    >>> model = tiny_transformer("cogvideox")
+    >>> detect_family(model), sorted(attention_layers(model))
+    ('cogvideox', ['transformer_blocks.0.attn1', 'transformer_blocks.1.attn1'])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import torch
+
+from ..attention.blockmap import per_head_param
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DENSE_PVTHRESHD", "FAMILIES", "FORMAT_VERSION", "LayerThresholds", "SparseParams",
+           "attention_layers", "check_target", "detect_family"]
+
+FORMAT = "creative-sparse/diffusers-thresholds"
+FORMAT_VERSION = 1
+
+# family -> (transformer class names, regex of the self-attention modules we patch).
+# Cross-attention (Wan's attn2) and HunyuanVideo's token refiner (text only, a few
+# hundred tokens) stay dense: sparsity pays on the long image/video sequence.
+FAMILIES: Mapping[str, tuple[tuple[str, ...], str]] = MappingProxyType({
+    "flux": (("FluxTransformer2DModel",),
+             r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn"),
+    "cogvideox": (("CogVideoXTransformer3DModel",), r"transformer_blocks\.\d+\.attn1"),
+    "wan": (("WanTransformer3DModel",), r"blocks\.\d+\.attn1"),
+    "hunyuanvideo": (("HunyuanVideoTransformer3DModel",),
+                     r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn"),
+})
+
+DENSE_PVTHRESHD = 50.0  # 2**-50: a PV-skip threshold that skips nothing measurable
+
+
+def _require_diffusers():
+    try:
+        import diffusers
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("creative_sparse.models.diffusers needs diffusers: "
+                          "pip install 'creative-sparse[diffusers]'") from err
+    return diffusers
+
+
+def _library_version() -> str:
+    from .. import __version__
+    return __version__
+
+
+def check_target(value: float, name: str) -> float:
+    """Validate an error target (relative L1) in the open interval (0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{name} must be a relative L1 error in (0, 1), got {value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------- model inspection
+
+def _unwrap(model):
+    return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+
+
+def detect_family(model) -> str:
+    """The family name of a diffusers transformer (``"flux"``, ``"cogvideox"``, ``"wan"``,
+    ``"hunyuanvideo"``); ``ValueError`` listing the supported classes otherwise."""
+    names = {cls.__name__ for cls in type(_unwrap(model)).__mro__}
+    for family, (classes, _) in FAMILIES.items():
+        if names.intersection(classes):
+            return family
+    supported = ", ".join(f"{fam} ({'/'.join(c)})" for fam, (c, _) in FAMILIES.items())
+    raise ValueError(f"unsupported model {type(model).__name__}: sparse attention for diffusers "
+                     f"supports {supported}; pass the pipeline's transformer (pipe.transformer)")
+
+
+def attention_layers(model) -> dict[str, torch.nn.Module]:
+    """The self-attention modules that sparse attention replaces, by qualified name."""
+    model = _unwrap(model)
+    pattern = re.compile(FAMILIES[detect_family(model)][1] + r"$")
+    layers = {name: mod for name, mod in model.named_modules()
+              if pattern.match(name) and hasattr(mod, "processor")}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no attention module matching "
+                         f"{pattern.pattern!r}; is this a supported diffusers version?")
+    return layers
+
+
+def _architecture(model) -> tuple[str, str, dict]:
+    """``(class name, fingerprint, config)``: the fingerprint hashes the model config
+    (everything but private ``_`` keys such as ``_name_or_path``)."""
+    model = _unwrap(model)
+    config = {k: v for k, v in dict(model.config).items() if not str(k).startswith("_")}
+    config = json.loads(json.dumps(config, sort_keys=True, default=str))
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return type(model).__name__, digest, config
+
+
+# --------------------------------------------------------------------------- parameters
+
+@dataclass(frozen=True)
+class LayerThresholds:
+    """Per-head SpargeAttn thresholds of one attention layer.
+
+    Attributes:
+        simthreshd1: block self-similarity below which a block is always kept, in [-1, 1].
+        cdfthreshd: attention mass each query block keeps, in (0, 1]; 1.0 = dense head.
+        pvthreshd: PV-skip threshold in log2 units, > 0 (used by the GPU kernel; the
+            CPU backends compute kept blocks exactly, so it changes nothing there).
+
+    Example:
+        >>> LayerThresholds.uniform(2, cdfthreshd=0.9).cdfthreshd
+        (0.9, 0.9)
+    """
+
+    simthreshd1: tuple[float, ...]
+    cdfthreshd: tuple[float, ...]
+    pvthreshd: tuple[float, ...]
+
+    def __post_init__(self):
+        n = len(self.cdfthreshd)
+        for name, low, high, low_open in (("simthreshd1", -1.0, 1.0, False),
+                                          ("cdfthreshd", 0.0, 1.0, True),
+                                          ("pvthreshd", 0.0, math.inf, True)):
+            values = tuple(float(x) for x in getattr(self, name))
+            if len(values) != n or n == 0:
+                raise ValueError(f"LayerThresholds: every field needs one value per head; got "
+                                 f"{len(self.simthreshd1)}/{len(self.cdfthreshd)}/"
+                                 f"{len(self.pvthreshd)} (simthreshd1/cdfthreshd/pvthreshd)")
+            per_head_param(values, name, n, low, high, low_open=low_open)
+            object.__setattr__(self, name, values)
+
+    @classmethod
+    def uniform(cls, heads: int, *, simthreshd1: float = 0.6, cdfthreshd: float = 0.97,
+                pvthreshd: float = 15.0) -> "LayerThresholds":
+        """The same thresholds for each of ``heads`` heads."""
+        return cls((simthreshd1,) * heads, (cdfthreshd,) * heads, (pvthreshd,) * heads)
+
+    @property
+    def heads(self) -> int:
+        return len(self.cdfthreshd)
+
+    @property
+    def dense_heads(self) -> tuple[bool, ...]:
+        """Per head: True when every block is kept (``cdfthreshd >= 1``)."""
+        return tuple(c >= 1.0 for c in self.cdfthreshd)
+
+    def to_json(self) -> dict:
+        return {"simthreshd1": list(self.simthreshd1), "cdfthreshd": list(self.cdfthreshd),
+                "pvthreshd": list(self.pvthreshd)}
+
+
+@dataclass(frozen=True)
+class SparseParams:
+    """Sparse-attention thresholds for every patched layer of one model.
+
+    Attributes:
+        family: model family (see :data:`FAMILIES`).
+        model_class: the transformer's class name.
+        fingerprint: hash of the model config; a file only loads into a model with
+            the same architecture.
+        layers: layer name -> :class:`LayerThresholds`.
+        model_name: ``config._name_or_path`` of the model it was made for (informative).
+        l1, pv_l1: the tuning targets (relative L1 versus dense), ``None`` when hand-made.
+        block_q, block_k: prediction block sizes the thresholds were tuned for.
+        attention_sink: always keep the first key block.
+        report: per-layer tuning report (sparsity, measured l1, ...), free-form.
+        library_version, diffusers_version: versions that produced the parameters.
+
+    Example:
+        >>> from creative_sparse.models.diffusers_tiny import tiny_transformer
+        >>> p = SparseParams.uniform(tiny_transformer("wan"), cdfthreshd=0.95)
+        >>> sorted(p.layers)[0], p.family
+        ('blocks.0.attn1', 'wan')
+    """
+
+    family: str
+    model_class: str
+    fingerprint: str
+    layers: Mapping[str, LayerThresholds]
+    model_name: str = ""
+    l1: float | None = None
+    pv_l1: float | None = None
+    block_q: int = 128
+    block_k: int = 64
+    attention_sink: bool = False
+    report: Mapping[str, Any] = field(default_factory=dict)
+    library_version: str = field(default_factory=_library_version)
+    diffusers_version: str = ""
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"SparseParams: unsupported family {self.family!r}; supported: "
+                             f"{', '.join(FAMILIES)}")
+        for name in ("l1", "pv_l1"):
+            if getattr(self, name) is not None:
+                check_target(getattr(self, name), name)
+        for name in ("block_q", "block_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SparseParams.{name} must be a positive int, got {value!r}")
+        if not self.layers:
+            raise ValueError("SparseParams: no layers")
+        for name, value in self.layers.items():
+            if not isinstance(value, LayerThresholds):
+                raise ValueError(f"SparseParams: layer {name!r} holds {type(value).__name__}, "
+                                 "expected LayerThresholds")
+        object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+        object.__setattr__(self, "report", MappingProxyType(dict(self.report)))
+
+    @classmethod
+    def uniform(cls, model, *, simthreshd1: float = 0.6, cdfthreshd: float = 0.97,
+                pvthreshd: float = 15.0, attention_sink: bool = False,
+                block_q: int = 128, block_k: int = 64) -> "SparseParams":
+        """The same thresholds for every head of every patched layer of ``model`` (no tuning).
+
+        ``simthreshd1=1.0`` keeps every block of every head (the sparse code path, dense result).
+        """
+        _require_diffusers()
+        layers = {name: LayerThresholds.uniform(mod.heads, simthreshd1=simthreshd1,
+                                                cdfthreshd=cdfthreshd, pvthreshd=pvthreshd)
+                  for name, mod in attention_layers(model).items()}
+        return cls.for_model(model, layers, attention_sink=attention_sink, block_q=block_q,
+                             block_k=block_k)
+
+    @classmethod
+    def for_model(cls, model, layers: Mapping[str, LayerThresholds], **fields) -> "SparseParams":
+        """Parameters bound to ``model``'s identity (family, class, config fingerprint)."""
+        diffusers = _require_diffusers()
+        model_class, fingerprint, _ = _architecture(model)
+        name = str(getattr(_unwrap(model).config, "_name_or_path", "") or "")
+        params = cls(family=detect_family(model), model_class=model_class,
+                     fingerprint=fingerprint, layers=layers, model_name=name,
+                     diffusers_version=diffusers.__version__, **fields)
+        params.check_model(model)
+        return params
+
+    def check_model(self, model) -> None:
+        """``ValueError`` unless these parameters were made for ``model``'s architecture."""
+        family = detect_family(model)
+        model_class, fingerprint, _ = _architecture(model)
+        if (family, model_class) != (self.family, self.model_class):
+            raise ValueError(f"these sparse-attention parameters are for {self.family} "
+                             f"({self.model_class}), not for {family} ({model_class})")
+        if fingerprint != self.fingerprint:
+            raise ValueError(f"these sparse-attention parameters were tuned for a different "
+                             f"{self.model_class} configuration (fingerprint {self.fingerprint}, "
+                             f"this model {fingerprint}, e.g. other layer or head counts); re-tune "
+                             f"for this model")
+        layers = attention_layers(model)
+        if set(layers) != set(self.layers):
+            missing = sorted(set(layers) - set(self.layers))[:3]
+            extra = sorted(set(self.layers) - set(layers))[:3]
+            raise ValueError(f"sparse-attention parameters and model disagree on the layers: "
+                             f"missing {missing}, unknown {extra}")
+        for name, mod in layers.items():
+            if mod.heads != self.layers[name].heads:
+                raise ValueError(f"layer {name}: parameters hold {self.layers[name].heads} heads, "
+                                 f"the model has {mod.heads}")
+        loaded = str(getattr(_unwrap(model).config, "_name_or_path", "") or "")
+        if self.model_name and loaded and loaded != self.model_name:
+            logger.warning("sparse-attention parameters were tuned on %s; applying them to %s "
+                           "(same architecture)", self.model_name, loaded)
+
+    def mean_sparsity(self) -> float | None:
+        """Mean tuned sparsity over layers, from the report (``None`` if not tuned)."""
+        values = [r["sparsity"] for r in self.report.values() if "sparsity" in r]
+        return sum(values) / len(values) if values else None
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "library_version": self.library_version,
+            "diffusers_version": self.diffusers_version,
+            "family": self.family, "model_class": self.model_class,
+            "model_name": self.model_name, "fingerprint": self.fingerprint,
+            "targets": {"l1": self.l1, "pv_l1": self.pv_l1},
+            "block_q": self.block_q, "block_k": self.block_k,
+            "attention_sink": self.attention_sink,
+            "layers": {name: t.to_json() for name, t in sorted(self.layers.items())},
+            "report": dict(self.report),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the parameters as JSON (a few kB per layer); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_json(), indent=1)
+        # one line per per-head list keeps a 57-layer x 24-head file readable
+        text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m[1].split()) + "]",
+                      text)
+        path.write_text(text + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, data: Mapping, *, source: str = "<dict>") -> "SparseParams":
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+            raise ValueError(f"{source} is not a creative-sparse diffusers threshold file")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{source} has format version {data.get('format_version')!r}; this "
+                             f"creative-sparse reads version {FORMAT_VERSION}; re-tune")
+        theirs, ours = str(data.get("library_version", "")), _library_version()
+        if theirs.split(".")[:2] != ours.split(".")[:2]:
+            raise ValueError(f"{source} was tuned with creative-sparse {theirs}; this is {ours} "
+                             f"and the block prediction may differ between minor versions; re-tune")
+        try:
+            layers = {name: LayerThresholds(**values) for name, values in data["layers"].items()}
+            targets = data.get("targets", {})
+            return cls(family=data["family"], model_class=data["model_class"],
+                       fingerprint=data["fingerprint"], layers=layers,
+                       model_name=data.get("model_name", ""), l1=targets.get("l1"),
+                       pv_l1=targets.get("pv_l1"), block_q=data["block_q"],
+                       block_k=data["block_k"], attention_sink=bool(data["attention_sink"]),
+                       report=data.get("report", {}), library_version=theirs,
+                       diffusers_version=data.get("diffusers_version", ""))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{source}: malformed threshold file ({err!r})") from None
+
+    @classmethod
+    def load(cls, path: str | Path, model=None) -> "SparseParams":
+        """Read a file written by :meth:`save`; with ``model``, also check it belongs to it."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        params = cls.from_json(data, source=str(path))
+        if model is not None:
+            params.check_model(model)
+        return params
