@@ -28,3 +28,12 @@ def smollm2():
     from creative_sparse.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a test module on one torch thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,12 +16,8 @@ SCRIPTS = {"flux": "flux_example.py", "cogvideox": "cogvideo_example.py",
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def _tiny_models_on_one_thread(one_thread):
     """Tiny models: one thread is as fast and does not suffer on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def common():

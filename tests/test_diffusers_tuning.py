@@ -12,12 +12,8 @@ from creative_sparse.models.diffusers_tuning import (QKVSample, _pv_gap, _rows, 
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def _tiny_models_on_one_thread(one_thread):
     """Tiny models: one thread is as fast and does not suffer on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.mark.parametrize("lq, lk, d", [(300, 200, 24), (128, 64, 16), (129, 65, 8)],
                          ids=["partial-blocks", "exact-blocks", "one-row-over"])
