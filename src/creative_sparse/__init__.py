@@ -2,8 +2,9 @@
 
 This release holds the sparse-attention core (the SpargeAttn algorithm on CPU
 and GPU), the dial (control manifold), the knobs inside Hugging Face models,
-the decoding engine and the quality functional. Nothing is loaded or compiled
-at import time.
+the decoding engine, the quality functional, the Goldilocks model with
+``find_optimal_sparsity``, and the diffusers integration
+(``creative_sparse.models.diffusers``). Nothing is loaded or compiled at import time.
 
     >>> import torch
     >>> from creative_sparse import sparse_attention
@@ -28,6 +29,7 @@ from .config import QualityWeights, SparsityConfig
 from .control import SparsityController, SparsityParams
 from .generation import CreativeSparseWrapper
 from .quality import QualityFunctional, compute_quality_score
+from .autotune import find_optimal_sparsity, sweep_sparsity
 
 __version__ = "0.1.0"
 
@@ -42,11 +44,13 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_sage2_attn_cuda",
     "compute_quality_score",
+    "find_optimal_sparsity",
     "predict_block_map",
     "sparse_attention",
     "spas_sage2_attn_meansim_cuda",
     "spas_sage2_attn_meansim_topk_cuda",
     "spas_sage_attn_meansim_cuda",
     "spas_sage_attn_meansim_topk_cuda",
+    "sweep_sparsity",
     "use_backend",
 ]

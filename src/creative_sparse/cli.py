@@ -207,7 +207,8 @@ def run_tune(args) -> None:
 
     from .autotune import OptimumNotIdentifiedWarning, sweep_sparsity
 
-    common = dict(seed=args.seed, cache=not args.no_cache, progress=not args.json)
+    common = dict(seed=args.seed, cache="refresh" if args.no_cache else True,
+                  progress=not args.json)
     with warnings.catch_warnings():   # the table prints them
         warnings.simplefilter("ignore", OptimumNotIdentifiedWarning)
         result = sweep_sparsity(args.model, args.task, args.budget, **common)
@@ -269,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="also measure the held-back prompts at the tuning levels and s*")
     tune.add_argument("--model", default="smollm2-135m")
     tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--no-cache", action="store_true", help="measure again, ignore the cache")
+    tune.add_argument("--no-cache", action="store_true",
+                      help="measure again and replace the cached answer")
     tune.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

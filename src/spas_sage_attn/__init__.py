@@ -2,8 +2,8 @@
 
     >>> from spas_sage_attn import spas_sage2_attn_meansim_cuda
     >>> from spas_sage_attn import CreativeSparseWrapper, SparsityConfig, QualityWeights
-
-``find_optimal_sparsity`` (the seed's autotuner) is not there yet.
+    >>> from spas_sage_attn import find_optimal_sparsity
+    >>> from spas_sage_attn.autotune import find_optimal_sparsity
 """
 
 from creative_sparse.attention import (
@@ -22,6 +22,7 @@ from .creative_sparse import (
     SparsityController,
     compute_quality_score,
 )
+from .autotune import find_optimal_sparsity
 
 __all__ = [
     "CreativeSparseWrapper",
@@ -31,6 +32,7 @@ __all__ = [
     "SparsityController",
     "block_sparse_sage2_attn_cuda",
     "compute_quality_score",
+    "find_optimal_sparsity",
     "spas_sage2_attn_meansim_cuda",
     "spas_sage2_attn_meansim_topk_cuda",
     "spas_sage_attn_meansim_cuda",
