@@ -359,7 +359,8 @@ def test_seed_import_path_exposes_the_seed_names():
     from spas_sage_attn.creative_sparse import SparsityController  # noqa: F401
 
     seed_library = {"CreativeSparseWrapper", "QualityFunctional", "QualityWeights",
-                    "SparsityConfig", "SparsityController", "compute_quality_score"}
+                    "SparsityConfig", "SparsityController", "compute_quality_score",
+                    "find_optimal_sparsity"}
     assert sorted(spas_sage_attn.__all__) == sorted(set(SEED_NAMES) | seed_library)
     for name in SEED_NAMES:
         assert getattr(spas_sage_attn, name) is getattr(attention, name)
