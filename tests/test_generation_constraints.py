@@ -88,3 +88,34 @@ def test_constraints_reduce_violations_on_the_real_model(smollm2):
     assert count(free.texts, misses) >= 10
     assert count(steered.texts, misses) == 0
     assert all(len(t) >= 10 for t in steered.token_ids)
+
+
+@pytest.mark.slow
+def test_banned_phrase_from_other_pieces_is_taken_back(smollm2):
+    """" rob" + "ot" is not a tokenization the mask knows ("robot" encodes as one token);
+    the engine's one-token backtrack must still keep "robot" out of the text."""
+    from creative_sparse.generation.engine import generate
+
+    model, tok = smollm2
+    ban = BannedPhrases(tok, ["robot"])
+    rob = tok.encode(" rob", add_special_tokens=False)[0]
+    ot = tok.encode("ot", add_special_tokens=False)[0]
+    assert (rob, ot) not in ban.sequences
+    assert ban.rejects(tok.encode("The old rob", add_special_tokens=False), ot)
+    assert not ban.rejects(tok.encode("The old rob", add_special_tokens=False),
+                           tok.encode("in", add_special_tokens=False)[0])      # "robin" is fine
+    assert not ban.rejects(tok.encode("A carrob", add_special_tokens=False), ot)  # not a word start
+
+    def push(step, generated, logits):      # steer hard towards " rob" then "ot"
+        logits = logits.clone()
+        logits[:, rob if step == 0 else ot] += 50.0
+        return logits
+
+    ids = tok("Once upon a time there was a", return_tensors="pt").input_ids
+    pushed = generate(model, tok, ids, num_rows=2, max_new_tokens=4, seeds=[1, 2],
+                      logit_processor=ConstraintSet([push]))
+    assert all("robot" in t for t in pushed.texts), "the push alone must produce the phrase"
+    guarded = generate(model, tok, ids, num_rows=2, max_new_tokens=4, seeds=[1, 2],
+                       logit_processor=ConstraintSet([push, ban]))
+    assert all(g[0] == rob for g in guarded.token_ids)
+    assert not any(re.search(r"\brobot", t, re.I) for t in guarded.texts), guarded.texts

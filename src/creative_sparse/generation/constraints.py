@@ -64,6 +64,12 @@ def _token_sequences(tokenizer, phrase: str) -> list[tuple[int, ...]]:
 class BannedPhrases:
     """Never complete any of ``phrases`` (case variants and leading space included).
 
+    Two layers: as a logit processor it masks the last token of every known
+    tokenization of a phrase once the rest has been generated; and the decoding
+    engine asks :meth:`rejects` about each sampled token before feeding it, so a
+    phrase assembled from other pieces ("rob" + "ot") is caught at the text level:
+    the token is taken back and the row samples again without it.
+
     Example:
         >>> ban = BannedPhrases(tokenizer, ["robot"])   # doctest: +SKIP
         >>> generate(..., logit_processor=ban)          # doctest: +SKIP
@@ -74,7 +80,25 @@ class BannedPhrases:
                                                for p in phrases):
             raise ValueError(f"phrases must be a list of non-empty strings, got {phrases!r}")
         self.phrases = list(phrases)
+        self.tokenizer = tokenizer
         self.sequences = [s for p in phrases for s in _token_sequences(tokenizer, p)]
+        self._lower = [p.lower() for p in phrases]
+        self._tail = max(len(seq) for seq in self.sequences) + 8 if self.sequences else 8
+
+    def rejects(self, ids: list[int], token: int) -> bool:
+        """Whether appending ``token`` to ``ids`` makes the text end in a banned phrase
+        that starts a word (case-insensitive)."""
+        tail = ids[-self._tail:]
+        before = self.tokenizer.decode(tail, skip_special_tokens=True)
+        after = self.tokenizer.decode(tail + [int(token)], skip_special_tokens=True).lower()
+        if len(after) <= len(before):
+            return False
+        for phrase in self._lower:
+            start = len(after) - len(phrase)
+            if after.endswith(phrase) and (start == 0 or not after[start - 1].isalnum()) \
+                    and start + len(phrase) > len(before):
+                return True
+        return False
 
     def __call__(self, step: int, generated: list[list[int]], logits: Tensor) -> Tensor:
         logits = logits.clone()
@@ -159,6 +183,10 @@ class ConstraintSet:
         for processor in self.processors:
             logits = processor(step, generated, logits)
         return logits
+
+    def rejects(self, ids: list[int], token: int) -> bool:
+        """Whether any processor with a ``rejects`` check refuses ``token`` after ``ids``."""
+        return any(p.rejects(ids, token) for p in self.processors if hasattr(p, "rejects"))
 
     def violations(self, text: str) -> int:
         """Total violations of ``text`` over all validators."""

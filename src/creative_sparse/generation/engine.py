@@ -113,6 +113,29 @@ def _keep_rows(cache, rows: Tensor) -> None:
         layer.values = layer.values.index_select(0, rows)
 
 
+_MAX_RESAMPLES = 8
+
+
+def _resample_rejected(tokens, logits, alive, generated, generators, sampling, rejects,
+                       skip=()) -> None:
+    """Backtrack one token: a sampled token the constraints refuse (e.g. it completes a
+    banned phrase) is taken back before it is fed, and the row samples again without
+    it, up to ``_MAX_RESAMPLES`` times (then the last sample stands)."""
+    for i, row in enumerate(alive):
+        if i in skip:
+            continue
+        row_logits = None
+        for _ in range(_MAX_RESAMPLES):
+            if not rejects(generated[row], int(tokens[i])):
+                break
+            if row_logits is None:
+                row_logits = logits[i: i + 1].clone()
+            row_logits[0, int(tokens[i])] = float("-inf")
+            if torch.isinf(row_logits).all():
+                break
+            tokens[i] = sample(row_logits, sampling, [generators[row]])[0]
+
+
 def _with_rows(knobs: AttentionKnobs, seeds: list[int], dense: Sequence[int] = ()
                ) -> AttentionKnobs:
     """``knobs`` for the running rows: their noise seeds and which of them stay dense."""
@@ -149,7 +172,9 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
             seeds, same outputs. Default ``0 .. num_rows-1``.
         stop_strings: a row ends when its text contains one (the text is cut there).
         logit_processor: ``(step, generated ids per running row, logits) -> logits``,
-            applied before temperature (constraints mask tokens here).
+            applied before temperature (constraints mask tokens here). If it also
+            has ``rejects(ids, token) -> bool`` (a ``ConstraintSet``), a sampled token
+            it refuses is taken back before it is fed and the row samples again.
         stream: called as ``stream(row, new_text)`` whenever a row's text grows.
         max_cache_tokens: prune the cache (attention-mass eviction, sinks and the
             recent window of the attention knobs kept) to at most this many tokens.
@@ -216,6 +241,8 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
     track = max_cache_tokens is not None
     watch_text = bool(stop_strings) or stream is not None
 
+    rejects = getattr(logit_processor, "rejects", None)
+
     def dense_positions(rows: list[int]) -> list[int]:
         return [i for i, r in enumerate(rows) if r in reference]
     # The prompt is prefilled once, as one row: no per-row sub-network noise there.
@@ -242,6 +269,9 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
             tokens = sample(logits, sampling, [generators[r] for r in alive]).cpu()
             if greedy:
                 tokens[greedy] = raw.cpu().to(tokens.dtype)
+            if rejects is not None:
+                _resample_rejected(tokens, logits, alive, generated, generators, sampling,
+                                   rejects, skip=set(greedy))
             stats.steps += 1
             still = []
             for i, row in enumerate(alive):
