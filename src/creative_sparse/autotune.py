@@ -55,7 +55,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .config import QualityWeights, SparsityConfig
+from .config import QualityWeights, SparsityConfig, as_quality_weights
 from .evaluation.tasks import Task, load_task
 from .quality import metrics
 from .quality.goldilocks import (BootstrapResult, CorollaryBounds, GoldilocksFit, bootstrap_fit,
@@ -519,19 +519,6 @@ def _write_cache(path: Path, key: Mapping[str, Any], result: SweepResult) -> Non
 
 
 # ---------------------------------------------------------------- public API
-def _weights(value) -> QualityWeights:
-    if value is None:
-        return QualityWeights()
-    if isinstance(value, QualityWeights):
-        return value
-    if isinstance(value, Mapping):
-        return QualityWeights(**value)
-    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 3:
-        return QualityWeights(*value)
-    raise ValueError(f"quality_weights must be a QualityWeights, a dict of alpha/beta/gamma or "
-                     f"three numbers, got {value!r}")
-
-
 def sweep_sparsity(model_name: str = "smollm2-135m", task_type: str = "creative_writing",
                    compute_budget: float = 1.0, quality_weights=None, *, model=None,
                    tokenizer=None, split: str = "tune", levels: Sequence[float] | None = None,
@@ -567,7 +554,7 @@ def sweep_sparsity(model_name: str = "smollm2-135m", task_type: str = "creative_
         SweepFailedError: every point failed.
     """
     task = load_task(task_type)
-    weights = _weights(quality_weights)
+    weights = as_quality_weights(quality_weights)
     prompts = task.prompts(split)
     if model is not None and tokenizer is None:
         raise ValueError("model was given without its tokenizer")

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import Optional
 
-__all__ = ["QualityWeights", "SparsityConfig"]
+__all__ = ["QualityWeights", "SparsityConfig", "as_quality_weights"]
 
 _INF = math.inf
 
@@ -249,3 +250,25 @@ class QualityWeights:
         Example: ``QualityWeights().incoherence == 0.3``.
         """
         return self.gamma
+
+
+def as_quality_weights(value) -> QualityWeights:
+    """``QualityWeights`` from any form the seed's API accepts.
+
+    None (the defaults), a ``QualityWeights``, a dict of ``alpha``/``beta``/``gamma``
+    or an ``(alpha, beta, gamma)`` tuple or list.
+
+    Example:
+        >>> as_quality_weights((0.5, 0.2, 0.3)).beta
+        0.2
+    """
+    if value is None:
+        return QualityWeights()
+    if isinstance(value, QualityWeights):
+        return value
+    if isinstance(value, Mapping):
+        return QualityWeights(**value)
+    if isinstance(value, (tuple, list)) and len(value) == 3:
+        return QualityWeights(*value)
+    raise ValueError(f"quality_weights must be a QualityWeights, a dict of alpha/beta/gamma or "
+                     f"an (alpha, beta, gamma) tuple, got {value!r}")

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..attention import sparse_attention
-from ..config import QualityWeights, SparsityConfig
+from ..config import QualityWeights, SparsityConfig, as_quality_weights
 from ..control import SparsityController, check_level
 from ..models.moe import find_routers
 from ..models.transformers import AttentionKnobs
@@ -127,16 +127,6 @@ def _without_first_row(result):
                    finish_reasons=result.finish_reasons[1:], state=None)
 
 
-def _as_weights(weights) -> QualityWeights | None:
-    """``QualityWeights``, None, or an ``(alpha, beta, gamma)`` sequence (the seed's form)."""
-    if weights is None or isinstance(weights, QualityWeights):
-        return weights
-    if isinstance(weights, (tuple, list)) and len(weights) == 3:
-        return QualityWeights(*weights)
-    raise ValueError(f"quality_weights must be a QualityWeights or an (alpha, beta, gamma) "
-                     f"tuple, got {weights!r}")
-
-
 class CreativeSparseWrapper:
     """Creative-Sparse generation over one model (see the module docstring).
 
@@ -167,7 +157,7 @@ class CreativeSparseWrapper:
         for name, value in (("draft_fraction", draft_fraction), ("keep_fraction", keep_fraction)):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-        quality_weights = _as_weights(quality_weights)
+        quality_weights = as_quality_weights(quality_weights)
         if model is None:
             from ..models import load_model
             model, tokenizer = load_model(model_name, device=device)
