@@ -72,3 +72,30 @@ def test_all_masked_row_is_an_error():
     logits = torch.tensor([[NEG, NEG], [0.0, 1.0]])
     with pytest.raises(ValueError, match="every token masked"):
         sample(logits, SamplingParams())
+
+
+def _top_p_by_full_sort(logits, p):
+    """The textbook nucleus: sort the whole vocabulary."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop = (torch.cumsum(probs, dim=-1) - probs) >= p
+    drop[..., 0] = False
+    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), NEG)
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0, 12.0])     # flat to peaked
+@pytest.mark.parametrize("p", [0.1, 0.9, 0.999])
+def test_top_p_matches_a_full_sort(scale, p):
+    """The top-k-bounded search widens until the nucleus fits, even for flat
+    distributions whose nucleus is most of the vocabulary."""
+    logits = torch.randn(4, 5000, generator=torch.Generator().manual_seed(3)) * scale
+    assert torch.equal(top_p_filter(logits, p), _top_p_by_full_sort(logits, p))
+
+
+def test_inverse_cdf_draw_never_picks_a_masked_token():
+    # Zero-probability tokens at the start, between and at the end of the vocabulary.
+    logits = torch.tensor([[NEG, 0.0, NEG, NEG, 1.0, NEG]])
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.cat([sample(logits, SamplingParams(), [gen]) for _ in range(3000)])
+    assert set(draws.tolist()) == {1, 4}
+    assert abs((draws == 4).float().mean().item() - math.e / (1 + math.e)) < 0.03

@@ -198,3 +198,29 @@ def test_knobs_from_the_dial():
     assert knobs.noise == pytest.approx(0.4) and knobs.row_seeds == (1, 2)
     assert knobs.experts_per_token == params.experts_per_token > 2
     assert knobs.cdfthreshd == pytest.approx(params.cdfthreshd)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("noise", [0.0, 1.5])
+def test_decode_fast_path_matches_the_masked_path(noise):
+    """One query with no mask (the decode fast path) attends exactly the keys the
+    general path picks when given an explicit all-visible mask, dense rows included."""
+    from creative_sparse.models.transformers import AttentionStats, _Active, _token_topk
+
+    class Layer:
+        layer_idx = 1
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(3, 6, 1, 16, generator=gen), torch.randn(3, 2, 90, 16, generator=gen),
+               torch.randn(3, 2, 90, 16, generator=gen))
+    knobs = AttentionKnobs(keep_fraction=0.4, sink_tokens=2, local_window=6, noise=noise,
+                           row_seeds=(7, 8, 9), dense_rows=(1,))
+    fast, general = _Active(knobs, AttentionStats(), False), _Active(knobs, AttentionStats(), False)
+    out_fast = _token_topk(Layer, q, k, v, None, 0.25, fast)
+    mask = torch.ones(3, 1, 1, 90, dtype=torch.bool)
+    out_general = _token_topk(Layer, q, k, v, mask, 0.25, general)
+    torch.testing.assert_close(out_fast, out_general)
+    assert fast.stats.pairs_computed == general.stats.pairs_computed
+    assert fast.stats.pairs_dense == general.stats.pairs_dense == 3 * 6 * 90
+    # Two sparse rows keep ceil(0.4 * 90) = 36 keys per head, the dense row all 90.
+    assert fast.stats.pairs_computed == 6 * (2 * 36 + 90)

@@ -26,6 +26,7 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..models.fast_decode import fast_linears
 from ..models.kv_cache import CachePositions, cache_bytes, prefill, prune_cache
 from ..models.transformers import AttentionKnobs, set_knobs, sparsity
 from .knobs import SamplingParams, sample
@@ -247,7 +248,7 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
         return [i for i, r in enumerate(rows) if r in reference]
     # The prompt is prefilled once, as one row: no per-row sub-network noise there.
     with sparsity(model, replace(knobs, noise=0.0, row_seeds=None),
-                  track_key_mass=track) as attention:
+                  track_key_mass=track) as attention, fast_linears(model):
         if resume is None:
             cache, logits, positions = prefill(model, ids, num_rows)
             set_knobs(_with_rows(knobs, seeds, dense_positions(alive)))

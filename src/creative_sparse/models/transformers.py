@@ -219,26 +219,51 @@ def _key_noise(seed: int, layer: int, heads: int, k_len: int) -> Tensor:
     return torch.cat(chunks, dim=-1)[:, :k_len]
 
 
+_stacked_noise: dict[tuple, Tensor] = {}
+
+
 def _gumbel(seeds: Sequence[int], layer: int, heads: int, k_len: int, device) -> Tensor:
-    """Noise ``[B, heads, 1, k_len]`` for batch rows with ``seeds`` (see :func:`_key_noise`)."""
-    return torch.stack([_key_noise(s, layer, heads, k_len) for s in seeds])[:, :, None].to(device)
+    """Noise ``[B, heads, 1, k_len]`` for batch rows with ``seeds`` (see :func:`_key_noise`).
+
+    The stacked rows are kept per (seeds, layer), so a decode step slices them."""
+    span = math.ceil(k_len / _NOISE_CHUNK) * _NOISE_CHUNK
+    key = (tuple(int(s) for s in seeds), layer, heads, span, str(device))
+    noise = _stacked_noise.get(key)
+    if noise is None:
+        if len(_stacked_noise) > 256:          # bound the memory of long-running processes
+            _stacked_noise.clear()
+        noise = _stacked_noise[key] = torch.stack(
+            [_key_noise(s, layer, heads, span) for s in seeds])[:, :, None].to(device)
+    return noise[..., :k_len]
 
 
 def _token_topk(module, query, key, value, attention_mask, scaling, active: _Active) -> Tensor:
-    """Token-level top-k attention; returns ``[B, H, q, Dv]`` in fp32."""
+    """Token-level top-k attention; returns ``[B, H, q, Dv]`` in fp32.
+
+    Grouped-query attention without repeating K/V: the ``group`` query heads that
+    share a KV head are stacked along the query axis (``[B, H_kv, group * q, D]``).
+    A decode step without a mask (one query, every key visible) skips the mask
+    arithmetic: its budget is one number for the whole batch.
+    """
     knobs, stats = active.knobs, active.stats
     b, h, q_len, d = query.shape
-    k_len = key.shape[2]
-    group = h // key.shape[1]
-    kf = key.float().repeat_interleave(group, dim=1)
-    vf = value.float().repeat_interleave(group, dim=1)
-    scores = torch.matmul(query.float(), kf.transpose(-1, -2)) * scaling
-    allowed = _allowed_from_mask(attention_mask, q_len, k_len, query.device).expand(b, h, -1, -1)
-    visible = allowed.sum(dim=-1, keepdim=True)                       # [B, H, q, 1]
-    budget = torch.clamp(torch.ceil(visible * knobs.keep_fraction),
-                         min=min(k_len, knobs.sink_tokens + knobs.local_window))
-    budget = torch.minimum(budget, visible)
-    select = scores.masked_fill(~allowed, float("-inf"))
+    h_kv, k_len = key.shape[1], key.shape[2]
+    group = h // h_kv
+    scores = torch.matmul(query.float().reshape(b, h_kv, group * q_len, d),
+                          key.float().transpose(-1, -2)).mul_(scaling)
+    scores = scores.view(b, h, q_len, k_len)
+    floor = min(k_len, knobs.sink_tokens + knobs.local_window)
+    if attention_mask is None and q_len == 1:
+        allowed = None                                     # every key is visible
+        visible = torch.full((1, 1, 1, 1), k_len, device=query.device)
+        budget = min(k_len, max(math.ceil(k_len * knobs.keep_fraction), floor))
+        select = scores
+    else:
+        allowed = _allowed_from_mask(attention_mask, q_len, k_len, query.device)  # [B|1,1,q,k]
+        visible = allowed.sum(dim=-1, keepdim=True)                              # [B|1,1,q,1]
+        budget = torch.minimum(torch.clamp(torch.ceil(visible * knobs.keep_fraction), min=floor),
+                               visible)
+        select = scores.masked_fill(~allowed, float("-inf"))
     if knobs.noise > 0 and knobs.row_seeds is not None:
         if len(knobs.row_seeds) != b:
             raise ValueError(f"AttentionKnobs.row_seeds has {len(knobs.row_seeds)} seeds for a "
@@ -249,20 +274,31 @@ def _token_topk(module, query, key, value, attention_mask, scaling, active: _Act
     positions = torch.arange(k_len, device=query.device)
     last = (torch.arange(q_len, device=query.device) + (k_len - q_len)).view(1, 1, -1, 1)
     forced = (positions < knobs.sink_tokens) | (positions > last - knobs.local_window)
-    select = torch.where(forced & allowed, torch.full_like(select, float("inf")), select)
-    order = torch.argsort(select, dim=-1, descending=True)
-    ranks = torch.empty_like(order).scatter_(-1, order, positions.expand_as(order))
-    keep = (ranks < budget) & allowed
+    select = select.masked_fill(forced if allowed is None else forced & allowed, float("inf"))
+    most = budget if isinstance(budget, int) else int(budget.max())
+    if most >= k_len:
+        keep = torch.ones_like(select, dtype=torch.bool) if allowed is None \
+            else allowed.expand(b, h, q_len, k_len).clone()
+    else:
+        chosen = torch.topk(select, most, dim=-1, sorted=True).indices         # [B, H, q, most]
+        keep = torch.zeros_like(select, dtype=torch.bool)
+        if allowed is None:
+            keep.scatter_(-1, chosen, True)
+        else:                             # rows may have smaller budgets than the largest
+            within = torch.arange(most, device=query.device) < budget
+            keep = keep.scatter_(-1, chosen, within.expand(b, h, q_len, most)) & allowed
     if knobs.dense_rows:
         if max(knobs.dense_rows) >= b:
             raise ValueError(f"AttentionKnobs.dense_rows {knobs.dense_rows} outside a batch of "
                              f"{b} rows")
         rows = torch.tensor(knobs.dense_rows, device=query.device)
-        keep[rows] = allowed[rows]
+        keep[rows] = True if allowed is None else allowed.expand(b, h, q_len, k_len)[rows]
     track = active.track_key_mass and getattr(module, "layer_idx", None) is not None
-    out = softmax_attend(scores, keep, vf, return_weights=track)
+    out = softmax_attend(scores.view(b, h_kv, group * q_len, k_len),
+                         keep.view(b, h_kv, group * q_len, k_len), value.float(),
+                         return_weights=track)
     stats.pairs_computed += int(keep.sum())
-    stats.pairs_dense += int(allowed.sum())
+    stats.pairs_dense += int(visible.expand(b, 1, q_len, 1).sum()) * h
     if track:
         out, probs = out
         mass = probs.sum(dim=(1, 2))                                    # [B, k_len]
@@ -270,7 +306,7 @@ def _token_topk(module, query, key, value, attention_mask, scaling, active: _Act
         if prev is not None and prev.shape[-1] <= k_len:
             mass[:, : prev.shape[-1]] += prev
         stats.key_mass[module.layer_idx] = mass
-    return out
+    return out.view(b, h, q_len, -1)
 
 
 def _causal_pairs(query: Tensor, key: Tensor) -> int:

@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ..models.fast_decode import fast_linears
 from .metrics import check_texts
 
 __all__ = ["Embedder", "HiddenStateEmbedder", "MiniLMEmbedder", "embed_unique", "minilm_dir"]
@@ -120,7 +121,8 @@ class MiniLMEmbedder:
     def _embed_batch(self, texts: list[str]) -> torch.Tensor:
         enc = self._tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
                               return_tensors="pt").to(self.device)
-        hidden = self._model(**enc).last_hidden_state
+        with fast_linears(self._model):
+            hidden = self._model(**enc).last_hidden_state
         return _mean_pool(hidden, enc["attention_mask"]).cpu()
 
     def embed(self, texts: list[str]) -> torch.Tensor:
@@ -163,7 +165,8 @@ class HiddenStateEmbedder:
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
         base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
-        hidden = base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        with fast_linears(base):
+            hidden = base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
         hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
         return _mean_pool(hidden.float(), enc["attention_mask"]).cpu()
 
