@@ -13,36 +13,31 @@ Decoding-time constraints are logit processors for :func:`~creative_sparse.gener
   token of each missing keyword gets a logit bonus that grows to a forced choice
   in the last steps, so missing keywords are steered in before the budget ends.
 * :class:`MinLength`: no end-of-sequence before ``min_tokens`` tokens.
+* :class:`ValidatorGuard`: the validators of :mod:`~creative_sparse.generation.validators`
+  (Python syntax, ABC notation, a regex) enforced while decoding: a sampled
+  token after which the text can no longer be valid is taken back and the row
+  samples again.
 
-Validators count violations in finished texts; the quality functional adds
-``lambda * violations`` to incoherence:
+Validators also count violations in finished texts; the quality functional adds
+``lambda * violations`` to incoherence (see :mod:`~creative_sparse.generation.validators`
+for the rules and why ``codeop`` and the ``regex`` library do the parsing).
 
-* :func:`python_syntax`: 0 if ``ast.parse`` accepts the text (or its first
-  fenced code block), else 1;
-* :func:`abc_notation`: well-formedness of ABC music notation (headers X:, T:,
-  K: present, K: last, a body of notes/bars, balanced brackets);
-* :func:`regex_validator`: 0 if the whole text matches a pattern.
-
-Why no grammar library: banned/required words are token-level and need the
-tokenizer's variants, which a few lines handle exactly; the validators score
-finished texts, where Python's own ``ast`` and ``re`` are the reference parsers.
-ABC has no maintained lightweight parser on PyPI (music21 is large and slow to
-import), so :func:`abc_notation` checks the structural rules of the ABC 2.1
-standard that matter for "is this a tune" and nothing more.
+Banned and required words are token-level and need the tokenizer's variants,
+which a few lines handle exactly, so they use no grammar library.
 """
 
 from __future__ import annotations
 
-import ast
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["BannedPhrases", "ConstraintSet", "MinLength", "RequiredKeywords", "abc_notation",
-           "python_syntax", "regex_validator"]
+from .validators import abc_notation, python_syntax, regex_validator
+
+__all__ = ["BannedPhrases", "ConstraintSet", "MinLength", "RequiredKeywords", "ValidatorGuard",
+           "abc_notation", "python_syntax", "regex_validator"]
 
 NEG_INF = float("-inf")
 
@@ -193,74 +188,56 @@ class ConstraintSet:
         return sum(int(v(text)) for v in self.validators)
 
 
-_FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
+class ValidatorGuard:
+    """Enforce validators while decoding, through the engine's one-token backtracking.
 
-
-def python_syntax(text: str) -> int:
-    """0 if the text (or its first fenced code block) parses as Python, else 1."""
-    match = _FENCE.search(text)
-    code = match.group(1) if match else text
-    try:
-        ast.parse(code)
-    except (SyntaxError, ValueError):
-        return 1
-    return 0
-
-
-_ABC_HEADER = re.compile(r"^([A-Za-z]):(.*)$")
-_ABC_NOTE = re.compile(r"[A-Ga-gz]")
-_ABC_PAIRS = {"[": "]", "(": ")", "{": "}"}
-
-
-def abc_notation(text: str) -> int:
-    """Number of ABC well-formedness violations (0 = a well-formed tune).
-
-    Checks: an ``X:`` header first, a ``T:`` header, a ``K:`` header that ends the
-    header block, at least one body line with notes, bar lines in the body, and
-    balanced ``[]``, ``()``, ``{}`` in the body.
+    :meth:`rejects` refuses a token after which some validator's
+    ``rejects_prefix(text)`` says no continuation can be valid, and an
+    end-of-sequence token (``eos_ids``) while a validator still counts violations
+    that more text could fix. A text that is already beyond repair (e.g. the draft
+    a refine continues broke the rule) is left alone: refusing tokens cannot help it.
+    With a length ``budget``, in its last ``closing_steps`` steps a row whose text
+    a validator can end validly (``closing(text)``, e.g. the fence of a code block
+    whose code parses) is steered to that ending instead of being cut mid-way.
+    The text is the row's whole answer so far (the draft included when a refine
+    continues one). Validators without ``rejects_prefix`` are only counted at the end.
     """
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    violations = 0
-    headers, body = [], []
-    for i, line in enumerate(lines):
-        match = _ABC_HEADER.match(line)
-        if match and not body:
-            headers.append(match.group(1))
-            if match.group(1) == "K":
-                body = lines[i + 1:]
-                break
-    if not headers or headers[0] != "X":
-        violations += 1
-    if "T" not in headers:
-        violations += 1
-    if "K" not in headers:
-        violations += 1
-    notes = [ln for ln in body if _ABC_NOTE.search(ln) and not _ABC_HEADER.match(ln)]
-    if not notes:
-        violations += 1
-    elif not any("|" in ln for ln in notes):
-        violations += 1
-    stack = []
-    for ch in "".join(notes):
-        if ch in _ABC_PAIRS:
-            stack.append(_ABC_PAIRS[ch])
-        elif ch in _ABC_PAIRS.values():
-            if not stack or stack.pop() != ch:
-                violations += 1
-                break
-    violations += bool(stack)
-    return violations
 
+    def __init__(self, tokenizer, validators: Sequence[Callable[[str], int]],
+                 eos_ids: Sequence[int] = (), budget: int | None = None,
+                 closing_steps: int = 12):
+        self.tokenizer = tokenizer
+        self.validators = [v for v in validators if hasattr(v, "rejects_prefix")]
+        self.eos_ids = {int(e) for e in eos_ids}
+        self.budget, self.closing_steps = budget, closing_steps
 
-def regex_validator(pattern: str, flags: int = 0) -> Callable[[str], int]:
-    """A validator: 0 if the whole (stripped) text matches ``pattern``, else 1."""
-    try:
-        compiled = re.compile(pattern, flags)
-    except re.error as exc:
-        raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def validate(text: str) -> int:
-        return 0 if compiled.fullmatch(text.strip()) else 1
+    def rejects(self, ids: list[int], token: int) -> bool:
+        if not self.validators:
+            return False
+        if int(token) in self.eos_ids:
+            text = self._text(ids)
+            return any(v(text) > 0 and not v.rejects_prefix(text) for v in self.validators)
+        after = self._text(list(ids) + [int(token)])
+        failing = [v for v in self.validators if v.rejects_prefix(after)]
+        if not failing:
+            return False
+        before = self._text(ids)
+        return any(not v.rejects_prefix(before) for v in failing)
 
-    validate.__name__ = f"regex({pattern})"
-    return validate
+    def __call__(self, step: int, generated: list[list[int]], logits: Tensor) -> Tensor:
+        enders = [v.closing for v in self.validators if hasattr(v, "closing")]
+        if self.budget is None or not enders or self.budget - step > self.closing_steps:
+            return logits
+        steered = logits
+        for row, ids in enumerate(generated):
+            text = self._text(ids)
+            ending = next((e for e in (end(text) for end in enders) if e), None)
+            if ending:
+                first = self.tokenizer.encode(ending, add_special_tokens=False)[0]
+                steered = logits.clone() if steered is logits else steered
+                steered[row] = NEG_INF
+                steered[row, first] = 0.0
+        return steered

@@ -65,13 +65,16 @@ class DecodeState:
     their keys and values (the KV-reuse knob).
 
     ``cache`` holds one row per entry of ``rows`` (the original row indices);
-    ``pending`` is each cache row's last sampled token, not yet fed to the model.
+    ``pending`` is each cache row's last sampled token, not yet fed to the model;
+    ``history`` is each cache row's generated tokens so far (``pending`` included),
+    which constraints see in front of the tokens a continuation adds.
     """
 
     cache: object
     positions: CachePositions
     pending: Tensor
     rows: list[int]
+    history: list[list[int]] = field(default_factory=list)
 
     def select(self, rows: Sequence[int]) -> "DecodeState":
         """Keep only the original ``rows`` (in that order). Consumes this state."""
@@ -81,7 +84,8 @@ class DecodeState:
                              f"in the cache {self.rows}")
         index = torch.tensor([self.rows.index(r) for r in rows])
         _keep_rows(self.cache, index.to(self.pending.device))
-        return DecodeState(self.cache, self.positions, self.pending[index], list(rows))
+        history = [self.history[i] for i in index.tolist()] if self.history else []
+        return DecodeState(self.cache, self.positions, self.pending[index], list(rows), history)
 
 
 @dataclass
@@ -115,19 +119,25 @@ def _keep_rows(cache, rows: Tensor) -> None:
 
 
 _MAX_RESAMPLES = 8
+_FALLBACK_CANDIDATES = 1024
 
 
-def _resample_rejected(tokens, logits, alive, generated, generators, sampling, rejects,
+def _resample_rejected(tokens, logits, alive, context, generators, sampling, rejects,
                        skip=()) -> None:
-    """Backtrack one token: a sampled token the constraints refuse (e.g. it completes a
-    banned phrase) is taken back before it is fed, and the row samples again without
-    it, up to ``_MAX_RESAMPLES`` times (then the last sample stands)."""
+    """Backtrack one token: a sampled token the constraints refuse (it completes a
+    banned phrase, or leaves a text no continuation can make valid) is taken back
+    before it is fed, and the row samples again without it, up to
+    ``_MAX_RESAMPLES`` times; then the most probable of the ``_FALLBACK_CANDIDATES``
+    best tokens that is not refused is taken (if every one is, the last sample stands).
+    ``context(row)`` is the row's token history the constraints judge."""
     for i, row in enumerate(alive):
         if i in skip:
             continue
+        ids = None
         row_logits = None
         for _ in range(_MAX_RESAMPLES):
-            if not rejects(generated[row], int(tokens[i])):
+            ids = context(row) if ids is None else ids
+            if not rejects(ids, int(tokens[i])):
                 break
             if row_logits is None:
                 row_logits = logits[i: i + 1].clone()
@@ -135,6 +145,14 @@ def _resample_rejected(tokens, logits, alive, generated, generators, sampling, r
             if torch.isinf(row_logits).all():
                 break
             tokens[i] = sample(row_logits, sampling, [generators[row]])[0]
+        else:
+            if rejects(ids, int(tokens[i])):
+                best = torch.topk(row_logits[0], min(_FALLBACK_CANDIDATES,
+                                                     row_logits.shape[-1])).indices
+                allowed = next((int(t) for t in best if torch.isfinite(row_logits[0, t])
+                                and not rejects(ids, int(t))), None)
+                if allowed is not None:
+                    tokens[i] = allowed
 
 
 def _with_rows(knobs: AttentionKnobs, seeds: list[int], dense: Sequence[int] = ()
@@ -172,7 +190,8 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
         seeds: one int per row: its sampling generator and sub-network seed. Same
             seeds, same outputs. Default ``0 .. num_rows-1``.
         stop_strings: a row ends when its text contains one (the text is cut there).
-        logit_processor: ``(step, generated ids per running row, logits) -> logits``,
+        logit_processor: ``(step, generated ids per running row, logits) -> logits``
+            (the ids of a row resumed from a :class:`DecodeState` start with its history),
             applied before temperature (constraints mask tokens here). If it also
             has ``rejects(ids, token) -> bool`` (a ``ConstraintSet``), a sampled token
             it refuses is taken back before it is fed and the row samples again.
@@ -235,6 +254,11 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     alive = list(range(num_rows))                  # original row index of each batch row
     generated: list[list[int]] = [[] for _ in range(num_rows)]
+    prior = resume.history if resume is not None and resume.history else [[]] * num_rows
+
+    def context(row: int) -> list[int]:
+        """What the constraints judge: earlier calls' tokens, then this call's."""
+        return prior[row] + generated[row]
     texts = [""] * num_rows
     reasons = ["length"] * num_rows
     stats = GenerationStats(prompt_tokens=0 if resume is not None else ids.numel())
@@ -266,12 +290,12 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
             greedy = dense_positions(alive)
             raw = logits[greedy].argmax(dim=-1) if greedy else None
             if logit_processor is not None:
-                logits = logit_processor(step, [generated[r] for r in alive], logits)
+                logits = logit_processor(step, [context(r) for r in alive], logits)
             tokens = sample(logits, sampling, [generators[r] for r in alive]).cpu()
             if greedy:
                 tokens[greedy] = raw.cpu().to(tokens.dtype)
             if rejects is not None:
-                _resample_rejected(tokens, logits, alive, generated, generators, sampling,
+                _resample_rejected(tokens, logits, alive, context, generators, sampling,
                                    rejects, skip=set(greedy))
             stats.steps += 1
             still = []
@@ -294,8 +318,8 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
                 if not hit:
                     still.append(i)
             if not still or step == max_new_tokens - 1:
-                state = DecodeState(cache, positions, tokens, list(alive)) if keep_state \
-                    else None
+                state = DecodeState(cache, positions, tokens, list(alive),
+                                    [context(r) for r in alive]) if keep_state else None
                 alive = [alive[i] for i in still]
                 break
             if len(still) < len(alive):

@@ -11,7 +11,7 @@
 3. **Select**: rank the drafts by Q and keep the best ``keep_fraction`` of them.
 4. **Refine**: continue each kept draft to the length budget at the refinement
    level, under the constraints (banned phrases, required keywords, minimum
-   length; validators are counted as violations).
+   length, validators: enforced while decoding, and counted as violations).
 5. **Rank** the finished candidates by Q (novelty, diversity, incoherence with
    violations) and return the best, or all.
 
@@ -40,8 +40,8 @@ from ..control import SparsityController, check_level
 from ..models.moe import find_routers
 from ..models.transformers import AttentionKnobs
 from ..quality import LikelihoodScorer, OutputQuality, QualityFunctional
-from .constraints import (BannedPhrases, ConstraintSet, MinLength, RequiredKeywords, abc_notation,
-                          python_syntax, regex_validator)
+from .constraints import (BannedPhrases, ConstraintSet, MinLength, RequiredKeywords,
+                          ValidatorGuard, abc_notation, python_syntax, regex_validator)
 from .engine import GenerationStats, generate
 from .knobs import SamplingParams
 
@@ -88,7 +88,9 @@ def build_constraints(tokenizer, spec: Mapping[str, Any] | ConstraintSet | None,
     """A :class:`ConstraintSet` from a dict spec (or pass one through).
 
     Keys: ``banned`` (phrases), ``required`` (keywords), ``min_tokens`` (int),
-    ``validators`` (``"python"``, ``"abc"``, ``"regex:<pattern>"`` or callables).
+    ``validators`` (``"python"``, ``"abc"``, ``"regex:<pattern>"`` or callables):
+    counted as violations in the finished texts, and enforced while decoding
+    when they can judge a prefix (ours can; see :class:`ValidatorGuard`).
     """
     if spec is None:
         return ConstraintSet()
@@ -118,6 +120,8 @@ def build_constraints(tokenizer, spec: Mapping[str, Any] | ConstraintSet | None,
         else:
             raise ValueError(f"unknown validator {item!r}; allowed: 'python', 'abc', "
                              "'regex:<pattern>' or a callable text -> violations")
+    if any(hasattr(v, "rejects_prefix") for v in validators):
+        processors.append(ValidatorGuard(tokenizer, validators, eos_ids, budget))  # enforced
     return ConstraintSet(processors, validators)
 
 
