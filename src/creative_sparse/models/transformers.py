@@ -34,7 +34,6 @@ from torch import Tensor
 
 from ..attention import block_sparse_attention, predict_block_map
 from ..attention.blockmap import block_pair_counts
-from ..attention.reference import softmax_attend
 
 __all__ = ["ATTENTION_NAME", "AttentionKnobs", "AttentionStats", "register", "set_knobs",
            "sparsity", "creative_sparse_attention"]
@@ -237,76 +236,132 @@ def _gumbel(seeds: Sequence[int], layer: int, heads: int, k_len: int, device) ->
     return noise[..., :k_len]
 
 
+def _grouped_scores(query: Tensor, key: Tensor, scaling: float) -> Tensor:
+    """fp32 scores ``[B, H, q, k]`` without repeating K: the ``group`` query heads that
+    share a KV head are stacked along the query axis (``[B, H_kv, group * q, D]``)."""
+    b, h, q_len, d = query.shape
+    h_kv, k_len = key.shape[1], key.shape[2]
+    scores = torch.matmul(query.float().reshape(b, h_kv, h // h_kv * q_len, d),
+                          key.float().transpose(-1, -2)).mul_(scaling)
+    return scores.view(b, h, q_len, k_len)
+
+
+def _grouped_attend(probs: Tensor, value: Tensor) -> Tensor:
+    """``probs [B, H, q, k] @ value [B, H_kv, k, Dv]`` -> ``[B, H, q, Dv]`` (fp32)."""
+    b, h, q_len, k_len = probs.shape
+    h_kv = value.shape[1]
+    out = torch.matmul(probs.reshape(b, h_kv, h // h_kv * q_len, k_len), value.float())
+    return out.view(b, h, q_len, -1)
+
+
+def _with_noise(select: Tensor, knobs: AttentionKnobs, module) -> Tensor:
+    """Add the rows' sub-network noise to the selection scores (when the knobs ask)."""
+    if knobs.noise <= 0 or knobs.row_seeds is None:
+        return select
+    b, h, _, k_len = select.shape
+    if len(knobs.row_seeds) != b:
+        raise ValueError(f"AttentionKnobs.row_seeds has {len(knobs.row_seeds)} seeds for a "
+                         f"batch of {b} rows; give one seed per row")
+    layer = int(getattr(module, "layer_idx", 0) or 0)
+    return select + knobs.noise * _gumbel(knobs.row_seeds, layer, h, k_len, select.device)
+
+
+def _dense_rows(knobs: AttentionKnobs, batch: int) -> tuple[int, ...]:
+    if knobs.dense_rows and max(knobs.dense_rows) >= batch:
+        raise ValueError(f"AttentionKnobs.dense_rows {knobs.dense_rows} outside a batch of "
+                         f"{batch} rows")
+    return knobs.dense_rows
+
+
+def _record_key_mass(active: _Active, module, probs: Tensor) -> None:
+    """H2O bookkeeping: add the attention mass each key received (over heads and queries)."""
+    if not (active.track_key_mass and getattr(module, "layer_idx", None) is not None):
+        return
+    mass = probs.sum(dim=(1, 2))                                        # [B, k_len]
+    prev = active.stats.key_mass.get(module.layer_idx)
+    if prev is not None and prev.shape[-1] <= mass.shape[-1]:
+        mass[:, : prev.shape[-1]] += prev
+    active.stats.key_mass[module.layer_idx] = mass
+
+
+_forced_cache: dict[tuple, Tensor] = {}
+
+
+def _decode_forced(k_len: int, sinks: int, window: int, device) -> Tensor:
+    """Bool ``[k_len]``: the sink tokens and the recent window of a one-query step."""
+    key = (k_len, sinks, window, str(device))
+    forced = _forced_cache.get(key)
+    if forced is None:
+        if len(_forced_cache) > 4096:
+            _forced_cache.clear()
+        positions = torch.arange(k_len, device=device)
+        forced = _forced_cache[key] = (positions < sinks) | (positions >= k_len - window)
+    return forced
+
+
+def _decode_topk(module, query, key, value, scaling, active: _Active) -> Tensor:
+    """:func:`_token_topk` for one query per row and no mask (a decode step): every key
+    is visible, so the budget is one number and the kept count needs no counting."""
+    knobs, stats = active.knobs, active.stats
+    b, h = query.shape[:2]
+    k_len = key.shape[2]
+    scores = _grouped_scores(query, key, scaling)                       # [B, H, 1, k]
+    budget = min(k_len, max(math.ceil(k_len * knobs.keep_fraction),
+                            knobs.sink_tokens + knobs.local_window))
+    dense = _dense_rows(knobs, b)
+    if budget < k_len:
+        select = _with_noise(scores, knobs, module).masked_fill(
+            _decode_forced(k_len, knobs.sink_tokens, knobs.local_window, query.device),
+            float("inf"))
+        chosen = torch.topk(select, budget, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(select, dtype=torch.bool).scatter_(-1, chosen, True)
+        if dense:
+            keep[list(dense)] = True
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    stats.pairs_computed += h * (k_len * len(dense) + budget * (b - len(dense)))
+    stats.pairs_dense += b * h * k_len
+    _record_key_mass(active, module, probs)
+    return _grouped_attend(probs, value)
+
+
 def _token_topk(module, query, key, value, attention_mask, scaling, active: _Active) -> Tensor:
     """Token-level top-k attention; returns ``[B, H, q, Dv]`` in fp32.
 
-    Grouped-query attention without repeating K/V: the ``group`` query heads that
-    share a KV head are stacked along the query axis (``[B, H_kv, group * q, D]``).
-    A decode step without a mask (one query, every key visible) skips the mask
-    arithmetic: its budget is one number for the whole batch.
+    Each query keeps the ``keep_fraction`` of its visible keys with the highest
+    (noisy) scores, the sinks and the recent window always among them.
     """
-    knobs, stats = active.knobs, active.stats
-    b, h, q_len, d = query.shape
-    h_kv, k_len = key.shape[1], key.shape[2]
-    group = h // h_kv
-    scores = torch.matmul(query.float().reshape(b, h_kv, group * q_len, d),
-                          key.float().transpose(-1, -2)).mul_(scaling)
-    scores = scores.view(b, h, q_len, k_len)
-    floor = min(k_len, knobs.sink_tokens + knobs.local_window)
+    b, h, q_len, _ = query.shape
+    k_len = key.shape[2]
     if attention_mask is None and q_len == 1:
-        allowed = None                                     # every key is visible
-        visible = torch.full((1, 1, 1, 1), k_len, device=query.device)
-        budget = min(k_len, max(math.ceil(k_len * knobs.keep_fraction), floor))
-        select = scores
-    else:
-        allowed = _allowed_from_mask(attention_mask, q_len, k_len, query.device)  # [B|1,1,q,k]
-        visible = allowed.sum(dim=-1, keepdim=True)                              # [B|1,1,q,1]
-        budget = torch.minimum(torch.clamp(torch.ceil(visible * knobs.keep_fraction), min=floor),
-                               visible)
-        select = scores.masked_fill(~allowed, float("-inf"))
-    if knobs.noise > 0 and knobs.row_seeds is not None:
-        if len(knobs.row_seeds) != b:
-            raise ValueError(f"AttentionKnobs.row_seeds has {len(knobs.row_seeds)} seeds for a "
-                             f"batch of {b} rows; give one seed per row")
-        layer = int(getattr(module, "layer_idx", 0) or 0)
-        select = select + knobs.noise * _gumbel(knobs.row_seeds, layer, h, k_len, query.device)
+        return _decode_topk(module, query, key, value, scaling, active)
+    knobs, stats = active.knobs, active.stats
+    scores = _grouped_scores(query, key, scaling)
+    allowed = _allowed_from_mask(attention_mask, q_len, k_len, query.device)  # [B|1,1,q,k]
+    allowed = allowed.expand(b, h, q_len, k_len)
+    visible = allowed.sum(dim=-1, keepdim=True)                              # [B, H, q, 1]
+    budget = torch.minimum(torch.clamp(torch.ceil(visible * knobs.keep_fraction),
+                                       min=min(k_len, knobs.sink_tokens + knobs.local_window)),
+                           visible)
+    select = _with_noise(scores.masked_fill(~allowed, float("-inf")), knobs, module)
     # Sinks and the recent window always win the selection.
     positions = torch.arange(k_len, device=query.device)
     last = (torch.arange(q_len, device=query.device) + (k_len - q_len)).view(1, 1, -1, 1)
     forced = (positions < knobs.sink_tokens) | (positions > last - knobs.local_window)
-    select = select.masked_fill(forced if allowed is None else forced & allowed, float("inf"))
-    most = budget if isinstance(budget, int) else int(budget.max())
-    if most >= k_len:
-        keep = torch.ones_like(select, dtype=torch.bool) if allowed is None \
-            else allowed.expand(b, h, q_len, k_len).clone()
-    else:
-        chosen = torch.topk(select, most, dim=-1, sorted=True).indices         # [B, H, q, most]
-        keep = torch.zeros_like(select, dtype=torch.bool)
-        if allowed is None:
-            keep.scatter_(-1, chosen, True)
-        else:                             # rows may have smaller budgets than the largest
-            within = torch.arange(most, device=query.device) < budget
-            keep = keep.scatter_(-1, chosen, within.expand(b, h, q_len, most)) & allowed
-    if knobs.dense_rows:
-        if max(knobs.dense_rows) >= b:
-            raise ValueError(f"AttentionKnobs.dense_rows {knobs.dense_rows} outside a batch of "
-                             f"{b} rows")
-        rows = torch.tensor(knobs.dense_rows, device=query.device)
-        keep[rows] = True if allowed is None else allowed.expand(b, h, q_len, k_len)[rows]
-    track = active.track_key_mass and getattr(module, "layer_idx", None) is not None
-    out = softmax_attend(scores.view(b, h_kv, group * q_len, k_len),
-                         keep.view(b, h_kv, group * q_len, k_len), value.float(),
-                         return_weights=track)
+    select = select.masked_fill(forced & allowed, float("inf"))
+    most = int(budget.max())
+    chosen = torch.topk(select, most, dim=-1, sorted=True).indices          # [B, H, q, most]
+    within = torch.arange(most, device=query.device) < budget               # row budgets
+    keep = torch.zeros_like(allowed).scatter_(-1, chosen, within) & allowed
+    dense = _dense_rows(knobs, b)
+    if dense:
+        keep[list(dense)] = allowed[list(dense)]
+    # A row with no kept key (fully masked) gets zero weights, not NaN.
+    weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num_(0.0)
     stats.pairs_computed += int(keep.sum())
-    stats.pairs_dense += int(visible.expand(b, 1, q_len, 1).sum()) * h
-    if track:
-        out, probs = out
-        mass = probs.sum(dim=(1, 2))                                    # [B, k_len]
-        prev = stats.key_mass.get(module.layer_idx)
-        if prev is not None and prev.shape[-1] <= k_len:
-            mass[:, : prev.shape[-1]] += prev
-        stats.key_mass[module.layer_idx] = mass
-    return out.view(b, h, q_len, -1)
+    stats.pairs_dense += int(visible.sum())
+    _record_key_mass(active, module, weights)
+    return _grouped_attend(weights, value)
 
 
 def _causal_pairs(query: Tensor, key: Tensor) -> int:
