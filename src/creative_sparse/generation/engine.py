@@ -26,7 +26,7 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..models.fast_decode import fast_linears
+from ..models.fast_linear import fast_linears
 from ..models.kv_cache import CachePositions, cache_bytes, prefill, prune_cache
 from ..models.transformers import AttentionKnobs, set_knobs, sparsity
 from .knobs import SamplingParams, sample

@@ -16,6 +16,7 @@ from .cache import (
     verify_cache,
     write_cache,
 )
+from .fast_linear import fast_linears
 from .loading import (
     DEFAULT_MODEL,
     ModelNotFoundError,
@@ -34,6 +35,7 @@ __all__ = [
     "default_cache_dir",
     "dequantize_gguf",
     "embedded_gguf_path",
+    "fast_linears",
     "gguf_cache_key",
     "load_model",
     "verify_cache",

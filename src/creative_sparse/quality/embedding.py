@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ..models.fast_decode import fast_linears
+from ..models.fast_linear import fast_linears
 from .metrics import check_texts
 
 __all__ = ["Embedder", "HiddenStateEmbedder", "MiniLMEmbedder", "embed_unique", "minilm_dir"]

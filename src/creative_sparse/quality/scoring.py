@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models.fast_decode import fast_linears
+from ..models.fast_linear import fast_linears
 from .metrics import check_texts
 
 __all__ = ["LikelihoodScorer"]

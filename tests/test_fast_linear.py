@@ -1,9 +1,9 @@
-"""oneDNN linear layers (models/fast_decode.py): same products, modules restored."""
+"""oneDNN linear layers (models/fast_linear.py): same products, modules restored."""
 
 import pytest
 import torch
 
-from creative_sparse.models.fast_decode import fast_linears, onednn_linear_available
+from creative_sparse.models.fast_linear import fast_linears, onednn_linear_available
 
 pytestmark = pytest.mark.skipif(not onednn_linear_available(),
                                 reason="oneDNN linear is not available in this PyTorch build")
