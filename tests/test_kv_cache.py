@@ -7,7 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from creative_sparse.models.kv_cache import cache_length, prefill, prune_cache  # noqa: E402
+from creative_sparse.models.kv_cache import (cache_kwargs, cache_length, prefill,  # noqa: E402
+                                              prune_cache)
 from creative_sparse.models.transformers import AttentionKnobs, sparsity  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def greedy(model, prompt, steps, rows=2, max_tokens=None, window=8):
         for _ in range(steps):
             nxt = logits.argmax(-1, keepdim=True)
             tokens.append(nxt)
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True,
+            out = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, cache),
                         **pos.model_kwargs(1, rows))
             pos.advance(1)
             logits = out.logits[:, -1]
@@ -79,7 +80,7 @@ def test_eviction_equals_masking_the_evicted_tokens(model, prompt):
     for the new query (its past keys unchanged)."""
     cache, logits, pos = prefill(model, prompt, 1)
     nxt = logits.argmax(-1, keepdim=True)
-    model(input_ids=nxt, past_key_values=cache, use_cache=True, **pos.model_kwargs(1, 1))
+    model(input_ids=nxt, use_cache=True, **cache_kwargs(model, cache), **pos.model_kwargs(1, 1))
     pos.advance(1)
     # One attention-mass vector for every layer, so that all layers evict the same tokens.
     mass = torch.rand(1, 31, generator=torch.Generator().manual_seed(2))
@@ -91,12 +92,12 @@ def test_eviction_equals_masking_the_evicted_tokens(model, prompt):
     middle = mass[0, 2:27]
     assert sorted(kept[2:-4]) == sorted((middle.topk(14).indices + 2).tolist())
     probe = torch.tensor([[5]])
-    pruned = model(input_ids=probe, past_key_values=cache, use_cache=True,
+    pruned = model(input_ids=probe, use_cache=True, **cache_kwargs(model, cache),
                    **pos.model_kwargs(1, 1)).logits[0, -1]
     mask = torch.zeros(1, 32, dtype=torch.long)
     mask[0, kept] = 1
     mask[0, -1] = 1
-    masked = model(input_ids=probe, past_key_values=full_cache, attention_mask=mask,
+    masked = model(input_ids=probe, **cache_kwargs(model, full_cache), attention_mask=mask,
                    position_ids=torch.tensor([[31]])).logits[0, -1]
     assert len(kept) == 20 and kept[:2] == [0, 1] and kept[-4:] == [27, 28, 29, 30]
     assert torch.allclose(pruned, masked, atol=1e-4), (pruned - masked).abs().max()

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..models.fast_linear import fast_linears
-from ..models.kv_cache import CachePositions, cache_bytes, prefill, prune_cache
+from ..models.kv_cache import CachePositions, cache_bytes, cache_kwargs, prefill, prune_cache
 from ..models.transformers import AttentionKnobs, set_knobs, sparsity
 from .knobs import SamplingParams, sample
 
@@ -281,7 +281,7 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
             set_knobs(_with_rows(knobs, seeds, dense_positions(alive)))
             cache, positions = resume.cache, resume.positions
             out = model(input_ids=resume.pending.view(-1, 1).to(model.device),
-                        past_key_values=cache, use_cache=True,
+                        use_cache=True, **cache_kwargs(model, cache),
                         **positions.model_kwargs(1, num_rows, model.device))
             positions.advance(1)
             logits = out.logits[:, -1]
@@ -332,8 +332,9 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
             # The forward below computes the logits of the next step: its knobs apply.
             sampling, knobs = knobs_at(step + 1)
             set_knobs(_with_rows(knobs, [seeds[r] for r in alive], dense_positions(alive)))
-            out = model(input_ids=tokens.view(-1, 1).to(ids.device), past_key_values=cache,
-                        use_cache=True, **positions.model_kwargs(1, len(alive), ids.device))
+            out = model(input_ids=tokens.view(-1, 1).to(ids.device), use_cache=True,
+                        **cache_kwargs(model, cache),
+                        **positions.model_kwargs(1, len(alive), ids.device))
             positions.advance(1)
             logits = out.logits[:, -1]
             if track:

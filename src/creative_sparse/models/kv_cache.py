@@ -16,12 +16,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["CachePositions", "cache_bytes", "cache_length", "prefill", "prune_cache"]
+__all__ = ["CachePositions", "cache_bytes", "cache_kwargs", "cache_length", "prefill",
+           "prune_cache"]
 
 
 @dataclass
@@ -45,6 +48,19 @@ class CachePositions:
     def advance(self, num_new: int) -> None:
         self.next_position += num_new
         self.cache_len += num_new
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_keyword(model_type: type) -> str:
+    params = inspect.signature(model_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{keyword: cache}`` for ``model.forward``: transformers 5.x names the KV cache
+    ``cache`` (``past_key_values`` is deprecated there), earlier versions
+    ``past_key_values``."""
+    return {_cache_keyword(type(model)): cache}
 
 
 def cache_bytes(cache) -> int:
@@ -80,8 +96,9 @@ def prefill(model, input_ids: Tensor, num_rows: int = 1):
         raise ValueError(f"num_rows must be an int >= 1 and a multiple of the "
                          f"{input_ids.shape[0]} prompt(s), got {num_rows!r}")
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-    cache = out.past_key_values
+    out = model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, cache))
+    returned = getattr(out, "cache", None)
+    cache = returned if returned is not None else out.past_key_values
     repeats = num_rows // input_ids.shape[0]
     if repeats > 1:
         cache.batch_repeat_interleave(repeats)
