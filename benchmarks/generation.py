@@ -51,6 +51,19 @@ def dense_run(model, tokenizer, ids, n: int, max_new_tokens: int, seed: int):
     return time.perf_counter() - start, cache_bytes(out.past_key_values)
 
 
+@torch.inference_mode()
+def verify(model, tokenizer, ids) -> None:
+    """Before timing: our engine's dense greedy decoding (oneDNN linears and all) must
+    reproduce ``model.generate``'s, token for token."""
+    ours = generate(model, tokenizer, ids, num_rows=2, max_new_tokens=24,
+                    schedule=(SamplingParams(temperature=0), AttentionKnobs()))
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=24, pad_token_id=tokenizer.eos_token_id)
+    expected = [t for t in ref[0, ids.shape[1]:].tolist() if t != tokenizer.eos_token_id]
+    if ours.token_ids != [expected, expected]:
+        raise SystemExit(f"engine and model.generate disagree: {ours.token_ids[0]} vs {expected}")
+
+
 def engine_dense_run(model, tokenizer, ids, n: int, max_new_tokens: int, seed: int) -> float:
     start = time.perf_counter()
     generate(model, tokenizer, ids, num_rows=n, max_new_tokens=max_new_tokens,
@@ -68,6 +81,7 @@ def main(argv=None) -> int:
 
     model, tokenizer = load_model()
     wrapper = CreativeSparseWrapper(model=model, tokenizer=tokenizer)
+    verify(model, tokenizer, wrapper.prompt_ids(PROMPTS[0]))
     wrapper.generate_candidates("warm up", max_length=4, num_candidates=2)  # loads MiniLM
     print(f"# SmolLM2-135M-Instruct, N={args.candidates}, {args.max_tokens} new tokens, "
           f"schedule {wrapper.sparsity_schedule}, {torch.get_num_threads()} threads")

@@ -205,7 +205,8 @@ def test_knobs_from_the_dial():
 def test_decode_fast_path_matches_the_masked_path(noise):
     """One query with no mask (the decode fast path) attends exactly the keys the
     general path picks when given an explicit all-visible mask, dense rows included."""
-    from creative_sparse.models.transformers import AttentionStats, _Active, _token_topk
+    from creative_sparse.models.token_topk import token_topk as _token_topk
+    from creative_sparse.models.transformers import AttentionStats, _Active
 
     class Layer:
         layer_idx = 1
