@@ -45,7 +45,8 @@ from .constraints import (BannedPhrases, ConstraintSet, MinLength, RequiredKeywo
 from .engine import GenerationStats, generate
 from .knobs import SamplingParams
 
-__all__ = ["Candidate", "CreativeResult", "CreativeSparseWrapper", "build_constraints"]
+__all__ = ["Candidate", "CreativeResult", "CreativeSparseWrapper", "build_constraints",
+           "dial_knobs"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,19 @@ def build_constraints(tokenizer, spec: Mapping[str, Any] | ConstraintSet | None,
     return ConstraintSet(processors, validators)
 
 
+def dial_knobs(controller: SparsityController, model, s: float,
+               seeds: Sequence[int] | None = None) -> tuple[SamplingParams, AttentionKnobs]:
+    """``(SamplingParams, AttentionKnobs)`` of every knob of the dial at level ``s`` for
+    ``model`` (its MoE routers, if any, set the expert knobs); ``seeds`` give each
+    row its attention sub-network."""
+    routers = find_routers(model)
+    experts = (routers[0].num_experts, routers[0].top_k) if routers else (None, None)
+    params = controller.get_sparsity_params(s, num_experts=experts[0],
+                                            default_experts=experts[1])
+    sampling = SamplingParams(temperature=params.temperature, top_p=params.top_p)
+    return sampling, AttentionKnobs.from_params(params, row_seeds=seeds)
+
+
 def _without_first_row(result):
     """The drafts of a diverge batch whose row 0 is the reference (state kept aside)."""
     return replace(result, texts=result.texts[1:], token_ids=result.token_ids[1:],
@@ -170,8 +184,6 @@ class CreativeSparseWrapper:
         self.controller = SparsityController(sparsity_config)
         self.quality = QualityFunctional(quality_weights, scorer=LikelihoodScorer(model, tokenizer))
         self.draft_fraction, self.keep_fraction = draft_fraction, keep_fraction
-        routers = find_routers(model)
-        self._experts = (routers[0].num_experts, routers[0].top_k) if routers else (None, None)
 
     @property
     def quality_functional(self) -> QualityFunctional:
@@ -192,10 +204,7 @@ class CreativeSparseWrapper:
 
     def knobs(self, s: float, seeds: Sequence[int] | None = None):
         """``(SamplingParams, AttentionKnobs)`` of the dial at level ``s``."""
-        params = self.controller.get_sparsity_params(
-            s, num_experts=self._experts[0], default_experts=self._experts[1])
-        sampling = SamplingParams(temperature=params.temperature, top_p=params.top_p)
-        return sampling, AttentionKnobs.from_params(params, row_seeds=seeds)
+        return dial_knobs(self.controller, self.model, s, seeds)
 
     def _eos_ids(self) -> list[int]:
         eos = self.tokenizer.eos_token_id

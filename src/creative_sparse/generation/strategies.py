@@ -1,0 +1,259 @@
+"""Decoding strategies behind one interface, to compare them at equal cost.
+
+Every strategy generates ``num_candidates`` continuations of one prompt with
+:func:`~creative_sparse.generation.engine.generate` (same engine, same kernels)
+and returns a :class:`StrategyResult`: the texts and what they cost (tokens,
+FLOPs estimate, wall time, peak KV cache). The levels are levels of the dial
+(:class:`~creative_sparse.control.SparsityController`):
+
+* :class:`DenseTopP`: plain nucleus sampling, exact attention (the usual baseline).
+* :class:`MinP`: min-p sampling, exact attention.
+* :class:`Fixed`: every knob of the dial at one level ``s`` for the whole output.
+* :class:`Progressive`: the level moves linearly from ``start`` to ``end`` over the
+  output (explore early, settle late), in one pass and without selection.
+* :class:`Adaptive`: the level follows the model's uncertainty, step by step: it
+  rises above ``base`` while the next-token distributions are confident (mean
+  entropy below ``target_entropy``, nats) and falls while they are not.
+* :class:`MoEOnly`: only the MoE knobs of level ``s`` (more experts per token, router
+  temperature); attention and sampling stay at the dense level. On a dense model
+  it is :class:`Fixed` at ``s = 0``.
+* :class:`CreativeSparse`: diverge -> select -> refine
+  (:class:`~creative_sparse.generation.wrapper.CreativeSparseWrapper`); it returns
+  its refined candidates (``keep_fraction`` of the drafts), and its cost includes
+  the reference row and the scoring.
+
+Example:
+    >>> from creative_sparse.generation.strategies import Fixed
+    >>> result = Fixed(0.5).generate(model, tokenizer, "A haiku about rain.",
+    ...                              num_candidates=4, max_new_tokens=40)  # doctest: +SKIP
+    >>> result.texts, result.stats.wall_time                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..config import SparsityConfig
+from ..control import SparsityController, check_level
+from ..models.transformers import AttentionKnobs
+from .engine import GenerationStats, generate
+from .knobs import SamplingParams
+from .wrapper import CreativeSparseWrapper, dial_knobs
+
+__all__ = ["Adaptive", "CreativeSparse", "DenseTopP", "Fixed", "MinP", "MoEOnly",
+           "Progressive", "StrategyResult"]
+
+
+@dataclass
+class StrategyResult:
+    """The candidates of one strategy on one prompt, and their cost."""
+
+    name: str
+    texts: list[str]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def _prompt_ids(tokenizer, prompt) -> torch.Tensor:
+    """``[1, L]`` ids: a tensor as is; text through the chat template when there is one."""
+    if isinstance(prompt, torch.Tensor):
+        return prompt
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string or ids [1, L], got {prompt!r}")
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def _seeds(seed: int, n: int) -> list[int]:
+    return [int(seed) * 1000 + i for i in range(n)]
+
+
+@dataclass(frozen=True)
+class _Strategy:
+    """Shared driver: subclasses give the schedule (and may watch the logits)."""
+
+    config: SparsityConfig | None = field(default=None, kw_only=True)
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def schedule(self, model, seeds: list[int], max_new_tokens: int):
+        raise NotImplementedError
+
+    def generate(self, model, tokenizer, prompt, *, num_candidates: int = 5,
+                 max_new_tokens: int = 120, seed: int = 0) -> StrategyResult:
+        """``num_candidates`` continuations of ``prompt`` (text or ids ``[1, L]``)."""
+        seeds = _seeds(seed, num_candidates) if isinstance(num_candidates, int) else None
+        if seeds is None or num_candidates < 1:
+            raise ValueError(f"num_candidates must be an int >= 1, got {num_candidates!r}")
+        schedule, probe = self.schedule(model, seeds, max_new_tokens)
+        result = generate(model, tokenizer, _prompt_ids(tokenizer, prompt),
+                          num_rows=num_candidates, max_new_tokens=max_new_tokens,
+                          schedule=schedule, seeds=seeds, logit_processor=probe)
+        return StrategyResult(self.name, result.texts, result.stats)
+
+
+@dataclass(frozen=True)
+class DenseTopP(_Strategy):
+    top_p: float = 0.9
+    temperature: float = 1.0
+
+    def schedule(self, model, seeds, max_new_tokens):
+        return (SamplingParams(temperature=self.temperature, top_p=self.top_p),
+                AttentionKnobs()), None
+
+
+@dataclass(frozen=True)
+class MinP(_Strategy):
+    min_p: float = 0.1
+    temperature: float = 1.0
+
+    def schedule(self, model, seeds, max_new_tokens):
+        return (SamplingParams(temperature=self.temperature, min_p=self.min_p),
+                AttentionKnobs()), None
+
+
+@dataclass(frozen=True)
+class Fixed(_Strategy):
+    level: float = 0.5
+
+    def __post_init__(self):
+        check_level(self.level)
+
+    @property
+    def name(self) -> str:
+        return f"Fixed({self.level:g})"
+
+    def schedule(self, model, seeds, max_new_tokens):
+        return dial_knobs(SparsityController(self.config), model, self.level, seeds), None
+
+
+@dataclass(frozen=True)
+class Progressive(_Strategy):
+    start: float = 0.7
+    end: float = 0.3
+
+    def __post_init__(self):
+        check_level(self.start)
+        check_level(self.end)
+
+    @property
+    def name(self) -> str:
+        return f"Progressive({self.start:g}->{self.end:g})"
+
+    def schedule(self, model, seeds, max_new_tokens):
+        controller = SparsityController(self.config)
+        last = max(1, max_new_tokens - 1)
+        # The dial moves in 1% steps, so a schedule of 100s of steps is a handful of levels.
+        cache: dict[float, tuple] = {}
+
+        def at(step: int):
+            s = round(self.start + (self.end - self.start) * min(step, last) / last, 2)
+            if s not in cache:
+                cache[s] = dial_knobs(controller, model, s, seeds)
+            return cache[s]
+        return at, None
+
+
+class _EntropyProbe:
+    """A logit processor that only watches: the mean entropy (nats) of the rows'
+    next-token distributions at the last step."""
+
+    def __init__(self):
+        self.entropy: float | None = None
+
+    def __call__(self, step, generated, logits):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        terms = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
+        self.entropy = float(-terms.sum(dim=-1).mean())
+        return logits
+
+
+@dataclass(frozen=True)
+class Adaptive(_Strategy):
+    base: float = 0.5
+    target_entropy: float = 2.0
+    gain: float = 0.15
+
+    def __post_init__(self):
+        check_level(self.base)
+        if not (math.isfinite(self.target_entropy) and self.target_entropy > 0
+                and math.isfinite(self.gain) and self.gain >= 0):
+            raise ValueError(f"Adaptive: target_entropy must be > 0 and gain >= 0, got "
+                             f"{self.target_entropy!r}, {self.gain!r}")
+
+    def schedule(self, model, seeds, max_new_tokens):
+        controller = SparsityController(self.config)
+        probe = _EntropyProbe()
+        cache: dict[float, tuple] = {}
+
+        def at(step: int):
+            error = 0.0 if probe.entropy is None else self.target_entropy - probe.entropy
+            s = round(min(1.0, max(0.0, self.base + self.gain * error)), 2)
+            if s not in cache:
+                cache[s] = dial_knobs(controller, model, s, seeds)
+            return cache[s]
+        return at, probe
+
+
+@dataclass(frozen=True)
+class MoEOnly(_Strategy):
+    level: float = 0.7
+
+    def __post_init__(self):
+        check_level(self.level)
+
+    @property
+    def name(self) -> str:
+        return f"MoEOnly({self.level:g})"
+
+    def schedule(self, model, seeds, max_new_tokens):
+        controller = SparsityController(self.config)
+        dense_sampling, _ = dial_knobs(controller, model, 0.0)
+        _, knobs = dial_knobs(controller, model, self.level)
+        return (dense_sampling, AttentionKnobs(experts_per_token=knobs.experts_per_token,
+                                               router_temperature=knobs.router_temperature)), None
+
+
+@dataclass(frozen=True)
+class CreativeSparse:
+    """Diverge -> select -> refine, through :class:`CreativeSparseWrapper` (built once per
+    model: its quality functional loads an embedder)."""
+
+    schedule: tuple[float, float] = (0.7, 0.3)
+    config: SparsityConfig | None = None
+    _wrappers: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"CreativeSparse{tuple(self.schedule)}"
+
+    def generate(self, model, tokenizer, prompt, *, num_candidates: int = 5,
+                 max_new_tokens: int = 120, seed: int = 0) -> StrategyResult:
+        wrapper = self._wrappers.get(id(model))
+        if wrapper is None:
+            wrapper = self._wrappers[id(model)] = CreativeSparseWrapper(
+                model=model, tokenizer=tokenizer, sparsity_schedule=self.schedule,
+                sparsity_config=self.config)
+        if isinstance(prompt, torch.Tensor):
+            prompt = tokenizer.decode(prompt[0], skip_special_tokens=True)
+        start = time.perf_counter()
+        result = wrapper.generate_candidates(prompt, max_length=max_new_tokens,
+                                             num_candidates=num_candidates, seed=seed)
+        parts = [result.diverge_stats] + list(result.refine_stats)
+        stats = replace(parts[0], prompt_tokens=parts[0].prompt_tokens,
+                        generated_tokens=sum(p.generated_tokens for p in parts),
+                        steps=sum(p.steps for p in parts),
+                        pairs_attended=sum(p.pairs_attended for p in parts),
+                        flops=sum(p.flops for p in parts),
+                        wall_time=time.perf_counter() - start,
+                        peak_cache_bytes=result.peak_cache_bytes,
+                        evicted_tokens=sum(p.evicted_tokens for p in parts))
+        return StrategyResult(self.name, [c.text for c in result.candidates], stats)
