@@ -34,7 +34,7 @@ from creative_sparse.generation import CreativeSparseWrapper
 from creative_sparse.generation.engine import generate
 from creative_sparse.generation.knobs import SamplingParams
 from creative_sparse.models import load_model
-from creative_sparse.models.kv_cache import cache_bytes
+from creative_sparse.models.kv_cache import cache_bytes, returned_cache
 from creative_sparse.models.transformers import AttentionKnobs
 
 PROMPTS = DEMO_PROMPTS  # the prompts of `make demo`
@@ -48,7 +48,7 @@ def dense_run(model, tokenizer, ids, n: int, max_new_tokens: int, seed: int):
                          top_k=0, temperature=1.0, num_return_sequences=n,
                          max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
                          return_dict_in_generate=True)
-    return time.perf_counter() - start, cache_bytes(out.past_key_values)
+    return time.perf_counter() - start, cache_bytes(returned_cache(out))
 
 
 @torch.inference_mode()

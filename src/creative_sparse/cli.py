@@ -101,7 +101,7 @@ def run_creative_demo(prompts=DEMO_PROMPTS, candidates: int = 5, max_tokens: int
     """The main job: Creative-Sparse beside plain top-p sampling of as many candidates."""
     from .generation import CreativeSparseWrapper
     from .models import load_model
-    from .models.kv_cache import cache_bytes
+    from .models.kv_cache import cache_bytes, returned_cache
 
     start = time.perf_counter()
     model, tokenizer = load_model()
@@ -134,7 +134,7 @@ def run_creative_demo(prompts=DEMO_PROMPTS, candidates: int = 5, max_tokens: int
                                              num_candidates=candidates, seed=seed)
         plain_q = wrapper.quality.breakdown(plain, reference_data=[result.reference or " "])
         kv_creative = result.peak_cache_bytes
-        print(line("top-p sampling", plain_q, t_plain, cache_bytes(out.past_key_values)))
+        print(line("top-p sampling", plain_q, t_plain, cache_bytes(returned_cache(out))))
         print(line("Creative-Sparse", [c.quality for c in result.candidates], result.wall_time,
                    kv_creative))
         best_plain = plain[max(range(len(plain)), key=lambda j: plain_q[j].q)]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["CachePositions", "cache_bytes", "cache_kwargs", "cache_length", "prefill",
-           "prune_cache"]
+           "prune_cache", "returned_cache"]
 
 
 @dataclass
@@ -63,6 +63,13 @@ def cache_kwargs(model, cache) -> dict:
     return {_cache_keyword(type(model)): cache}
 
 
+def returned_cache(output):
+    """The KV cache a forward or ``generate`` output carries (``cache`` in transformers 5.x,
+    ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def cache_bytes(cache) -> int:
     """Memory held by the cached keys and values, in bytes (all layers and rows)."""
     return sum(layer.keys.numel() * layer.keys.element_size()
@@ -97,8 +104,7 @@ def prefill(model, input_ids: Tensor, num_rows: int = 1):
                          f"{input_ids.shape[0]} prompt(s), got {num_rows!r}")
     cache = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, cache))
-    returned = getattr(out, "cache", None)
-    cache = returned if returned is not None else out.past_key_values
+    cache = returned_cache(out)
     repeats = num_rows // input_ids.shape[0]
     if repeats > 1:
         cache.batch_repeat_interleave(repeats)
