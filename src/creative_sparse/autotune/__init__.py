@@ -16,7 +16,7 @@ Procedure (``docs/goldilocks.md`` has the details):
    optimum (interpolated) with a warning; a flat Q returns its argmax with a warning.
 
 Budget: ``compute_budget`` is a fraction of the reference cost, 8 prompts x 6
-samples x 7 levels x 64 tokens = 21,504 sampled tokens (about 7 minutes for
+samples x 7 levels x 64 tokens = 21,504 sampled tokens (about 3.5 minutes for
 SmolLM2-135M on 2 CPU cores, greedy references and scoring included). Prompts,
 samples and levels scale together (each by the cube root of the budget,
 rounded, within the task's prompts); a task whose outputs are longer gets

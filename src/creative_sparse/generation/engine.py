@@ -133,10 +133,9 @@ def _resample_rejected(tokens, logits, alive, context, generators, sampling, rej
     for i, row in enumerate(alive):
         if i in skip:
             continue
-        ids = None
+        ids = context(row)
         row_logits = None
         for _ in range(_MAX_RESAMPLES):
-            ids = context(row) if ids is None else ids
             if not rejects(ids, int(tokens[i])):
                 break
             if row_logits is None:
