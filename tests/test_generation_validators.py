@@ -108,3 +108,19 @@ def test_guard_closes_an_open_block_whose_code_parses_near_the_budget_end():
     assert int(out[0].argmax()) == ord("`") and int(torch.isinf(out[0]).sum()) == 199
     assert torch.equal(out[1], logits[1])                  # code that does not parse stays open
     assert int(out[2].argmax()) == ord("\n")               # the line ends first, then the fence
+
+
+def test_a_validator_of_your_own_as_documented():
+    """The example of docs/generation.md."""
+    class EndsWithQuestion:
+        def __call__(self, text):
+            return 0 if text.rstrip().endswith("?") else 1
+
+        def rejects_prefix(self, text):
+            return "?" in text.rstrip()[:-1]
+
+    guard = ValidatorGuard(CharTokenizer(), [EndsWithQuestion()], eos_ids=[0])
+    assert not guard.rejects(ids("Why"), ord("?"))
+    assert guard.rejects(ids("Why?"), ord(" ")) is False       # trailing space is fine
+    assert guard.rejects(ids("Why? "), ord("x"))               # nothing after the question
+    assert guard.rejects(ids("Why"), 0)                        # no end before the "?"
