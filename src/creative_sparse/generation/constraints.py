@@ -215,6 +215,7 @@ class ValidatorGuard:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def rejects(self, ids: list[int], token: int) -> bool:
+        """Whether ``token`` after the row's ``ids`` must be taken back (see the class doc)."""
         if not self.validators:
             return False
         if int(token) in self.eos_ids:
@@ -228,6 +229,7 @@ class ValidatorGuard:
         return any(not v.rejects_prefix(before) for v in failing)
 
     def __call__(self, step: int, generated: list[list[int]], logits: Tensor) -> Tensor:
+        """Near the end of the budget, force the first token of a row's valid ending."""
         enders = [v.closing for v in self.validators if hasattr(v, "closing")]
         if self.budget is None or not enders or self.budget - step > self.closing_steps:
             return logits

@@ -102,6 +102,8 @@ class _Strategy:
 
 @dataclass(frozen=True)
 class DenseTopP(_Strategy):
+    """Plain nucleus sampling with exact attention (the usual baseline)."""
+
     top_p: float = 0.9
     temperature: float = 1.0
 
@@ -112,6 +114,8 @@ class DenseTopP(_Strategy):
 
 @dataclass(frozen=True)
 class MinP(_Strategy):
+    """Min-p sampling with exact attention."""
+
     min_p: float = 0.1
     temperature: float = 1.0
 
@@ -122,6 +126,8 @@ class MinP(_Strategy):
 
 @dataclass(frozen=True)
 class Fixed(_Strategy):
+    """Every knob of the dial at ``level`` for the whole output, one sub-network per row."""
+
     level: float = 0.5
 
     def __post_init__(self):
@@ -137,6 +143,8 @@ class Fixed(_Strategy):
 
 @dataclass(frozen=True)
 class Progressive(_Strategy):
+    """The level moves linearly from ``start`` (first token) to ``end`` (last token)."""
+
     start: float = 0.7
     end: float = 0.3
 
@@ -178,6 +186,10 @@ class _EntropyProbe:
 
 @dataclass(frozen=True)
 class Adaptive(_Strategy):
+    """The level at each step is ``base + gain * (target_entropy - H)``, clipped to
+    [0, 1], where ``H`` is the rows' mean next-token entropy (nats) at the last step:
+    confident steps explore more, uncertain ones stay closer to dense."""
+
     base: float = 0.5
     target_entropy: float = 2.0
     gain: float = 0.15
@@ -205,6 +217,9 @@ class Adaptive(_Strategy):
 
 @dataclass(frozen=True)
 class MoEOnly(_Strategy):
+    """Only the MoE knobs of ``level`` (experts per token, router temperature); exact
+    attention and the dense level's sampling."""
+
     level: float = 0.7
 
     def __post_init__(self):
