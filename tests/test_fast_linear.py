@@ -3,10 +3,28 @@
 import pytest
 import torch
 
+from creative_sparse.models import fast_linear
 from creative_sparse.models.fast_linear import fast_linears, onednn_linear_available
 
 pytestmark = pytest.mark.skipif(not onednn_linear_available(),
                                 reason="oneDNN linear is not available in this PyTorch build")
+
+
+@pytest.fixture(autouse=True)
+def routed_whatever_the_timing(monkeypatch):
+    """The mechanism is tested on any CPU: routing is forced on, not timed."""
+    monkeypatch.setenv("CREATIVE_SPARSE_FAST_LINEAR", "1")
+    fast_linear._routing_pays.cache_clear()
+    yield
+    fast_linear._routing_pays.cache_clear()
+
+
+def test_routing_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("CREATIVE_SPARSE_FAST_LINEAR", "0")
+    fast_linear._routing_pays.cache_clear()
+    layer = torch.nn.Linear(8, 4)
+    with fast_linears(layer) as routed:
+        assert routed == 0 and "forward" not in vars(layer)
 
 
 @torch.no_grad()

@@ -14,8 +14,9 @@ restores the modules on exit. Same product, summation order aside
 Only plain ``torch.nn.Linear`` modules with fp32 CPU weights and no hooks are
 routed (quantized, offloaded or hooked layers own their forward); inputs that
 need gradients, or of another dtype, take the usual path. Where oneDNN is not
-built in, or its result disagrees with ``F.linear`` on a probe, nothing is
-routed.
+built in, its result disagrees with ``F.linear`` on a probe, or it is slower on
+a decode-shaped product timed once per process, nothing is routed;
+``CREATIVE_SPARSE_FAST_LINEAR=1`` / ``0`` forces the choice.
 
 Example:
     >>> layer = torch.nn.Linear(8, 4)
@@ -30,12 +31,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
+import time
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
 __all__ = ["fast_linears", "onednn_linear_available"]
+
+logger = logging.getLogger(__name__)
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -59,6 +65,35 @@ def onednn_linear_available() -> bool:
         return False
 
 
+def _best_of(fn, repeats: int = 5) -> float:
+    fn()                                                    # warm-up (first-call setup)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@functools.lru_cache(maxsize=1)
+def _routing_pays() -> bool:
+    """Whether to route: ``$CREATIVE_SPARSE_FAST_LINEAR`` = 1 / 0 decides; otherwise
+    oneDNN must work here and be no slower than ``F.linear`` on a decode-shaped
+    product (4 rows x a 4096 x 1024 weight, timed once per process, ~20 ms)."""
+    forced = os.environ.get("CREATIVE_SPARSE_FAST_LINEAR", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1" and onednn_linear_available()
+    if not onednn_linear_available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 1024, generator=gen), torch.randn(4096, 1024, generator=gen)
+    with torch.no_grad():
+        ours = _best_of(lambda: _onednn_linear(x, w, None))
+        theirs = _best_of(lambda: torch.nn.functional.linear(x, w))
+    logger.debug("oneDNN linear %.3f ms, F.linear %.3f ms", ours * 1e3, theirs * 1e3)
+    return ours <= 1.1 * theirs
+
+
 def _forward(module: torch.nn.Linear, x: Tensor) -> Tensor:
     if x.dtype != torch.float32 or x.device.type != "cpu" or (
             torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)):
@@ -75,8 +110,8 @@ def _eligible(module: torch.nn.Module) -> bool:
 @contextlib.contextmanager
 def fast_linears(model: torch.nn.Module) -> Iterator[int]:
     """Route ``model``'s CPU fp32 linear layers through oneDNN inside the block; yields
-    how many layers were routed (0 where oneDNN is unavailable)."""
-    routed = [m for m in model.modules() if _eligible(m)] if onednn_linear_available() else []
+    how many layers were routed (0 where oneDNN is unavailable or not faster here)."""
+    routed = [m for m in model.modules() if _eligible(m)] if _routing_pays() else []
     for module in routed:
         module.forward = _forward.__get__(module)
     try:
