@@ -113,3 +113,4 @@ def test_creative_sparse_strategy_on_the_real_model(smollm2):
     assert len(result.texts) == 2                      # ceil(3 * 0.5) drafts refined
     assert result.stats.wall_time > 0 and result.stats.peak_cache_bytes > 0
     assert result.stats.generated_tokens > 20
+

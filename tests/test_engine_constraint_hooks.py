@@ -1,0 +1,72 @@
+"""The engine's constraint hooks on a tiny random Llama: backtracking and what
+constraints see of a row's history."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from creative_sparse.generation.engine import generate  # noqa: E402
+from creative_sparse.generation.knobs import SamplingParams  # noqa: E402
+from creative_sparse.models.transformers import AttentionKnobs  # noqa: E402
+
+SCHEDULE = (SamplingParams(temperature=1.0), AttentionKnobs())
+
+
+class Tokenizer:
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+class Recorder:
+    """Sees every step's histories; refuses every token but ``only`` (if set)."""
+
+    def __init__(self, only=None):
+        self.only, self.seen = only, []
+
+    def __call__(self, step, generated, logits):
+        self.seen.append([list(ids) for ids in generated])
+        return logits
+
+    def rejects(self, ids, token):
+        return self.only is not None and token != self.only
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, eos_token_id=None)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+PROMPT = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(1))
+
+
+def test_backtracking_falls_back_to_the_best_acceptable_token(tiny):
+    """Refusing all but one token: resampling alone rarely finds it, the ranked
+    fallback always does."""
+    guard = Recorder(only=7)
+    result = generate(tiny, Tokenizer(), PROMPT, num_rows=2, max_new_tokens=6,
+                      schedule=SCHEDULE, seeds=[3, 4], logit_processor=guard)
+    assert result.token_ids == [[7] * 6, [7] * 6]
+    assert guard.seen[-1] == [[7] * 5, [7] * 5]
+
+
+def test_a_continued_row_shows_its_history_to_the_constraints(tiny):
+    first = generate(tiny, Tokenizer(), PROMPT, num_rows=3, max_new_tokens=4,
+                     schedule=SCHEDULE, seeds=[1, 2, 3], keep_state=True)
+    state = first.state.select([2, 0])
+    assert state.history == [first.token_ids[2], first.token_ids[0]]
+    recorder = Recorder()
+    second = generate(tiny, Tokenizer(), state, num_rows=2, max_new_tokens=3,
+                      schedule=SCHEDULE, seeds=[3, 1], logit_processor=recorder)
+    assert recorder.seen[0] == [first.token_ids[2], first.token_ids[0]]
+    assert recorder.seen[-1] == [first.token_ids[2] + second.token_ids[0][:2],
+                                 first.token_ids[0] + second.token_ids[1][:2]]
+    assert [len(t) for t in second.token_ids] == [3, 3]     # the result holds new tokens only
