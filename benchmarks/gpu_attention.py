@@ -9,7 +9,9 @@ computation) before timing, then times:
 * ``flex``: compiled FlexAttention with the same block mask (our ``BlockMask``),
 * ``ours``: our Triton kernel including its per-call INT8 quantization and block
   lists, with the PV threshold at the seed default (``pvthreshd=15``); ``nopv``
-  the same without the PV threshold; ``prep`` the per-call work before the kernel.
+  the same without the PV threshold; ``prep`` the per-call work before the kernel;
+  ``fp8`` the kernel with P·V in FP8 e4m3 (GPUs of compute capability >= 8.9), with
+  its own relative L1 against the same check.
 
 TFLOP/s count the effective work, ``4 * D * (query, key) pairs computed`` (the
 kept blocks, causal-aware; dense causal counts the lower triangle), so a
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=0,
                         help="query heads (default: 2048 / D, i.e. 32 at D=64, 16 at D=128)")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--no-fp8", action="store_true",
+                        help="skip the FP8 P·V variant (run only where compute capability >= 8.9)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -74,7 +78,9 @@ def main(argv=None) -> int:
     _dynamo.config.cache_size_limit = 64   # one compile per (N, D, causal) for flex
     from creative_sparse.attention import predict_block_map, quant
     from creative_sparse.attention.backends import triton as triton_backend
-    from creative_sparse.attention.dispatch import run_backend
+    from creative_sparse.attention.dispatch import _fit_block_map, run_backend
+
+    args.no_fp8 = args.no_fp8 or torch.cuda.get_device_capability() < (8, 9)
 
     def prepare(q, k, v, bm):
         """The per-call work before the attention kernel: quantization and block lists."""
@@ -85,7 +91,7 @@ def main(argv=None) -> int:
     header = (f"{'N':>6} {'D':>4} {'H':>3} {'causal':>6} {'target':>6} {'skipped':>7} "
               f"{'sdpa ms':>8} {'flex ms':>8} {'ours ms':>8} {'nopv ms':>8} {'prep ms':>7} "
               f"{'sdpa TF':>7} {'flex TF':>7} {'ours TF':>7} {'x sdpa':>6} {'x flex':>6} "
-              f"{'pred %':>6} {'relL1':>7}")
+              f"{'pred %':>6} {'relL1':>7} {'fp8 ms':>7} {'fp8 L1':>7}")
     print(header, flush=True)
     rows = []
     for n in args.lengths:
@@ -121,6 +127,18 @@ def main(argv=None) -> int:
                     ours_ms = bench(lambda: run(15.0))
                     nopv_ms = bench(lambda: run(None))
                     prep_ms = bench(lambda: prepare(q, k, v, bm))
+                    fp8_ms = fp8_err = math.nan
+                    if not args.no_fp8:
+                        try:
+                            full = _fit_block_map(bm, q, k)
+                            fp8 = lambda: triton_backend.block_sparse_attention(  # noqa: E731
+                                q, k, v, full, pvthreshd=15.0, pv_dtype="fp8")
+                            fp8_err = rel_l1(fp8(), check) if check is not None else math.nan
+                            fp8_ms = bench(fp8)
+                        except Exception as exc:  # report it and go on without fp8
+                            print(f"!! fp8 failed, skipping it from now on: {exc!r}"[:400],
+                                  flush=True)
+                            args.no_fp8 = True
                     tf = lambda p, ms: 4 * d * p / (ms * 1e-3) / 1e12
                     row = dict(n=n, d=d, heads=heads, causal=causal, target=target,
                                skipped=bm.sparsity(), sdpa_ms=sdpa, flex_ms=flex_ms,
@@ -128,14 +146,15 @@ def main(argv=None) -> int:
                                sdpa_tflops=tf(dense_pairs, sdpa), flex_tflops=tf(pairs, flex_ms),
                                ours_tflops=tf(pairs, ours_ms), speedup=sdpa / ours_ms,
                                vs_flex=flex_ms / ours_ms, predict_pct=100 * pred_ms / sdpa,
-                               rel_l1=err)
+                               rel_l1=err, fp8_ms=fp8_ms, fp8_rel_l1=fp8_err)
                     rows.append(row)
                     print(f"{n:>6} {d:>4} {heads:>3} {str(causal):>6} {target:>6.2f} "
                           f"{row['skipped']:>7.3f} {sdpa:>8.3f} {flex_ms:>8.3f} {ours_ms:>8.3f} "
                           f"{nopv_ms:>8.3f} {prep_ms:>7.3f} {row['sdpa_tflops']:>7.1f} "
                           f"{row['flex_tflops']:>7.1f} "
                           f"{row['ours_tflops']:>7.1f} {row['speedup']:>6.2f} "
-                          f"{row['vs_flex']:>6.2f} {row['predict_pct']:>6.1f} {err:>7.4f}",
+                          f"{row['vs_flex']:>6.2f} {row['predict_pct']:>6.1f} {err:>7.4f} "
+                          f"{fp8_ms:>7.3f} {fp8_err:>7.4f}",
                           flush=True)
             del q, k, v
             torch.cuda.empty_cache()
