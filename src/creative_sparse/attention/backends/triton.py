@@ -68,7 +68,10 @@ def _kernel():
 
     if interpreter_enabled():
         return triton_kernel.block_sparse_fwd
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (8, 3), (8, 2))]
+    # (4, 2) and (4, 4) are for small head dims (D = 64 trailed SDPA most); a config
+    # that does not fit the GPU's shared memory is skipped by the autotuner.
+    settings = ((4, 3), (8, 3), (8, 2), (4, 2), (4, 4))
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in settings]
     return triton.autotune(configs, key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "BLOCK_N",
                                          "IS_CAUSAL", "PV_SKIP", "PV_FP8"])(
         triton_kernel.block_sparse_fwd)
