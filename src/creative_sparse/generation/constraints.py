@@ -210,23 +210,30 @@ class ValidatorGuard:
         self.validators = [v for v in validators if hasattr(v, "rejects_prefix")]
         self.eos_ids = {int(e) for e in eos_ids}
         self.budget, self.closing_steps = budget, closing_steps
+        self._judged: tuple[tuple[int, ...], str, list[bool]] | None = None
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _before(self, ids: list[int]) -> tuple[str, list[bool]]:
+        """The row's text and each validator's "beyond repair" verdict on it, kept for
+        the next call: resampling asks about many tokens after the same ``ids``."""
+        key = tuple(ids)
+        if self._judged is None or self._judged[0] != key:
+            text = self._text(ids)
+            self._judged = (key, text, [v.rejects_prefix(text) for v in self.validators])
+        return self._judged[1], self._judged[2]
 
     def rejects(self, ids: list[int], token: int) -> bool:
         """Whether ``token`` after the row's ``ids`` must be taken back (see the class doc)."""
         if not self.validators:
             return False
         if int(token) in self.eos_ids:
-            text = self._text(ids)
-            return any(v(text) > 0 and not v.rejects_prefix(text) for v in self.validators)
+            text, dead = self._before(ids)
+            return any(v(text) > 0 and not gone for v, gone in zip(self.validators, dead))
         after = self._text(list(ids) + [int(token)])
-        failing = [v for v in self.validators if v.rejects_prefix(after)]
-        if not failing:
-            return False
-        before = self._text(ids)
-        return any(not v.rejects_prefix(before) for v in failing)
+        failing = [i for i, v in enumerate(self.validators) if v.rejects_prefix(after)]
+        return bool(failing) and not all(self._before(ids)[1][i] for i in failing)
 
     def __call__(self, step: int, generated: list[list[int]], logits: Tensor) -> Tensor:
         """Near the end of the budget, force the first token of a row's valid ending."""

@@ -90,9 +90,10 @@ class _Strategy:
     def generate(self, model, tokenizer, prompt, *, num_candidates: int = 5,
                  max_new_tokens: int = 120, seed: int = 0) -> StrategyResult:
         """``num_candidates`` continuations of ``prompt`` (text or ids ``[1, L]``)."""
-        seeds = _seeds(seed, num_candidates) if isinstance(num_candidates, int) else None
-        if seeds is None or num_candidates < 1:
+        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) \
+                or num_candidates < 1:
             raise ValueError(f"num_candidates must be an int >= 1, got {num_candidates!r}")
+        seeds = _seeds(seed, num_candidates)
         schedule, probe = self.schedule(model, seeds, max_new_tokens)
         result = generate(model, tokenizer, _prompt_ids(tokenizer, prompt),
                           num_rows=num_candidates, max_new_tokens=max_new_tokens,
@@ -263,8 +264,7 @@ class CreativeSparse:
         result = wrapper.generate_candidates(prompt, max_length=max_new_tokens,
                                              num_candidates=num_candidates, seed=seed)
         parts = [result.diverge_stats] + list(result.refine_stats)
-        stats = replace(parts[0], prompt_tokens=parts[0].prompt_tokens,
-                        generated_tokens=sum(p.generated_tokens for p in parts),
+        stats = replace(parts[0], generated_tokens=sum(p.generated_tokens for p in parts),
                         steps=sum(p.steps for p in parts),
                         pairs_attended=sum(p.pairs_attended for p in parts),
                         flops=sum(p.flops for p in parts),

@@ -124,24 +124,20 @@ class LikelihoodScorer:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         plain = head is None or not hasattr(model, "get_decoder") or any(
             getattr(model.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
-        with fast_linears(model):
+        with fast_linears(model):       # the output head is one of the model's layers
             if plain:  # models that post-process logits: take them from the full forward
                 hidden = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
             else:
                 hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask)
                 hidden = hidden.last_hidden_state[:, :-1]
-        rows = hidden[score.to(device)]
-        target = input_ids[:, 1:][score.to(device)]
-        owner = score.nonzero()[:, 0]
-        losses = torch.empty(rows.shape[0], dtype=torch.float32)
-        for c in range(0, rows.shape[0], self.chunk_rows):
-            h = rows[c:c + self.chunk_rows]
-            if plain:
-                logits = h
-            else:
-                with fast_linears(head):
-                    logits = head(h)
-            losses[c:c + self.chunk_rows] = F.cross_entropy(
-                logits.float(), target[c:c + self.chunk_rows], reduction="none").cpu()
+            rows = hidden[score.to(device)]
+            target = input_ids[:, 1:][score.to(device)]
+            owner = score.nonzero()[:, 0]
+            losses = torch.empty(rows.shape[0], dtype=torch.float32)
+            for c in range(0, rows.shape[0], self.chunk_rows):
+                h = rows[c:c + self.chunk_rows]
+                logits = h if plain else head(h)
+                losses[c:c + self.chunk_rows] = F.cross_entropy(
+                    logits.float(), target[c:c + self.chunk_rows], reduction="none").cpu()
         total = torch.zeros(len(batch)).index_add_(0, owner, losses)
         return total / score.sum(1).clamp(min=1)
