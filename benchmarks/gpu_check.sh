@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check of the Triton kernel: its tests on the GPU, then the benchmark.
+# One prepared GPU check of the Triton kernels (attention and prediction): their tests on
+# the GPU, then the benchmark.
 # Usage: benchmarks/gpu_check.sh OUTDIR [benchmark arguments...]
 # Needs python3 with torch (CUDA) and triton; the package is taken from ./src.
 set -u
@@ -10,6 +11,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     2>&1 | tee -a "$out/gpu.txt"
 timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py \
-    -k "gpu" 2>&1 | tail -40 | tee "$out/tests.txt"
+    tests/test_triton_prediction.py -k "gpu" 2>&1 | tail -40 | tee "$out/tests.txt"
 timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/gpu_attention.py --json "$out/bench.json" "$@" \
     2>&1 | tee "$out/bench.txt"

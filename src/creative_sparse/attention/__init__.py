@@ -29,8 +29,8 @@ from torch import Tensor
 
 from .blockmap import BlockMap, HeadParam, per_head_param, predict_block_map
 from .checks import check_output_dtype, check_qkv, check_scale, to_hnd
-from .dispatch import (_fit_block_map, available_backends, run_backend, select_backend,
-                       use_backend)
+from .dispatch import (_fit_block_map, available_backends, predict, run_backend,
+                       select_backend, use_backend)
 from .reference import dense_attention, masked_attention
 
 __all__ = [
@@ -119,7 +119,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False
                      attention_sink: bool = False, tensor_layout: str = "HND",
                      output_dtype: torch.dtype | None = None, return_sparsity: bool = False,
                      block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
-                     backend: str | None = None):
+                     backend: str | None = None, predictor: str | None = None):
     """SpargeAttn: predict the important blocks, then compute attention over them only.
 
     Args:
@@ -144,6 +144,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False
         return_sparsity: also return the fraction of (causal-aware) blocks skipped.
         block_q, block_k: block sizes (128 x 64 as in SpargeAttn).
         backend: force a backend (see :mod:`creative_sparse.attention.dispatch`).
+        predictor: ``"torch"`` (default) or ``"triton"`` (the same block map from
+            fused GPU launches); also set by ``CREATIVE_SPARSE_PREDICTOR``.
 
     Returns:
         The attention output, same layout as the inputs; with ``return_sparsity``,
@@ -159,10 +161,10 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False
     check_qkv(q, k, v)
     _check_scalars(scale, output_dtype, None, 0.0)
     per_head_param(pvthreshd, "pvthreshd", q.shape[1], 0.0, math.inf, low_open=True)
-    block_map = predict_block_map(q, k, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd,
-                                  topk=topk, causal=bool(is_causal),
-                                  attention_sink=attention_sink, smooth_k=smooth_k,
-                                  scale=scale, block_q=block_q, block_k=block_k)
+    block_map = predict(q, k, predictor=predictor, simthreshd1=simthreshd1,
+                        cdfthreshd=cdfthreshd, topk=topk, causal=bool(is_causal),
+                        attention_sink=attention_sink, smooth_k=smooth_k, scale=scale,
+                        block_q=block_q, block_k=block_k)
     out = run_backend(q, k, v, block_map, scale=scale, backend=backend, out_dtype=output_dtype,
                       pvthreshd=pvthreshd)
     return _finish(out, block_map, tensor_layout, output_dtype, return_sparsity)

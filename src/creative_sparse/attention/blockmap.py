@@ -28,7 +28,7 @@ Hyperparameters are scalars or per-head sequences/tensors of length ``H``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 import torch
@@ -124,6 +124,11 @@ class BlockMap:
         block_q, block_k: block sizes in query rows and key rows.
         q_len, k_len: sequence lengths the map was made for.
         causal: bottom-right causal masking inside the kept blocks.
+        kv_lists: the kept blocks as lists, ``(counts, indices)`` as
+            :meth:`kv_indices` returns them, when the producer already has them
+            (the fused GPU prediction writes them with the map); else None.
+            A producer that passes them also guarantees that ``keep`` holds no
+            block causal masking removes (the check would cost GPU launches).
 
     Example:
         >>> keep = torch.ones(1, 2, 1, 2, dtype=torch.bool)
@@ -137,6 +142,7 @@ class BlockMap:
     q_len: int
     k_len: int
     causal: bool = False
+    kv_lists: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "q_len", "k_len"):
@@ -152,6 +158,15 @@ class BlockMap:
             raise ValueError(
                 f"BlockMap: keep must have shape [B, H, {nq}, {nk}] for q_len={self.q_len}, "
                 f"k_len={self.k_len}, blocks {self.block_q}x{self.block_k}; got {tuple(keep.shape)}")
+        if self.kv_lists is not None:
+            counts, indices = self.kv_lists
+            if (keep.dtype != torch.bool or tuple(counts.shape) != tuple(keep.shape[:-1])
+                    or indices.shape != keep.shape):
+                raise ValueError(f"BlockMap: with kv_lists, keep must be bool and the lists "
+                                 f"counts {tuple(keep.shape[:-1])} "
+                                 f"and indices {tuple(keep.shape)}; got {tuple(counts.shape)} "
+                                 f"and {tuple(indices.shape)}")
+            return
         valid = block_valid_map(self.q_len, self.k_len, self.block_q, self.block_k,
                                 self.causal, keep.device)
         object.__setattr__(self, "keep", keep.to(torch.bool) & valid)
@@ -197,6 +212,8 @@ class BlockMap:
         """Kept key blocks as lists: ``counts`` int32 ``[B, H, nq]`` and ``indices`` int32
         ``[B, H, nq, nk]`` whose first ``counts`` entries are the kept blocks in
         ascending order (the rest is padding)."""
+        if self.kv_lists is not None:
+            return self.kv_lists
         counts = self.keep.sum(dim=-1, dtype=torch.int32)
         order = torch.argsort((~self.keep).to(torch.int8), dim=-1, stable=True)
         return counts, order.to(torch.int32)
@@ -277,6 +294,33 @@ def pooled_blocks(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
     return pooled, similarity, rows
 
 
+def prediction_args(q: Tensor, k: Tensor, *, simthreshd1: HeadParam,
+                    cdfthreshd: HeadParam | None, topk: HeadParam | None,
+                    scale: float | None, block_q: int, block_k: int
+                    ) -> tuple[float, Tensor, Tensor]:
+    """Check the arguments of a block-map prediction (any predictor).
+
+    Returns ``(scale, simthreshd1, threshold)``: the score multiplier (default
+    ``1/sqrt(D)``) and fp32 ``[H]`` tensors on ``q``'s device; ``threshold`` is
+    ``topk`` when given, else ``cdfthreshd`` (default 0.97). Raises ``ValueError``
+    naming the offending argument and the allowed range.
+    """
+    if cdfthreshd is not None and topk is not None:
+        raise ValueError("predict_block_map: give cdfthreshd or topk, not both; "
+                         f"got cdfthreshd={cdfthreshd!r}, topk={topk!r}")
+    check_qk(q, k)
+    check_scale(scale)
+    check_block_size("block_q", block_q)
+    check_block_size("block_k", block_k)
+    h, d = q.shape[1], q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    sim_t = per_head_param(simthreshd1, "simthreshd1", h, -1.0, 1.0, device=q.device)
+    name, value = ("cdfthreshd", 0.97 if cdfthreshd is None else cdfthreshd) if topk is None \
+        else ("topk", topk)
+    thr = per_head_param(value, name, h, 0.0, 1.0, low_open=True, device=q.device)
+    return scale, sim_t, thr
+
+
 def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
                       cdfthreshd: HeadParam | None = None, topk: HeadParam | None = None,
                       causal: bool = False, attention_sink: bool = False,
@@ -307,23 +351,11 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
         >>> bm.keep.shape, 0.0 <= bm.sparsity() < 1.0
         (torch.Size([1, 2, 3, 5]), True)
     """
-    if cdfthreshd is not None and topk is not None:
-        raise ValueError("predict_block_map: give cdfthreshd or topk, not both; "
-                         f"got cdfthreshd={cdfthreshd!r}, topk={topk!r}")
-    if cdfthreshd is None and topk is None:
-        cdfthreshd = 0.97
-    check_qk(q, k)
-    check_scale(scale)
-    check_block_size("block_q", block_q)
-    check_block_size("block_k", block_k)
-    b, h, lq, d = q.shape
+    scale, sim_t, thr = prediction_args(q, k, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd,
+                                        topk=topk, scale=scale, block_q=block_q,
+                                        block_k=block_k)
+    b, h, lq, _ = q.shape
     h_kv, lk = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    sim_t = per_head_param(simthreshd1, "simthreshd1", h, -1.0, 1.0, device=q.device)
-    if topk is None:
-        thr = per_head_param(cdfthreshd, "cdfthreshd", h, 0.0, 1.0, low_open=True, device=q.device)
-    else:
-        thr = per_head_param(topk, "topk", h, 0.0, 1.0, low_open=True, device=q.device)
 
     kf = k.float()
     if smooth_k:

@@ -14,6 +14,14 @@ Backends (each computes exactly the kept blocks of a :class:`BlockMap`):
 Precedence: the ``backend=`` argument, then :func:`use_backend`, then the
 ``CREATIVE_SPARSE_BACKEND`` environment variable, then the automatic choice.
 A forced backend that cannot run is an error, never a silent switch.
+
+The block-map prediction is chosen here too (:func:`predict`): ``"torch"``
+(:func:`~creative_sparse.attention.predict_block_map`, any device; the default)
+or ``"triton"`` (the same map from a few fused GPU launches, which also hands
+the kernel its block lists). Precedence: the ``predictor=`` argument, then the
+``CREATIVE_SPARSE_PREDICTOR`` environment variable, then ``"torch"``. The fused
+predictor is tested in Triton's interpreter against the PyTorch one (equal maps)
+but is opt-in until its speed has been measured on a GPU.
 """
 
 from __future__ import annotations
@@ -26,13 +34,15 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from .blockmap import BlockMap
+from .blockmap import BlockMap, predict_block_map
 
-__all__ = ["BACKENDS", "ENV_VAR", "available_backends", "select_backend", "run_backend",
-           "use_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "PREDICTORS", "PREDICTOR_ENV_VAR", "available_backends",
+           "predict", "select_backend", "select_predictor", "run_backend", "use_backend"]
 
 BACKENDS = ("cpu_kernel", "triton", "flex", "torch", "reference")
 ENV_VAR = "CREATIVE_SPARSE_BACKEND"
+PREDICTORS = ("torch", "triton")
+PREDICTOR_ENV_VAR = "CREATIVE_SPARSE_PREDICTOR"
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("creative_sparse_backend",
                                                                      default=None)
 
@@ -147,3 +157,27 @@ def run_backend(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap, *,
     extra = {"pvthreshd": pvthreshd} if name == "triton" else {}
     out = _implementation(name)(q, k, v, block_map, scale=scale, **extra)
     return out.to(out_dtype or q.dtype)
+
+
+def select_predictor(device: torch.device | str, requested: str | None = None) -> str:
+    """Name of the block-map predictor to use on ``device`` (see the module docstring)."""
+    name, source = requested, "predictor"
+    if name is None:
+        name, source = os.environ.get(PREDICTOR_ENV_VAR) or "torch", PREDICTOR_ENV_VAR
+    if name not in PREDICTORS:
+        raise ValueError(f"{source}: unknown block-map predictor {name!r}; allowed: "
+                         f"{', '.join(PREDICTORS)}")
+    if name == "triton" and not _is_available("triton", torch.device(device)):
+        raise ValueError(f"{source}: the 'triton' predictor cannot run on device {device} "
+                         "here (it needs Triton and a CUDA GPU of compute capability >= 8.0); "
+                         "use 'torch'")
+    return name
+
+
+def predict(q: Tensor, k: Tensor, *, predictor: str | None = None, **params) -> BlockMap:
+    """Predict the block map with the selected predictor; ``params`` are those of
+    :func:`~creative_sparse.attention.predict_block_map`."""
+    if select_predictor(q.device, predictor) == "triton":
+        from .backends.triton import predict_block_map as fused
+        return fused(q, k, **params)
+    return predict_block_map(q, k, **params)

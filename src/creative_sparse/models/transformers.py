@@ -32,7 +32,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ..attention import block_sparse_attention, predict_block_map
+from ..attention import block_sparse_attention
+from ..attention.dispatch import predict
 from ..attention.blockmap import block_pair_counts
 from .token_topk import token_topk
 
@@ -218,7 +219,7 @@ def creative_sparse_attention(module: torch.nn.Module, query: Tensor, key: Tenso
     q_len = query.shape[2]
     if q_len >= knobs.min_prefill_len and attention_mask is None:
         topk = knobs.topk
-        block_map = predict_block_map(
+        block_map = predict(
             query, key, simthreshd1=knobs.simthreshd1,
             cdfthreshd=None if topk is not None else knobs.cdfthreshd, topk=topk, causal=True,
             attention_sink=knobs.sink_tokens > 0, scale=scaling)

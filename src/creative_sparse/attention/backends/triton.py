@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from .. import quant
-from ..blockmap import BlockMap, per_head_param
+from ..blockmap import BlockMap, HeadParam, per_head_param, prediction_args
 
 __all__ = ["MAX_HEAD_DIM", "available", "block_sparse_attention", "interpreter_enabled",
-           "quantize_per_block"]
+           "predict_block_map", "quantize_per_block"]
 
 MAX_HEAD_DIM = 256
 
@@ -119,14 +119,21 @@ def _pv_limits(pvthreshd, heads: int, device: torch.device) -> Tensor:
                           low_open=True).to(device).contiguous()
 
 
-def _check_supported(q: Tensor, v: Tensor, block_map: BlockMap) -> None:
-    for name, size in (("head_dim", q.shape[-1]), ("value head_dim", v.shape[-1])):
+def _check_supported(head_dims: dict[str, int], blocks: dict[str, int], what: str,
+                     instead: str) -> None:
+    for name, size in head_dims.items():
         if size > MAX_HEAD_DIM:
-            raise ValueError(f"the Triton kernel supports {name} up to {MAX_HEAD_DIM}, got "
-                             f"{size}; use backend='flex' or 'torch'")
-    for name, size in (("block_q", block_map.block_q), ("block_k", block_map.block_k)):
+            raise ValueError(f"the Triton {what} supports {name} up to {MAX_HEAD_DIM}, got "
+                             f"{size}; use {instead}")
+    for name, size in blocks.items():
         if size < 16 or size & (size - 1):
-            raise ValueError(f"the Triton kernel needs {name} a power of two >= 16, got {size}")
+            raise ValueError(f"the Triton {what} needs {name} a power of two >= 16, got {size}")
+
+
+def _require_available(device: torch.device) -> None:
+    if not available(device):
+        raise RuntimeError("the Triton backend needs Triton and a CUDA GPU of compute "
+                           "capability >= 8.0 (or TRITON_INTERPRET=1 for CPU tensors)")
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap, *,
@@ -145,10 +152,10 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
     Returns:
         ``[B, H, Lq, Dv]`` in ``q``'s dtype (fp32 stays fp32).
     """
-    _check_supported(q, v, block_map)
-    if not available(q.device):
-        raise RuntimeError("the Triton backend needs Triton and a CUDA GPU of compute "
-                           "capability >= 8.0 (or TRITON_INTERPRET=1 for CPU tensors)")
+    _check_supported({"head_dim": q.shape[-1], "value head_dim": v.shape[-1]},
+                     {"block_q": block_map.block_q, "block_k": block_map.block_k},
+                     "kernel", "backend='flex' or 'torch'")
+    _require_available(q.device)
     b, h, lq, _ = q.shape
     h_kv = k.shape[1]
     inputs = quant.prepare(q, k, v, block_map.block_q, block_map.block_k, scale=scale,
@@ -174,3 +181,67 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
         BLOCK_N=block_map.block_k, IS_CAUSAL=block_map.causal, PV_SKIP=pv_skip,
         PV_FP8=inputs.v_scale is not None, NK_POW2=max(16, 1 << (nk - 1).bit_length()))
     return out
+
+
+def _pool(x: Tensor, block: int, mean: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``blockmap.pooled_blocks`` (of ``x - mean`` when given): pooled ``[B, H, n, D]``
+    and similarity ``[B, H, n]``, fp32, in one launch."""
+    b, h, length, d = x.shape
+    n = math.ceil(length / block)
+    pooled = torch.empty(b, h, n, d, device=x.device, dtype=torch.float32)
+    similarity = torch.empty(b, h, n, device=x.device, dtype=torch.float32)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    dim = max(16, 1 << (d - 1).bit_length())
+    from . import triton_kernel
+    triton_kernel.pool_blocks[(n, b * h)](
+        x, mean if mean is not None else similarity, pooled, similarity,
+        x.stride(0), x.stride(1), x.stride(2), h, length, d,
+        BLOCK=block, CHUNK=min(block, max(16, 4096 // dim)), DIM=dim, SMOOTH=mean is not None)
+    return pooled, similarity
+
+
+def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
+                      cdfthreshd: HeadParam | None = None, topk: HeadParam | None = None,
+                      causal: bool = False, attention_sink: bool = False,
+                      smooth_k: bool = True, scale: float | None = None,
+                      block_q: int = 128, block_k: int = 64) -> BlockMap:
+    """:func:`creative_sparse.attention.predict_block_map` in about six GPU launches.
+
+    The same arguments and the same map (up to float rounding at a threshold):
+    one Triton pass pools Q, one pools the smoothed K, one batched matrix product
+    scores the pooled blocks (GQA without repeating K), and one Triton pass per
+    query block does the softmax, the CDF or top-k selection without sorting, and
+    the always-computed blocks. That pass also writes the kept-block lists, so
+    the attention kernel needs no sort either (``BlockMap.kv_lists``). The PyTorch
+    prediction takes about 40 launches and a sort.
+
+    Needs head_dim up to 256 and block sizes that are powers of two >= 16.
+    """
+    scale, sim_t, thr = prediction_args(q, k, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd,
+                                        topk=topk, scale=scale, block_q=block_q,
+                                        block_k=block_k)
+    _check_supported({"head_dim": q.shape[-1]}, {"block_q": block_q, "block_k": block_k},
+                     "prediction", "predictor='torch'")
+    _require_available(q.device)
+    from . import triton_kernel
+
+    b, h, lq, d = q.shape
+    h_kv, lk = k.shape[1], k.shape[2]
+    nq, nk = math.ceil(lq / block_q), math.ceil(lk / block_k)
+    pooled_q, sim_q = _pool(q, block_q, None)
+    mean = k.float().mean(dim=2).contiguous() if smooth_k else None
+    pooled_k, sim_k = _pool(k, block_k, mean)
+    group = h // h_kv
+    logits = torch.matmul(pooled_q.view(b, h_kv, group * nq, d),
+                          pooled_k.transpose(-1, -2)).view(b, h, nq, nk)
+    keep = torch.empty(b, h, nq, nk, device=q.device, dtype=torch.int8)
+    counts = torch.empty(b, h, nq, device=q.device, dtype=torch.int32)
+    indices = torch.empty(b, h, nq, nk, device=q.device, dtype=torch.int32)
+    triton_kernel.select_blocks[(nq, b * h)](
+        logits, sim_q, sim_k, sim_t.contiguous(), thr.contiguous(), keep, counts, indices,
+        h, group, nq, nk, lq, lk, scale, BLOCK_Q=block_q, BLOCK_K=block_k,
+        NK_POW2=max(16, 1 << (nk - 1).bit_length()), CAUSAL=bool(causal),
+        TOPK=topk is not None, SINK=bool(attention_sink))
+    return BlockMap(keep.view(torch.bool), block_q, block_k, lq, lk, bool(causal),
+                    kv_lists=(counts, indices))

@@ -138,3 +138,136 @@ def quantize_blocks(X, Mean, Out, Scale, stride_xz, stride_xh, stride_xl, num_he
     out_rows = (bh.to(tl.int64) * num_blocks * BLOCK + rows) * DIM
     tl.store(Out + out_rows[:, None] + cols[None, :], y.to(tl.int8))
     tl.store(Scale + bh * num_blocks + blk, scale * multiplier)
+
+
+# ------------------------------------------------------------------ block-map prediction
+# ``blockmap.predict_block_map`` is the reference for the two kernels below.
+
+
+@triton.jit
+def pool_blocks(X, Mean, Pooled, Sim, stride_xz, stride_xh, stride_xl, num_heads, length, dim,
+                BLOCK: tl.constexpr, CHUNK: tl.constexpr, DIM: tl.constexpr,
+                SMOOTH: tl.constexpr):
+    """One block of rows of one (batch, head), as ``blockmap.pooled_blocks`` (after
+    subtracting ``Mean`` when SMOOTH): the mean row to ``Pooled`` ``[B, H, n, dim]``
+    and the mean pairwise cosine similarity of the rows to ``Sim`` ``[B, H, n]``."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    cols = tl.arange(0, DIM)
+    col_ok = cols < dim
+    if SMOOTH:
+        mean = tl.load(Mean + bh.to(tl.int64) * dim + cols, mask=col_ok, other=0.0)
+    total = tl.zeros([DIM], dtype=tl.float32)
+    unit = tl.zeros([DIM], dtype=tl.float32)
+    base = X + b * stride_xz + h * stride_xh
+    for r in range(0, BLOCK, CHUNK):   # a chunk of rows at a time bounds the registers
+        rows = blk * BLOCK + r + tl.arange(0, CHUNK)
+        inside = (rows[:, None] < length) & col_ok[None, :]
+        x = tl.load(base + rows[:, None] * stride_xl + cols[None, :], mask=inside,
+                    other=0.0).to(tl.float32)
+        if SMOOTH:
+            x = tl.where(inside, x - mean[None, :], 0.0)
+        norm = tl.sqrt(tl.sum(x * x, 1))
+        inv = tl.where(norm > 0.0, 1.0 / tl.where(norm > 0.0, norm, 1.0), 0.0)  # zero row: 0
+        total += tl.sum(x, 0)
+        unit += tl.sum(x * inv[:, None], 0)
+    rows_in = tl.minimum(length - blk * BLOCK, BLOCK).to(tl.float32)
+    out = bh.to(tl.int64) * tl.num_programs(0) + blk
+    tl.store(Pooled + out * dim + cols, total / rows_in, mask=col_ok)
+    tl.store(Sim + out, tl.sum(unit * unit, 0) / (rows_in * rows_in))
+
+
+@triton.jit
+def select_blocks(Logits, SimQ, SimK, SimT, Thr, Keep, Counts, Indices,
+                  num_heads, group, num_q_blocks, num_k_blocks, q_len, k_len, scale,
+                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, NK_POW2: tl.constexpr,
+                  CAUSAL: tl.constexpr, TOPK: tl.constexpr, SINK: tl.constexpr):
+    """One query block of one (batch, head): softmax over the candidate key blocks of
+    its row of pooled scores, the CDF (or top-k) selection, the always-computed
+    blocks, and the kept blocks written both as a row of ``Keep`` and as an
+    ascending list (``Counts``, ``Indices``) for the attention kernel.
+
+    The reference sorts the row; here the smallest kept probability ``t`` is found
+    by bisection over the bit patterns of non-negative floats (monotone in the
+    value), which needs no sort: CDF keeps the blocks whose higher-ranked mass is
+    below the threshold, top-k the ``budget`` most probable. Blocks tied at ``t``
+    are taken in index order, as a stable sort would.
+    """
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % num_heads
+    kv_row = ((bh // num_heads) * (num_heads // group) + h // group).to(tl.int64)
+    row = bh.to(tl.int64) * num_q_blocks + qb
+    j = tl.arange(0, NK_POW2)
+    inside = j < num_k_blocks
+    first_k = j * BLOCK_K
+    last_k = tl.minimum(first_k + BLOCK_K, k_len) - 1
+    offset = k_len - q_len
+    last_q = tl.minimum((qb + 1) * BLOCK_Q, q_len) - 1
+    valid = inside
+    if CAUSAL:
+        valid = valid & (first_k <= last_q + offset)
+
+    sim_t = tl.load(SimT + h)
+    q_dense = tl.load(SimQ + row) < sim_t
+    k_dense = tl.load(SimK + kv_row * num_k_blocks + j, mask=inside, other=2.0) < sim_t
+    candidate = valid & ~k_dense
+    rows_k = tl.maximum(tl.minimum(k_len - first_k, BLOCK_K), 1).to(tl.float32)
+    x = tl.load(Logits + row * num_k_blocks + j, mask=inside, other=0.0) * scale
+    x = x + tl.log(rows_k)
+    big = 8.507059173023462e37    # float32 max / 4, as the reference: keep scores finite
+    x = tl.where(x != x, 0.0, x)
+    x = tl.where(x == float("inf"), big, tl.where(x == float("-inf"), -big, x))
+    x = tl.where(candidate, x, -big)
+    e = tl.where(candidate, tl.exp(x - tl.max(x, 0)), 0.0)
+    total = tl.sum(e, 0)
+    p = e / tl.where(total > 0.0, total, 1.0)          # a row with no candidate: all 0
+    p = tl.where(inside, p, -1.0)                      # padding never ranks
+
+    thr = tl.load(Thr + h)
+    if TOPK:
+        n_valid = tl.sum(valid.to(tl.float32), 0)
+        budget = tl.maximum(tl.ceil(thr * n_valid - 1e-6), 1.0)
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0x3F800000, tl.int32)              # the bits of 1.0: always "kept"
+    for _ in range(31):
+        mid = (lo + hi) // 2
+        t = mid.to(tl.float32, bitcast=True)
+        if TOPK:
+            ok = tl.sum((p > t).to(tl.float32), 0) < budget
+        else:
+            ok = tl.sum(tl.where(p > t, p, 0.0), 0) < thr
+        hi = tl.where(ok, mid, hi)
+        lo = tl.where(ok, lo, mid + 1)
+    t = hi.to(tl.float32, bitcast=True)
+    above = p > t
+    tie = (p == t).to(tl.int32)
+    tie_rank = (tl.cumsum(tie, 0) - tie).to(tl.float32)
+    if TOPK:
+        chosen = above | ((tie != 0) & (tl.sum(above.to(tl.float32), 0) + tie_rank < budget))
+    else:
+        mass = tl.sum(tl.where(above, p, 0.0), 0)
+        chosen = (above | ((tie != 0) & (mass + tie_rank * t < thr))) & (p > 0.0)
+        chosen = chosen | (j == tl.argmax(p, 0))
+        if thr >= 1.0:
+            chosen = inside
+
+    keep = tl.where(q_dense, valid, (chosen & candidate) | k_dense)
+    if CAUSAL:   # the diagonal band: blocks holding the query rows' own positions
+        own_lo = qb * BLOCK_Q + offset
+        own_hi = last_q + offset
+        keep = keep | ((first_k <= own_hi) & (last_k >= own_lo) & (own_hi >= 0))
+    if SINK:
+        keep = keep | (j == 0)
+    keep = keep & valid
+    kept = keep.to(tl.int32)
+    count = tl.sum(kept, 0)
+    tl.store(Keep + row * num_k_blocks + j, kept.to(tl.int8), mask=inside)
+    tl.store(Counts + row, count)
+    # The kept blocks ascending, then the others ascending (what a stable sort gives;
+    # backends may gather past the count and mask afterwards, so the tail is valid too).
+    dropped = (inside & ~keep).to(tl.int32)
+    position = tl.where(keep, tl.cumsum(kept, 0) - kept, count + tl.cumsum(dropped, 0) - dropped)
+    tl.store(Indices + row * num_k_blocks + position, j, mask=inside)
