@@ -186,6 +186,19 @@ def test_kernel_fp16_inputs_within_two_percent(interpret, structured):
     assert rel_l1(out, reference) < 0.02
 
 
+def test_v_is_read_in_place_when_it_fits(interpret):
+    """fp16 V with a power-of-two head dim is not copied (nor padded to whole blocks):
+    the kernel masks the rows past the keys. Here V is also a strided view (NHD)."""
+    q, k, v = make(200, 200, 4, 2, 64, dtype=torch.float16, structured=True, seed=7)
+    v = v.transpose(1, 2).contiguous().transpose(1, 2)           # [B, H, L, D] over NHD storage
+    bm = predict_block_map(q, k, topk=0.6, causal=True).expand_batch_heads(1, 4)
+    inputs = quant.prepare(q, k, v, 128, 64)
+    assert inputs.v.data_ptr() == v.data_ptr() and inputs.v.shape == v.shape
+    out, emulated, reference = run_all(q, k, v, bm, 15.0)
+    assert rel_l1(out, emulated) < 1e-3          # fp16 output rounding only
+    assert rel_l1(out, reference) < 0.02
+
+
 def test_pv_threshold_skips_blocks_far_below_the_max(interpret):
     """Keys of the second block score far lower: a small pvthreshd drops their P·V,
     and the kernel and its emulation drop exactly the same blocks."""

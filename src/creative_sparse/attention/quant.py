@@ -101,8 +101,10 @@ class QuantizedInputs:
     ``q``: int8 ``[B, H, nq*block_q, Dp]``; ``q_scale``: ``[B, H, nq]`` (softmax
     scale and log2 e folded in); ``k``: int8 ``[B, H_kv, nk*block_k, Dp]``;
     ``k_scale``: ``[B, H_kv, nk]``; ``v``: ``[B, H_kv, nk*block_k, Dvp]`` in fp16,
-    bf16 or float8_e4m3fn; ``v_scale``: fp32 ``[B, H_kv, Dvp]`` for fp8 (the
-    output is multiplied by it), else None. ``head_dim_v`` is the unpadded Dv.
+    bf16 or float8_e4m3fn, or V itself (``[B, H_kv, Lk, Dv]``, not copied) when it
+    already has the P·V dtype and a power-of-two head dim: the kernel masks the
+    rows past the keys. ``v_scale``: fp32 ``[B, H_kv, Dvp]`` for fp8 (the output
+    is multiplied by it), else None. ``head_dim_v`` is the unpadded Dv.
     """
 
     q: Tensor
@@ -155,10 +157,12 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, *,
         v_scale = (vf.abs().amax(dim=-2) / FP8_MAX).clamp_min(1e-12)
         v_pad = _pad_to(vf / v_scale[..., None, :], nk_rows, dvp).to(dtype)
         v_scale = torch.nn.functional.pad(v_scale, (0, dvp - dv), value=1.0).contiguous()
+    elif v.dtype == dtype and dv == dvp and v.stride(-1) == 1:
+        v_pad = v       # a copy of V per call is pure memory traffic on a GPU
     else:
-        v_pad = _pad_to(v.to(dtype), nk_rows, dvp)
+        v_pad = _pad_to(v.to(dtype), nk_rows, dvp).contiguous()
     return QuantizedInputs(q_i8.contiguous(), q_scale.contiguous(), k_i8.contiguous(),
-                           k_scale.contiguous(), v_pad.contiguous(), v_scale, dv)
+                           k_scale.contiguous(), v_pad, v_scale, dv)
 
 
 def emulate(inputs: QuantizedInputs, block_map: BlockMap, *,
@@ -181,7 +185,8 @@ def emulate(inputs: QuantizedInputs, block_map: BlockMap, *,
     group = h // h_kv
     qf = q.float().view(b, h, nq, bq, -1)
     kf = k.float().repeat_interleave(group, dim=1).view(b, h, nk, bk, -1)
-    vf = v.float().repeat_interleave(group, dim=1).view(b, h, nk, bk, -1)
+    vf = _pad_to(v.float(), nk * bk, v.shape[-1]).repeat_interleave(group, dim=1)
+    vf = vf.reshape(b, h, nk, bk, -1)
     k_scale = inputs.k_scale.repeat_interleave(group, dim=1)
     counts, indices = block_map.kv_indices()
     counts, indices = counts.to(q.device), indices.to(q.device).long()

@@ -42,8 +42,13 @@ def _attend(acc, l_i, m_i, q, q_scale, k_base, v_base, ks_base, idx_base, start,
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        # V is loaded unconditionally so the loop's software pipeline can prefetch it.
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :])
+        # V is loaded before the P·V test so the loop's software pipeline can prefetch
+        # it; V may be the caller's tensor, unpadded, so a block past the keys is masked.
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < k_len, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
         if PV_FP8:
             p_low = (p * 448.0).to(v.dtype)
         else:
