@@ -92,14 +92,18 @@ def test_per_block_int8_error_is_at_most_half_a_step(length, block):
     assert int(xi.abs().max()) == 127                       # the range is used in full
 
 
-@pytest.mark.parametrize("length, d, dim_size, smooth", [(1, 16, 16, False), (100, 40, 64, True),
-                                                       (256, 64, 64, True)],
-                         ids=["1x16", "100x40-padded-smooth", "256x64-smooth"])
-def test_fused_quantizer_equals_the_torch_one(interpret, length, d, dim_size, smooth):
+@pytest.mark.parametrize("length, d, dim_size, smooth, block",
+                         [(1, 16, 16, False, 64), (100, 40, 64, True, 64),
+                          (256, 64, 64, True, 64), (300, 256, 256, True, 128),
+                          (200, 100, 128, False, 128)],
+                         ids=["1x16", "100x40-padded-smooth", "256x64-smooth",
+                              "300x256-smooth-16-row-chunks", "200x100-padded-32-row-chunks"])
+def test_fused_quantizer_equals_the_torch_one(interpret, length, d, dim_size, smooth, block):
     x = torch.randn(2, 3, length, d) * 5 + 1
     mean = x.mean(dim=-2) if smooth else None
-    got = triton_backend.quantize_per_block(x, 64, dim_size=dim_size, multiplier=0.3, mean=mean)
-    want = quant.quantize_per_block(x, 64, dim_size=dim_size, multiplier=0.3, mean=mean)
+    got = triton_backend.quantize_per_block(x, block, dim_size=dim_size, multiplier=0.3,
+                                            mean=mean)
+    want = quant.quantize_per_block(x, block, dim_size=dim_size, multiplier=0.3, mean=mean)
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=0)
 

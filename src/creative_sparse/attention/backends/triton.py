@@ -77,6 +77,11 @@ def _kernel():
         triton_kernel.block_sparse_fwd)
 
 
+def _row_chunk(block: int, dim: int) -> int:
+    """Rows a kernel holds at once: 4096 values, 32 per thread of 4 warps."""
+    return min(block, max(16, 4096 // dim))
+
+
 def quantize_per_block(x: Tensor, block: int, *, dim_size: int | None = None,
                        multiplier: float = 1.0,
                        mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -94,7 +99,8 @@ def quantize_per_block(x: Tensor, block: int, *, dim_size: int | None = None,
     if out.numel():
         triton_kernel.quantize_blocks[(n, b * h)](
             x, mean_arg, out, scale, x.stride(0), x.stride(1), x.stride(2), h, length, d,
-            float(multiplier), BLOCK=block, DIM=dim_size, SMOOTH=mean is not None)
+            float(multiplier), BLOCK=block, DIM=dim_size, SMOOTH=mean is not None,
+            CHUNK=_row_chunk(block, dim_size))
     return out, scale
 
 
@@ -197,7 +203,7 @@ def _pool(x: Tensor, block: int, mean: Tensor | None) -> tuple[Tensor, Tensor]:
     triton_kernel.pool_blocks[(n, b * h)](
         x, mean if mean is not None else similarity, pooled, similarity,
         x.stride(0), x.stride(1), x.stride(2), h, length, d,
-        BLOCK=block, CHUNK=min(block, max(16, 4096 // dim)), DIM=dim, SMOOTH=mean is not None)
+        BLOCK=block, CHUNK=_row_chunk(block, dim), DIM=dim, SMOOTH=mean is not None)
     return pooled, similarity
 
 

@@ -119,29 +119,54 @@ def block_sparse_fwd(Q, K, V, QScale, KScale, VScale, Out, Counts, Indices, PVLi
 
 
 @triton.jit
-def quantize_blocks(X, Mean, Out, Scale, stride_xz, stride_xh, stride_xl, num_heads, length,
-                    dim, multiplier, BLOCK: tl.constexpr, DIM: tl.constexpr,
-                    SMOOTH: tl.constexpr):
-    """One block of rows of one (batch, head) to INT8, as ``quant.quantize_per_block``
-    (after subtracting ``Mean`` when SMOOTH): Out is ``[B, H, nblocks*BLOCK, DIM]``."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
-    rows = blk * BLOCK + tl.arange(0, BLOCK)
+def _smoothed_rows(X, mean, r, blk, b, h, stride_xz, stride_xh, stride_xl, length, dim,
+                   BLOCK: tl.constexpr, CHUNK: tl.constexpr, DIM: tl.constexpr,
+                   SMOOTH: tl.constexpr):
+    """Rows ``r .. r+CHUNK`` of block ``blk`` in fp32, minus ``mean`` when SMOOTH, 0 outside."""
+    rows = blk * BLOCK + r + tl.arange(0, CHUNK)
     cols = tl.arange(0, DIM)
     inside = (rows[:, None] < length) & (cols[None, :] < dim)
     x = tl.load(X + b * stride_xz + h * stride_xh + rows[:, None] * stride_xl + cols[None, :],
                 mask=inside, other=0.0).to(tl.float32)
     if SMOOTH:
-        mean = tl.load(Mean + bh.to(tl.int64) * dim + cols, mask=cols < dim, other=0.0)
         x = tl.where(inside, x - mean[None, :], 0.0)
-    scale = tl.max(tl.max(tl.abs(x), 1), 0) / 127.0
-    y = x / tl.where(scale > 0.0, scale, 1.0)
-    y = tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0)
+    return x
+
+
+@triton.jit
+def quantize_blocks(X, Mean, Out, Scale, stride_xz, stride_xh, stride_xl, num_heads, length,
+                    dim, multiplier, BLOCK: tl.constexpr, DIM: tl.constexpr,
+                    SMOOTH: tl.constexpr, CHUNK: tl.constexpr):
+    """One block of rows of one (batch, head) to INT8, as ``quant.quantize_per_block``
+    (after subtracting ``Mean`` when SMOOTH): Out is ``[B, H, nblocks*BLOCK, DIM]``.
+
+    Two passes over ``CHUNK`` rows at a time (the block's peak, then the rounding;
+    the second read hits the cache): a whole 128 x 128 block held at once needs
+    more registers than a thread has (see ``benchmarks/triton_compile.py``).
+    """
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    cols = tl.arange(0, DIM)
+    mean = tl.zeros([DIM], dtype=tl.float32)
+    if SMOOTH:
+        mean = tl.load(Mean + bh.to(tl.int64) * dim + cols, mask=cols < dim, other=0.0)
+    peak = tl.zeros([DIM], dtype=tl.float32)
+    for r in range(0, BLOCK, CHUNK):
+        x = _smoothed_rows(X, mean, r, blk, b, h, stride_xz, stride_xh, stride_xl, length, dim,
+                           BLOCK, CHUNK, DIM, SMOOTH)
+        peak = tl.maximum(peak, tl.max(tl.abs(x), 0))
+    scale = tl.max(peak, 0) / 127.0
+    divisor = tl.where(scale > 0.0, scale, 1.0)
     num_blocks = tl.num_programs(0)
-    out_rows = (bh.to(tl.int64) * num_blocks * BLOCK + rows) * DIM
-    tl.store(Out + out_rows[:, None] + cols[None, :], y.to(tl.int8))
+    for r in range(0, BLOCK, CHUNK):
+        x = _smoothed_rows(X, mean, r, blk, b, h, stride_xz, stride_xh, stride_xl, length, dim,
+                           BLOCK, CHUNK, DIM, SMOOTH)
+        y = tl.minimum(tl.maximum(tl.floor(x / divisor + 0.5), -127.0), 127.0)
+        rows = blk * BLOCK + r + tl.arange(0, CHUNK)
+        out_rows = (bh.to(tl.int64) * num_blocks * BLOCK + rows) * DIM
+        tl.store(Out + out_rows[:, None] + cols[None, :], y.to(tl.int8))
     tl.store(Scale + bh * num_blocks + blk, scale * multiplier)
 
 
@@ -218,7 +243,7 @@ def select_blocks(Logits, SimQ, SimK, SimT, Thr, Keep, Counts, Indices,
     sim_t = tl.load(SimT + h)
     q_dense = tl.load(SimQ + row) < sim_t
     k_dense = tl.load(SimK + kv_row * num_k_blocks + j, mask=inside, other=2.0) < sim_t
-    candidate = valid & ~k_dense
+    candidate = valid & (k_dense == 0)
     rows_k = tl.maximum(tl.minimum(k_len - first_k, BLOCK_K), 1).to(tl.float32)
     x = tl.load(Logits + row * num_k_blocks + j, mask=inside, other=0.0) * scale
     x = x + tl.log(rows_k)
@@ -273,6 +298,6 @@ def select_blocks(Logits, SimQ, SimK, SimT, Thr, Keep, Counts, Indices,
     tl.store(Counts + row, count)
     # The kept blocks ascending, then the others ascending (what a stable sort gives;
     # backends may gather past the count and mask afterwards, so the tail is valid too).
-    dropped = (inside & ~keep).to(tl.int32)
+    dropped = (inside & (keep == 0)).to(tl.int32)
     position = tl.where(keep, tl.cumsum(kept, 0) - kept, count + tl.cumsum(dropped, 0) - dropped)
     tl.store(Indices + row * num_k_blocks + position, j, mask=inside)
