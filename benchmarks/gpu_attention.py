@@ -10,6 +10,8 @@ computation) before timing, then times:
 * ``ours``: our Triton kernel including its per-call INT8 quantization and block
   lists, with the PV threshold at the seed default (``pvthreshd=15``); ``nopv``
   the same without the PV threshold; ``prep`` the per-call work before the kernel;
+  ``e2e`` the whole ``sparse_attention`` call a user makes (prediction of the same
+  top-k map, with the fused predictor unless ``--no-fused-predict``, then the kernel);
   ``fp8`` the kernel with P·V in FP8 e4m3 (GPUs of compute capability >= 8.9), with
   its own relative L1 against the same check.
 
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
 
     from torch import _dynamo
     _dynamo.config.cache_size_limit = 64   # one compile per (N, D, causal) for flex
-    from creative_sparse.attention import predict_block_map, quant
+    from creative_sparse.attention import predict_block_map, quant, sparse_attention
     from creative_sparse.attention.backends import triton as triton_backend
     from creative_sparse.attention.dispatch import _fit_block_map, run_backend
 
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
               f"{'sdpa ms':>8} {'flex ms':>8} {'ours ms':>8} {'nopv ms':>8} {'prep ms':>7} "
               f"{'sdpa TF':>7} {'flex TF':>7} {'ours TF':>7} {'x sdpa':>6} {'x flex':>6} "
               f"{'pred %':>6} {'tcdf %':>6} {'fcdf %':>6} {'fdiff':>6} {'relL1':>7} {'fp8 ms':>7} "
-              f"{'fp8 L1':>7}")
+              f"{'fp8 L1':>7} {'e2e ms':>7} {'e2e x':>6}")
     print(header, flush=True)
     rows = []
     for n in args.lengths:
@@ -177,6 +179,10 @@ def main(argv=None) -> int:
                     ours_ms = timed(lambda: run(15.0))
                     nopv_ms = timed(lambda: run(None))
                     prep_ms = timed(lambda: prepare(q, k, v, bm))
+                    e2e_ms = timed(lambda: sparse_attention(
+                        q, k, v, is_causal=causal, topk=keep, simthreshd1=-1.0, pvthreshd=15.0,
+                        backend="triton",
+                        predictor="torch" if args.no_fused_predict else "triton"))
                     fp8_ms = fp8_err = math.nan
                     if not args.no_fp8:
                         try:
@@ -198,7 +204,8 @@ def main(argv=None) -> int:
                                vs_flex=flex_ms / ours_ms, predict_pct=100 * pred_ms / sdpa,
                                cdf_predict_pct=tcdf_pct, fused_cdf_predict_pct=fcdf_pct,
                                fused_predict_differ=fdiff,
-                               rel_l1=err, fp8_ms=fp8_ms, fp8_rel_l1=fp8_err)
+                               rel_l1=err, fp8_ms=fp8_ms, fp8_rel_l1=fp8_err,
+                               e2e_ms=e2e_ms, e2e_speedup=sdpa / e2e_ms)
                     rows.append(row)
                     print(f"{n:>6} {d:>4} {heads:>3} {str(causal):>6} {target:>6.2f} "
                           f"{row['skipped']:>7.3f} {sdpa:>8.3f} {flex_ms:>8.3f} {ours_ms:>8.3f} "
@@ -207,11 +214,14 @@ def main(argv=None) -> int:
                           f"{row['ours_tflops']:>7.1f} {row['speedup']:>6.2f} "
                           f"{row['vs_flex']:>6.2f} {row['predict_pct']:>6.1f} "
                           f"{tcdf_pct:>6.1f} {fcdf_pct:>6.1f} {fdiff:>6.4f} {err:>7.4f} "
-                          f"{fp8_ms:>7.3f} {fp8_err:>7.4f}",
+                          f"{fp8_ms:>7.3f} {fp8_err:>7.4f} {e2e_ms:>7.3f} "
+                          f"{row['e2e_speedup']:>6.2f}",
                           flush=True)
             q = k = v = None   # free the GPU memory before the next size
             if device == "cuda":
                 torch.cuda.empty_cache()
+    for key, config in getattr(triton_backend._kernel(), "cache", {}).items():
+        print(f"# autotune chose {config} for {key}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -225,3 +225,4 @@ def test_the_gpu_benchmark_runs(interpret, tmp_path):
     for row in rows:
         assert row["fused_predict_differ"] == 0.0
         assert row["target"] > 0 or row["rel_l1"] < 0.02
+        assert row["e2e_ms"] > 0 and row["prep_ms"] > 0
