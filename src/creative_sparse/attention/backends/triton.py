@@ -236,7 +236,7 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
     h_kv, lk = k.shape[1], k.shape[2]
     nq, nk = math.ceil(lq / block_q), math.ceil(lk / block_k)
     pooled_q, sim_q = _pool(q, block_q, None)
-    mean = k.float().mean(dim=2).contiguous() if smooth_k else None
+    mean = k.mean(dim=2, dtype=torch.float32).contiguous() if smooth_k else None
     pooled_k, sim_k = _pool(k, block_k, mean)
     group = h // h_kv
     logits = torch.matmul(pooled_q.view(b, h_kv, group * nq, d),
