@@ -6,8 +6,10 @@ releases. This script compiles each kernel, in the configurations the library
 launches, down to a cubin for each target (Ampere sm_80, Ada sm_89, Hopper
 sm_90) with the ``ptxas`` that ships in the Triton wheel. It needs no GPU. For each
 kernel it prints the registers per thread and the bytes spilled to the stack per
-thread (read back with the wheel's ``cuobjdump``). These are static figures: a
-spill in the inner loop usually costs speed, but only a GPU run measures speed.
+thread (read back with the wheel's ``cuobjdump``), and whether the loads are
+pipelined (asynchronous ``cp.async`` copies in the PTX). These are static figures:
+a spill or a synchronous load in the inner loop usually costs speed, but only a GPU
+run measures speed.
 
 Usage::
 
@@ -67,13 +69,14 @@ def _cases(quick: bool):
         for causal, pv_skip in ((True, True), (False, False)):
             for w, s in warps:
                 consts = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=128, BLOCK_N=64,
-                              IS_CAUSAL=causal, PV_SKIP=pv_skip, PV_FP8=False, NK_POW2=512)
+                              IS_CAUSAL=causal, PV_SKIP=pv_skip, PV_FP8=False, NK_POW2=512,
+                              STAGES=s)
                 label = (f"attention D={d} {'causal' if causal else 'full'} "
                          f"pv_skip={pv_skip} warps={w} stages={s}")
                 yield label, tk.block_sparse_fwd, attention, consts, w, s, ("sm_80", "sm_90")
     fp8 = dict(attention, V="*fp8e4nv")
     consts = dict(HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_M=128, BLOCK_N=64, IS_CAUSAL=True,
-                  PV_SKIP=True, PV_FP8=True, NK_POW2=512)
+                  PV_SKIP=True, PV_FP8=True, NK_POW2=512, STAGES=3)
     yield "attention fp8 P.V D=128", tk.block_sparse_fwd, fp8, consts, 8, 3, ("sm_89", "sm_90")
     quantize = {"X": "*bf16", "Mean": "*fp32", "Out": "*i8", "Scale": "*fp32",
                 "multiplier": "fp32"}
@@ -126,7 +129,8 @@ def main(argv=None) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    print(f"# Triton {triton.__version__}: registers / stack bytes per thread")
+    print(f"# Triton {triton.__version__}: registers / stack bytes per thread; 'async': "
+          "loads pipelined with cp.async")
     failures = count = 0
     rows = []
     for label, fn, types, consts, warps, stages, targets in _cases(args.quick):
@@ -139,8 +143,10 @@ def main(argv=None) -> int:
                 kernel = triton.compile(source, target=GPUTarget("cuda", TARGETS[name], 32),
                                         options=dict(num_warps=warps, num_stages=stages))
                 regs, stack = _resources(kernel.asm["cubin"])
-                rows.append(dict(kernel=label, target=name, registers=regs, stack=stack))
-                cells.append(f"{name} {regs:3d} / {stack:4d}"
+                pipelined = "cp.async" in kernel.asm["ptx"]
+                rows.append(dict(kernel=label, target=name, registers=regs, stack=stack,
+                                 pipelined=pipelined))
+                cells.append(f"{name} {regs:3d} / {stack:4d}{' async' if pipelined else ''}"
                              f" ({time.perf_counter() - start:.1f} s)")
                 count += 1
             except Exception as exc:  # report every failure, then fail the run

@@ -68,10 +68,12 @@ def _kernel():
 
     if interpreter_enabled():
         return triton_kernel.block_sparse_fwd
-    # (4, 2) and (4, 4) are for small head dims (D = 64 trailed SDPA most); a config
-    # that does not fit the GPU's shared memory is skipped by the autotuner.
-    settings = ((4, 3), (8, 3), (8, 2), (4, 2), (4, 4))
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in settings]
+    # (4, 2) and (4, 4) are for small head dims (D = 64 trailed SDPA most); (8, 1) is
+    # the unpipelined loop the PV threshold used to get (it spills least on sm_80 at
+    # D = 128). A config that does not fit the GPU's shared memory is skipped.
+    settings = ((4, 3), (8, 3), (8, 2), (4, 2), (4, 4), (8, 1))
+    # STAGES is the kernel's loop pipelining depth, kept equal to the config's.
+    configs = [triton.Config({"STAGES": s}, num_warps=w, num_stages=s) for w, s in settings]
     return triton.autotune(configs, key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "BLOCK_N",
                                          "IS_CAUSAL", "PV_SKIP", "PV_FP8"])(
         triton_kernel.block_sparse_fwd)

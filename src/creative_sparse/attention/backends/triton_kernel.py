@@ -19,9 +19,12 @@ import triton.language as tl
 def _attend(acc, l_i, m_i, q, q_scale, k_base, v_base, ks_base, idx_base, start, stop,
             offs_m, offs_d, offs_dv, stride_kn, stride_vn, k_len, causal_offset, pv_limit,
             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-            PV_SKIP: tl.constexpr, PV_FP8: tl.constexpr):
+            PV_SKIP: tl.constexpr, PV_FP8: tl.constexpr, STAGES: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
-    for j in range(start, stop):
+    # An explicit stage count: Triton does not pipeline a loop holding the conditional
+    # P.V product below on its own (no cp.async in the PTX: K and V are then loaded
+    # synchronously, the measured cost of the PV threshold). benchmarks/triton_compile.py
+    for j in tl.range(start, stop, num_stages=STAGES):
         kb = tl.load(idx_base + j)
         offs_n = kb * BLOCK_N + offs_n0
         k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None])
@@ -70,7 +73,7 @@ def block_sparse_fwd(Q, K, V, QScale, KScale, VScale, Out, Counts, Indices, PVLi
                      head_dim_v,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, PV_SKIP: tl.constexpr,
-                     PV_FP8: tl.constexpr, NK_POW2: tl.constexpr):
+                     PV_FP8: tl.constexpr, NK_POW2: tl.constexpr, STAGES: tl.constexpr = 3):
     # Causal rows near the end hold the most blocks: start them first.
     qb = num_q_blocks - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -105,10 +108,12 @@ def block_sparse_fwd(Q, K, V, QScale, KScale, VScale, Out, Counts, Indices, PVLi
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_scale, k_base, v_base, ks_base, idx_base,
                             0, n_full, offs_m, offs_d, offs_dv, stride_kn, stride_vn, k_len,
-                            causal_offset, pv_limit, BLOCK_N, False, IS_CAUSAL, PV_SKIP, PV_FP8)
+                            causal_offset, pv_limit, BLOCK_N, False, IS_CAUSAL, PV_SKIP, PV_FP8,
+                            STAGES)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_scale, k_base, v_base, ks_base, idx_base,
                             n_full, count, offs_m, offs_d, offs_dv, stride_kn, stride_vn, k_len,
-                            causal_offset, pv_limit, BLOCK_N, True, IS_CAUSAL, PV_SKIP, PV_FP8)
+                            causal_offset, pv_limit, BLOCK_N, True, IS_CAUSAL, PV_SKIP, PV_FP8,
+                            STAGES)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if PV_FP8:
         v_scale = tl.load(VScale + (b * (num_heads // group) + hk) * HEAD_DIM_V + offs_dv)
