@@ -203,6 +203,24 @@ def test_v_is_read_in_place_when_it_fits(interpret):
     assert rel_l1(out, reference) < 0.02
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_constant_keys_give_uniform_attention(interpret, causal):
+    """Smoothing turns constant keys into zeros: every K block's scale is 0, so every
+    score is 0 (the kernel must not form -inf * 0 at the causal edge)."""
+    q, _, v = make(200, 200, 2, 2, 64, seed=11)
+    k = torch.ones(1, 2, 200, 64)
+    bm = BlockMap(torch.ones(1, 2, 2, 4, dtype=torch.bool), 128, 64, 200, 200, causal)
+    out, emulated, reference = run_all(q, k, v, bm, 15.0)
+    assert torch.isfinite(out).all()
+    assert_matches_emulation(out, emulated)
+    assert rel_l1(out, reference) < 0.02
+    if causal:   # row i averages the first i + 1 values
+        want = v.cumsum(dim=2) / torch.arange(1, 201).view(1, 1, -1, 1)
+    else:
+        want = v.mean(dim=2, keepdim=True).expand_as(v)
+    assert rel_l1(out, want) < 0.01
+
+
 def test_pv_threshold_skips_blocks_far_below_the_max(interpret):
     """Keys of the second block score far lower: a small pvthreshd drops their P·V,
     and the kernel and its emulation drop exactly the same blocks."""

@@ -29,19 +29,25 @@ def _attend(acc, l_i, m_i, q, q_scale, k_base, v_base, ks_base, idx_base, start,
         offs_n = kb * BLOCK_N + offs_n0
         k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None])
         k_scale = tl.load(ks_base + kb)
-        s = tl.dot(q, k).to(tl.float32) * (q_scale * k_scale)   # scores in log2 units
+        raw = tl.dot(q, k).to(tl.float32)
+        scale = q_scale * k_scale                 # >= 0; raw * scale: scores in log2 units
         if MASKED:
             allowed = offs_n[None, :] < k_len
             if IS_CAUSAL:
                 allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-            s = tl.where(allowed, s, float("-inf"))
-        m_blk = tl.max(s, 1)
+            s = tl.where(allowed, raw * scale, float("-inf"))
+            m_blk = tl.max(s, 1)
+        else:
+            # Rounding is monotone, so the row max of the scaled scores is the scaled row
+            # max, and exp2's argument below is one fused multiply-add per score.
+            m_blk = tl.max(raw, 1) * scale
         m_new = tl.maximum(m_i, m_blk)
         if MASKED:   # a row with no allowed key so far keeps m = -inf; subtract 0 instead
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_new_safe[:, None])
         else:
             m_new_safe = m_new
-        p = tl.math.exp2(s - m_new_safe[:, None])
+            p = tl.math.exp2(raw * scale - m_new_safe[:, None])
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
