@@ -221,6 +221,20 @@ def test_constant_keys_give_uniform_attention(interpret, causal):
     assert rel_l1(out, want) < 0.01
 
 
+def test_the_autotuned_kernel_gets_its_stage_count_from_the_config(interpret, monkeypatch):
+    """On a GPU the kernel runs through triton.autotune, whose config supplies the loop's
+    STAGES; with one config the autotuner runs it without timing, so the interpreter
+    can check that path (a clash of config and call arguments fails here)."""
+    q, k, v = make(200, 200, 2, 1, 64, seed=5)
+    bm = predict_block_map(q, k, topk=0.5, causal=True).expand_batch_heads(1, 2)
+    plain = triton_backend.block_sparse_attention(q, k, v, bm, pvthreshd=15.0)
+    for setting in triton_backend.AUTOTUNE_SETTINGS:
+        tuned = triton_backend._autotuned([setting])
+        monkeypatch.setattr(triton_backend, "_kernel", lambda: tuned)
+        out = triton_backend.block_sparse_attention(q, k, v, bm, pvthreshd=15.0)
+        assert torch.equal(out, plain), setting
+
+
 def test_pv_threshold_skips_blocks_far_below_the_max(interpret):
     """Keys of the second block score far lower: a small pvthreshd drops their P·V,
     and the kernel and its emulation drop exactly the same blocks."""

@@ -58,25 +58,33 @@ def available(device: torch.device) -> bool:
     return device.type == "cpu" and interpreter_enabled()
 
 
-@functools.lru_cache(maxsize=1)
-def _kernel():
-    """The kernel: interpreted when ``TRITON_INTERPRET=1``, else compiled and autotuned
-    over a few warp/stage settings (once per shape class)."""
+AUTOTUNE_SETTINGS = ((4, 3), (8, 3), (8, 2), (4, 2), (4, 4), (8, 1))
+"""(warps, stages) the attention kernel is autotuned over. (4, 2) and (4, 4) are for
+small head dims (D = 64 trailed SDPA most); (8, 1) is the unpipelined loop the PV
+threshold used to get (it spills least on sm_80 at D = 128). A config that does not
+fit the GPU's shared memory is skipped by the autotuner."""
+
+
+def _autotuned(settings):
+    """The attention kernel autotuned over ``settings`` (once per shape class); the
+    config's stage count also reaches the kernel as its loop's ``STAGES``."""
     import triton
 
     from . import triton_kernel
 
-    if interpreter_enabled():
-        return triton_kernel.block_sparse_fwd
-    # (4, 2) and (4, 4) are for small head dims (D = 64 trailed SDPA most); (8, 1) is
-    # the unpipelined loop the PV threshold used to get (it spills least on sm_80 at
-    # D = 128). A config that does not fit the GPU's shared memory is skipped.
-    settings = ((4, 3), (8, 3), (8, 2), (4, 2), (4, 4), (8, 1))
-    # STAGES is the kernel's loop pipelining depth, kept equal to the config's.
     configs = [triton.Config({"STAGES": s}, num_warps=w, num_stages=s) for w, s in settings]
     return triton.autotune(configs, key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "BLOCK_N",
                                          "IS_CAUSAL", "PV_SKIP", "PV_FP8"])(
         triton_kernel.block_sparse_fwd)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    """The kernel: interpreted when ``TRITON_INTERPRET=1``, else compiled and autotuned."""
+    if interpreter_enabled():
+        from . import triton_kernel
+        return triton_kernel.block_sparse_fwd
+    return _autotuned(AUTOTUNE_SETTINGS)
 
 
 def _row_chunk(block: int, dim: int) -> int:
