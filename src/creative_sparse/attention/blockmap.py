@@ -27,6 +27,7 @@ Hyperparameters are scalars or per-head sequences/tensors of length ``H``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence, Union
@@ -294,6 +295,22 @@ def pooled_blocks(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
     return pooled, similarity, rows
 
 
+@functools.lru_cache(maxsize=64)
+def constant_per_head(value: float, heads: int, device: torch.device) -> Tensor:
+    """fp32 ``[heads]`` filled with ``value`` on ``device``, made once and shared (never
+    write to it): a host-to-device copy per call makes every call wait for the GPU."""
+    return torch.full((heads,), value, device=device, dtype=torch.float32)
+
+
+def _head_values(value: HeadParam, name: str, heads: int, low: float, high: float, *,
+                 low_open: bool = False, device: torch.device) -> Tensor:
+    """:func:`per_head_param` on ``device``, without a copy per call for a scalar."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        per_head_param(value, name, 1, low, high, low_open=low_open)      # the checks
+        return constant_per_head(float(value), heads, device)
+    return per_head_param(value, name, heads, low, high, low_open=low_open, device=device)
+
+
 def prediction_args(q: Tensor, k: Tensor, *, simthreshd1: HeadParam,
                     cdfthreshd: HeadParam | None, topk: HeadParam | None,
                     scale: float | None, block_q: int, block_k: int
@@ -314,10 +331,10 @@ def prediction_args(q: Tensor, k: Tensor, *, simthreshd1: HeadParam,
     check_block_size("block_k", block_k)
     h, d = q.shape[1], q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    sim_t = per_head_param(simthreshd1, "simthreshd1", h, -1.0, 1.0, device=q.device)
+    sim_t = _head_values(simthreshd1, "simthreshd1", h, -1.0, 1.0, device=q.device)
     name, value = ("cdfthreshd", 0.97 if cdfthreshd is None else cdfthreshd) if topk is None \
         else ("topk", topk)
-    thr = per_head_param(value, name, h, 0.0, 1.0, low_open=True, device=q.device)
+    thr = _head_values(value, name, h, 0.0, 1.0, low_open=True, device=q.device)
     return scale, sim_t, thr
 
 

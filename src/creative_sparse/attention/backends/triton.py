@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from .. import quant
-from ..blockmap import BlockMap, HeadParam, per_head_param, prediction_args
+from ..blockmap import (BlockMap, HeadParam, constant_per_head, per_head_param,
+                        prediction_args)
 
 __all__ = ["MAX_HEAD_DIM", "available", "block_sparse_attention", "interpreter_enabled",
            "predict_block_map", "quantize_per_block"]
@@ -114,11 +115,6 @@ def quantize_per_block(x: Tensor, block: int, *, dim_size: int | None = None,
     return out, scale
 
 
-@functools.lru_cache(maxsize=64)
-def _constant_limits(value: float, heads: int, device: torch.device) -> Tensor:
-    return torch.full((heads,), value, device=device, dtype=torch.float32)
-
-
 def _pv_limits(pvthreshd, heads: int, device: torch.device) -> Tensor:
     """fp32 ``[heads]`` on ``device``. Scalars are made there directly: a host-to-device
     copy per call would make every call wait for the GPU."""
@@ -126,7 +122,7 @@ def _pv_limits(pvthreshd, heads: int, device: torch.device) -> Tensor:
         value = math.inf if pvthreshd is None else float(pvthreshd)
         if pvthreshd is not None:
             per_head_param(value, "pvthreshd", 1, 0.0, math.inf, low_open=True)
-        return _constant_limits(value, heads, device)
+        return constant_per_head(value, heads, device)
     if isinstance(pvthreshd, Tensor) and pvthreshd.device == device:
         limits = pvthreshd.to(torch.float32).flatten()
         if limits.numel() == heads:
