@@ -58,7 +58,7 @@ _INT_ARGS = {"num_heads", "group", "num_q_blocks", "num_k_blocks", "q_len", "k_l
 def _cases(quick: bool):
     """(label, kernel, pointer/scalar types, constexprs, num_warps, num_stages, targets)."""
     from creative_sparse.attention.backends import triton_kernel as tk
-    from creative_sparse.attention.backends.triton import _row_chunk
+    from creative_sparse.attention.backends.triton import _row_chunk, program_rows
 
     attention = {"Q": "*i8", "K": "*i8", "V": "*bf16", "QScale": "*fp32", "KScale": "*fp32",
                  "VScale": "*fp32", "Out": "*bf16", "Counts": "*i32", "Indices": "*i32",
@@ -70,13 +70,14 @@ def _cases(quick: bool):
             for w, s in warps:
                 consts = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=128, BLOCK_N=64,
                               IS_CAUSAL=causal, PV_SKIP=pv_skip, PV_FP8=False, NK_POW2=512,
-                              STAGES=s)
-                label = (f"attention D={d} {'causal' if causal else 'full'} "
+                              STAGES=s, ROWS=program_rows(128, d))
+                label = (f"attention D={d} rows={program_rows(128, d)} "
+                         f"{'causal' if causal else 'full'} "
                          f"pv_skip={pv_skip} warps={w} stages={s}")
                 yield label, tk.block_sparse_fwd, attention, consts, w, s, ("sm_80", "sm_90")
     fp8 = dict(attention, V="*fp8e4nv")
     consts = dict(HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_M=128, BLOCK_N=64, IS_CAUSAL=True,
-                  PV_SKIP=True, PV_FP8=True, NK_POW2=512, STAGES=3)
+                  PV_SKIP=True, PV_FP8=True, NK_POW2=512, STAGES=3, ROWS=128)
     yield "attention fp8 P.V D=128", tk.block_sparse_fwd, fp8, consts, 8, 3, ("sm_89", "sm_90")
     quantize = {"X": "*bf16", "Mean": "*fp32", "Out": "*i8", "Scale": "*fp32",
                 "multiplier": "fp32"}

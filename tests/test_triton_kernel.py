@@ -159,6 +159,7 @@ CASES = [
     (70, 333, 2, 1, 64, 48, True, 0.5),         # decode-like: queries are the last rows
     (300, 130, 2, 2, 64, 64, True, 1.0),        # q_len > k_len: early rows see no key
     (64, 192, 1, 1, 256, 256, False, 0.7),      # the largest head dim
+    (200, 230, 2, 1, 256, 256, True, 0.6),      # D = 256: each 128-row block as two programs
 ]
 
 

@@ -75,7 +75,7 @@ def _autotuned(settings):
 
     configs = [triton.Config({"STAGES": s}, num_warps=w, num_stages=s) for w, s in settings]
     return triton.autotune(configs, key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "BLOCK_N",
-                                         "IS_CAUSAL", "PV_SKIP", "PV_FP8"])(
+                                         "IS_CAUSAL", "PV_SKIP", "PV_FP8", "ROWS"])(
         triton_kernel.block_sparse_fwd)
 
 
@@ -86,6 +86,13 @@ def _kernel():
         from . import triton_kernel
         return triton_kernel.block_sparse_fwd
     return _autotuned(AUTOTUNE_SETTINGS)
+
+
+def program_rows(block_q: int, head_dim: int) -> int:
+    """Query rows per attention program: the whole block, or 64 of its rows from head
+    dim 256, where a 128-row block spills 600-900 bytes of registers per thread and a
+    64-row part with 8 warps 8 bytes on sm_90 (``benchmarks/triton_compile.py``)."""
+    return min(block_q, 64) if head_dim >= 256 else block_q
 
 
 def _row_chunk(block: int, dim: int) -> int:
@@ -181,8 +188,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
     v_scale = inputs.v_scale if inputs.v_scale is not None else limits  # unread placeholder
     nq, nk = block_map.num_q_blocks, block_map.num_k_blocks
     kernel = _kernel()
-    grid = (nq, b * h)
     qi, ki, vi = inputs.q, inputs.k, inputs.v
+    rows = program_rows(block_map.block_q, max(qi.shape[-1], vi.shape[-1]))
+    grid = (nq * (block_map.block_q // rows), b * h)
     kernel[grid](
         qi, ki, vi, inputs.q_scale, inputs.k_scale, v_scale, out,
         counts.contiguous(), indices.contiguous(), limits,
@@ -191,7 +199,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
         h, h // h_kv, nq, nk, lq, k.shape[2], k.shape[2] - lq, inputs.head_dim_v,
         HEAD_DIM=qi.shape[-1], HEAD_DIM_V=vi.shape[-1], BLOCK_M=block_map.block_q,
         BLOCK_N=block_map.block_k, IS_CAUSAL=block_map.causal, PV_SKIP=pv_skip,
-        PV_FP8=inputs.v_scale is not None, NK_POW2=max(16, 1 << (nk - 1).bit_length()))
+        PV_FP8=inputs.v_scale is not None, NK_POW2=max(16, 1 << (nk - 1).bit_length()),
+        ROWS=rows)
     return out
 
 

@@ -5,7 +5,8 @@ tensors, which is how the tests check it without a GPU.
 Numerics are described in :mod:`creative_sparse.attention.quant`, whose
 ``emulate`` mirrors the loop below step for step.
 
-One program computes one query block (``BLOCK_M`` rows) of one (batch, head):
+One program computes one query block (``BLOCK_M`` rows, or ``ROWS`` of them) of one
+(batch, head):
 it walks the kept key blocks of its row of the block map in ascending order,
 first those that need no element mask, then the suffix that crosses the
 causal diagonal or the end of the keys.
@@ -79,9 +80,14 @@ def block_sparse_fwd(Q, K, V, QScale, KScale, VScale, Out, Counts, Indices, PVLi
                      head_dim_v,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, PV_SKIP: tl.constexpr,
-                     PV_FP8: tl.constexpr, NK_POW2: tl.constexpr, STAGES: tl.constexpr = 3):
-    # Causal rows near the end hold the most blocks: start them first.
-    qb = num_q_blocks - 1 - tl.program_id(0)
+                     PV_FP8: tl.constexpr, NK_POW2: tl.constexpr, ROWS: tl.constexpr,
+                     STAGES: tl.constexpr = 3):
+    # A program takes ROWS query rows of one map block (all BLOCK_M rows, or a part of
+    # them where a whole block would spill registers: see triton.py). Causal rows near
+    # the end hold the most blocks: start them first.
+    pid = tl.program_id(0)
+    qb = num_q_blocks - 1 - pid // (BLOCK_M // ROWS)
+    first_row = qb * BLOCK_M + (pid % (BLOCK_M // ROWS)) * ROWS
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = bh % num_heads
@@ -95,10 +101,10 @@ def block_sparse_fwd(Q, K, V, QScale, KScale, VScale, Out, Counts, Indices, PVLi
     listed = tl.load(idx_base + offs_list, mask=offs_list < count, other=num_k_blocks)
     limit = k_len // BLOCK_N
     if IS_CAUSAL:
-        limit = tl.minimum(limit, tl.maximum((qb * BLOCK_M + causal_offset + 1) // BLOCK_N, 0))
+        limit = tl.minimum(limit, tl.maximum((first_row + causal_offset + 1) // BLOCK_N, 0))
     n_full = tl.sum((listed < limit).to(tl.int32), 0)
 
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = first_row + tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     q = tl.load(Q + b * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm
@@ -109,9 +115,9 @@ def block_sparse_fwd(Q, K, V, QScale, KScale, VScale, Out, Counts, Indices, PVLi
     ks_base = KScale + (b * (num_heads // group) + hk) * num_k_blocks
     pv_limit = tl.load(PVLimit + h)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM_V], dtype=tl.float32)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_scale, k_base, v_base, ks_base, idx_base,
                             0, n_full, offs_m, offs_d, offs_dv, stride_kn, stride_vn, k_len,
                             causal_offset, pv_limit, BLOCK_N, False, IS_CAUSAL, PV_SKIP, PV_FP8,
