@@ -114,6 +114,14 @@ def block_pair_counts(q_len: int, k_len: int, block_q: int, block_k: int, causal
     return per_row.view(nq, block_q, nk).sum(dim=1)
 
 
+@functools.lru_cache(maxsize=32)
+def shared_map(builder, *args) -> Tensor:
+    """``builder(*args)`` for one of the index-only maps above, built once per shape and
+    device and shared (never write to it): every layer of a model asks for the same
+    ones, and on a GPU each build is several small launches."""
+    return builder(*args)
+
+
 @dataclass(frozen=True)
 class BlockMap:
     """Kept attention blocks per (batch, head, query block).
@@ -168,8 +176,8 @@ class BlockMap:
                                  f"and indices {tuple(keep.shape)}; got {tuple(counts.shape)} "
                                  f"and {tuple(indices.shape)}")
             return
-        valid = block_valid_map(self.q_len, self.k_len, self.block_q, self.block_k,
-                                self.causal, keep.device)
+        valid = shared_map(block_valid_map, self.q_len, self.k_len, self.block_q,
+                           self.block_k, self.causal, keep.device)
         object.__setattr__(self, "keep", keep.to(torch.bool) & valid)
 
     @property
@@ -267,6 +275,14 @@ def _block_sums(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     return sums[..., 0, :], sums[..., 1, :]
 
 
+def block_rows(length: int, block: int, device=None) -> Tensor:
+    """fp32 ``[ceil(length / block)]``: how many of ``length`` rows each block holds."""
+    n = _num_blocks(length, block)
+    rows = torch.full((n,), block, dtype=torch.float32, device=device)
+    rows[-1] = length - (n - 1) * block
+    return rows
+
+
 def pooled_blocks(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
     """Mean-pool ``[B, H, L, D]`` into blocks of ``block`` rows.
 
@@ -286,10 +302,9 @@ def pooled_blocks(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
     if full * block < length:
         tail = xf[:, :, full * block:]
         parts.append(_block_sums(tail, tail.shape[2]))
-    sums = torch.cat([p[0] for p in parts], dim=2)
-    unit_sums = torch.cat([p[1] for p in parts], dim=2)
-    rows = torch.full((n,), block, dtype=torch.float32, device=x.device)
-    rows[-1] = length - (n - 1) * block
+    sums, unit_sums = parts[0] if len(parts) == 1 else (
+        torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2))
+    rows = shared_map(block_rows, length, block, x.device).clone()
     pooled = sums / rows.view(1, 1, n, 1)
     similarity = unit_sums.pow(2).sum(dim=-1) / rows.pow(2).view(1, 1, n)
     return pooled, similarity, rows
@@ -383,7 +398,7 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
     pk = pk.repeat_interleave(group, dim=1)
     sim_k = sim_k.repeat_interleave(group, dim=1)
 
-    valid = block_valid_map(lq, lk, block_q, block_k, causal, q.device)
+    valid = shared_map(block_valid_map, lq, lk, block_q, block_k, causal, q.device)
     q_dense = sim_q < sim_t.view(1, h, 1)          # [B, H, nq]: keep whole row
     k_dense = sim_k < sim_t.view(1, h, 1)          # [B, H, nk]: keep whole column
 
@@ -411,7 +426,7 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
     keep = keep & candidate
     keep = keep | q_dense.unsqueeze(-1) | k_dense.unsqueeze(2)
     if causal:
-        keep = keep | block_diagonal_map(lq, lk, block_q, block_k, q.device)
+        keep = keep | shared_map(block_diagonal_map, lq, lk, block_q, block_k, q.device)
     if attention_sink:
         keep[..., 0] = True
     return BlockMap(keep, block_q, block_k, lq, lk, causal)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..blockmap import BlockMap, block_full_map
+from ..blockmap import BlockMap, block_full_map, shared_map
 
 __all__ = ["available", "block_sparse_attention", "build_block_mask"]
 
@@ -65,7 +65,7 @@ def build_block_mask(block_map: BlockMap):
     lq, lk = block_map.q_len, block_map.k_len
     keep = block_map.keep
     device = keep.device
-    full = block_full_map(lq, lk, bq, bk, block_map.causal, device)
+    full = shared_map(block_full_map, lq, lk, bq, bk, block_map.causal, device)
     # A block is "full" only if it has no padded rows or columns either.
     full = full.clone()
     if lk % bk:

@@ -235,7 +235,7 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
     query block does the softmax, the CDF or top-k selection without sorting, and
     the always-computed blocks. That pass also writes the kept-block lists, so
     the attention kernel needs no sort either (``BlockMap.kv_lists``). With K's mean,
-    that is five launches; the PyTorch prediction makes 114 (a sort among them).
+    that is five launches; the PyTorch prediction makes 69 (a sort among them).
 
     Needs head_dim up to 256 and block sizes that are powers of two >= 16.
     """
