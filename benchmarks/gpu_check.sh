@@ -14,3 +14,7 @@ timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/te
     tests/test_triton_prediction.py -k "gpu" 2>&1 | tail -40 | tee "$out/tests.txt"
 timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/gpu_attention.py --json "$out/bench.json" "$@" \
     2>&1 | tee "$out/bench.txt"
+# Last, the static figures (registers, spills, pipelining) from this machine's Triton,
+# to set beside the measured speed.
+timeout "${COMPILE_TIMEOUT:-90}" env -u TRITON_INTERPRET python3 benchmarks/triton_compile.py \
+    --quick 2>&1 | grep -v -i warn | tee "$out/compile.txt"
