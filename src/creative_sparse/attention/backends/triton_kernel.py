@@ -204,18 +204,14 @@ def pool_blocks(X, Mean, Pooled, Sim, stride_xz, stride_xh, stride_xl, num_heads
     h = bh % num_heads
     cols = tl.arange(0, DIM)
     col_ok = cols < dim
+    mean = tl.zeros([DIM], dtype=tl.float32)
     if SMOOTH:
         mean = tl.load(Mean + bh.to(tl.int64) * dim + cols, mask=col_ok, other=0.0)
     total = tl.zeros([DIM], dtype=tl.float32)
     unit = tl.zeros([DIM], dtype=tl.float32)
-    base = X + b * stride_xz + h * stride_xh
     for r in range(0, BLOCK, CHUNK):   # a chunk of rows at a time bounds the registers
-        rows = blk * BLOCK + r + tl.arange(0, CHUNK)
-        inside = (rows[:, None] < length) & col_ok[None, :]
-        x = tl.load(base + rows[:, None] * stride_xl + cols[None, :], mask=inside,
-                    other=0.0).to(tl.float32)
-        if SMOOTH:
-            x = tl.where(inside, x - mean[None, :], 0.0)
+        x = _smoothed_rows(X, mean, r, blk, b, h, stride_xz, stride_xh, stride_xl, length, dim,
+                           BLOCK, CHUNK, DIM, SMOOTH)
         norm = tl.sqrt(tl.sum(x * x, 1))
         inv = tl.where(norm > 0.0, 1.0 / tl.where(norm > 0.0, norm, 1.0), 0.0)  # zero row: 0
         total += tl.sum(x, 0)
