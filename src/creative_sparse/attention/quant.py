@@ -157,7 +157,8 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, *,
         v_scale = (vf.abs().amax(dim=-2) / FP8_MAX).clamp_min(1e-12)
         v_pad = _pad_to(vf / v_scale[..., None, :], nk_rows, dvp).to(dtype)
         v_scale = torch.nn.functional.pad(v_scale, (0, dvp - dv), value=1.0).contiguous()
-    elif v.dtype == dtype and dv == dvp and v.stride(-1) == 1:
+    elif (v.dtype == dtype and dv == dvp and v.stride(-1) == 1
+          and v.stride(-2) * nk_rows < 2**31):   # the kernel's row offsets are 32-bit
         v_pad = v       # a copy of V per call is pure memory traffic on a GPU
     else:
         v_pad = _pad_to(v.to(dtype), nk_rows, dvp).contiguous()

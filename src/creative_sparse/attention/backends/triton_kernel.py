@@ -143,8 +143,9 @@ def _smoothed_rows(X, mean, r, blk, b, h, stride_xz, stride_xh, stride_xl, lengt
     rows = blk * BLOCK + r + tl.arange(0, CHUNK)
     cols = tl.arange(0, DIM)
     inside = (rows[:, None] < length) & (cols[None, :] < dim)
-    x = tl.load(X + b * stride_xz + h * stride_xh + rows[:, None] * stride_xl + cols[None, :],
-                mask=inside, other=0.0).to(tl.float32)
+    # 64-bit row offsets: a [B, L, H, D] ("NHD") input has a row stride of H * D.
+    x = tl.load(X + b * stride_xz + h * stride_xh + rows.to(tl.int64)[:, None] * stride_xl
+                + cols[None, :], mask=inside, other=0.0).to(tl.float32)
     if SMOOTH:
         x = tl.where(inside, x - mean[None, :], 0.0)
     return x
