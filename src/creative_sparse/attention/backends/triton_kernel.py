@@ -90,7 +90,7 @@ def block_sparse_fwd(Q, K, V, QScale, KScale, VScale, Out, Counts, Indices, PVLi
     first_row = qb * BLOCK_M + (pid % (BLOCK_M // ROWS)) * ROWS
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
+    h = (bh % num_heads).to(tl.int64)   # h * (a head's stride) can pass 2**31
     hk = h // group
     row = bh * num_q_blocks + qb
     count = tl.load(Counts + row)
@@ -165,7 +165,7 @@ def quantize_blocks(X, Mean, Out, Scale, stride_xz, stride_xh, stride_xl, num_he
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
+    h = (bh % num_heads).to(tl.int64)
     cols = tl.arange(0, DIM)
     mean = tl.zeros([DIM], dtype=tl.float32)
     if SMOOTH:
@@ -202,7 +202,7 @@ def pool_blocks(X, Mean, Pooled, Sim, stride_xz, stride_xh, stride_xl, num_heads
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
+    h = (bh % num_heads).to(tl.int64)
     cols = tl.arange(0, DIM)
     col_ok = cols < dim
     mean = tl.zeros([DIM], dtype=tl.float32)
