@@ -52,7 +52,7 @@ def _signature(fn, types: dict[str, str], constants: dict[str, object]) -> dict[
 
 
 _INT_ARGS = {"num_heads", "group", "num_q_blocks", "num_k_blocks", "q_len", "k_len",
-             "causal_offset", "head_dim_v", "length", "dim"}
+             "causal_offset", "head_dim_v", "length", "dim"}   # and every stride_*
 
 
 def _cases(quick: bool):
@@ -89,6 +89,10 @@ def _cases(quick: bool):
     for d in dims:
         yield (f"prediction pooling D={d}", tk.pool_blocks, pool,
                dict(BLOCK=64, CHUNK=_row_chunk(64, d), DIM=d, SMOOTH=True), 4, 3,
+               ("sm_80", "sm_90"))
+    lists = {"Keep": "*i8", "Counts": "*i32", "Indices": "*i32"}
+    for nk in (16, 2048):
+        yield (f"block lists {nk} key blocks", tk.list_blocks, lists, dict(NK_POW2=nk), 4, 3,
                ("sm_80", "sm_90"))
     select = {"Logits": "*fp32", "SimQ": "*fp32", "SimK": "*fp32", "SimT": "*fp32",
               "Thr": "*fp32", "Keep": "*i8", "Counts": "*i32", "Indices": "*i32",

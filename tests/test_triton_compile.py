@@ -34,15 +34,16 @@ def compiled(tmp_path_factory):
 
 def test_every_kernel_compiles_for_each_gpu_generation(compiled):
     kernels = {row["kernel"].split(" ")[0] for row in compiled}
-    assert kernels == {"attention", "quantizer", "prediction"}
+    assert kernels == {"attention", "quantizer", "prediction", "block"}
     targets = {row["target"] for row in compiled}
     assert targets == {"sm_80", "sm_89", "sm_90"}     # sm_89 for the fp8 P.V variant
     assert all(0 < row["registers"] <= 255 for row in compiled)
 
 
 def test_the_memory_bound_kernels_do_not_spill(compiled):
-    """The quantizer and the prediction passes hold a bounded chunk of rows at a time;
-    spilling there (as the one-shot 128-row quantizer did at D >= 128) is a regression."""
+    """The quantizer, the block lists and the prediction passes hold a bounded chunk at
+    a time; spilling there (as the one-shot 128-row quantizer did at D >= 128) is a
+    regression."""
     rows = [r for r in compiled if not r["kernel"].startswith("attention")]
     assert rows and all(r["stack"] == 0 for r in rows), rows
 

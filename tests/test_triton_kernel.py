@@ -236,6 +236,23 @@ def test_the_autotuned_kernel_gets_its_stage_count_from_the_config(interpret, mo
         assert torch.equal(out, plain), setting
 
 
+@pytest.mark.parametrize("shape, broadcast", [((2, 3, 4, 9), False), ((1, 1, 5, 1), False),
+                                              ((1, 1, 3, 33), True), ((2, 1, 2, 17), True)],
+                         ids=["2x3x4x9", "one-key-block", "expanded-33", "expanded-heads-17"])
+def test_kernel_block_lists_equal_kv_indices(interpret, shape, broadcast):
+    """The one-launch lists the kernel walks equal BlockMap.kv_indices, padding included,
+    also for a map expanded over batch and heads."""
+    g = torch.Generator().manual_seed(sum(shape))
+    keep = torch.rand(shape, generator=g) < 0.4
+    nq, nk = shape[2], shape[3]
+    bm = BlockMap(keep, 64, 32, nq * 64 - 5, nk * 32 - 3, causal=False)
+    if broadcast:
+        bm = bm.expand_batch_heads(shape[0] if shape[0] > 1 else 3, 4)
+    counts, indices = triton_backend.kv_lists(bm)
+    want_counts, want_indices = bm.kv_indices()
+    assert torch.equal(counts, want_counts) and torch.equal(indices, want_indices)
+
+
 def test_pv_threshold_skips_blocks_far_below_the_max(interpret):
     """Keys of the second block score far lower: a small pvthreshd drops their P·V,
     and the kernel and its emulation drop exactly the same blocks."""

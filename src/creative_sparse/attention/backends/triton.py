@@ -30,7 +30,7 @@ from ..blockmap import (BlockMap, HeadParam, constant_per_head, per_head_param,
                         prediction_args)
 
 __all__ = ["MAX_HEAD_DIM", "available", "block_sparse_attention", "interpreter_enabled",
-           "predict_block_map", "quantize_per_block"]
+           "kv_lists", "predict_block_map", "quantize_per_block"]
 
 MAX_HEAD_DIM = 256
 
@@ -155,6 +155,26 @@ def _require_available(device: torch.device) -> None:
                            "capability >= 8.0 (or TRITON_INTERPRET=1 for CPU tensors)")
 
 
+def kv_lists(block_map: BlockMap) -> tuple[Tensor, Tensor]:
+    """``block_map.kv_indices()`` in one Triton launch (a sum and a stable argsort make
+    several), unless the map already carries its lists. Contiguous int32."""
+    if block_map.kv_lists is not None:
+        return block_map.kv_lists
+    from . import triton_kernel
+
+    keep = block_map.keep
+    b, h, nq, nk = keep.shape
+    counts = torch.empty(b, h, nq, device=keep.device, dtype=torch.int32)
+    indices = torch.empty(b, h, nq, nk, device=keep.device, dtype=torch.int32)
+    if counts.numel():
+        if keep.stride(-1) != 1:
+            keep = keep.contiguous()
+        triton_kernel.list_blocks[(nq, b * h)](
+            keep.view(torch.int8), counts, indices, keep.stride(0), keep.stride(1),
+            keep.stride(2), h, nq, nk, NK_POW2=max(16, 1 << (nk - 1).bit_length()))
+    return counts, indices
+
+
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap, *,
                            scale: float | None = None, pvthreshd=None,
                            pv_dtype: str | None = None) -> Tensor:
@@ -179,7 +199,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
     h_kv = k.shape[1]
     inputs = quant.prepare(q, k, v, block_map.block_q, block_map.block_k, scale=scale,
                            pv_dtype=pv_dtype, quantize=quantize_per_block)
-    counts, indices = block_map.kv_indices()
+    counts, indices = kv_lists(block_map)
     limits = _pv_limits(pvthreshd, h, q.device)
     pv_skip = pvthreshd is not None
     out = torch.empty(b, h, lq, inputs.head_dim_v, device=q.device, dtype=q.dtype)
@@ -193,7 +213,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
     grid = (nq * (block_map.block_q // rows), b * h)
     kernel[grid](
         qi, ki, vi, inputs.q_scale, inputs.k_scale, v_scale, out,
-        counts.contiguous(), indices.contiguous(), limits,
+        counts, indices, limits,
         qi.stride(0), qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1), ki.stride(2),
         vi.stride(0), vi.stride(1), vi.stride(2), out.stride(0), out.stride(1), out.stride(2),
         h, h // h_kv, nq, nk, lq, k.shape[2], k.shape[2] - lq, inputs.head_dim_v,

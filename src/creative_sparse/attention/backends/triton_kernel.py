@@ -306,12 +306,34 @@ def select_blocks(Logits, SimQ, SimK, SimT, Thr, Keep, Counts, Indices,
     if SINK:
         keep = keep | (j == 0)
     keep = keep & valid
+    tl.store(Keep + row * num_k_blocks + j, keep.to(tl.int8), mask=inside)
+    _store_lists(keep, inside, j, Counts + row, Indices + row * num_k_blocks)
+
+
+@triton.jit
+def _store_lists(keep, inside, j, count_ptr, index_ptr):
+    """A row's kept blocks as ``BlockMap.kv_indices`` lists them: the count, then the
+    kept block indices ascending and the others ascending after them (what a stable
+    sort gives; backends may gather past the count and mask afterwards)."""
     kept = keep.to(tl.int32)
     count = tl.sum(kept, 0)
-    tl.store(Keep + row * num_k_blocks + j, kept.to(tl.int8), mask=inside)
-    tl.store(Counts + row, count)
-    # The kept blocks ascending, then the others ascending (what a stable sort gives;
-    # backends may gather past the count and mask afterwards, so the tail is valid too).
+    tl.store(count_ptr, count)
     dropped = (inside & (keep == 0)).to(tl.int32)
     position = tl.where(keep, tl.cumsum(kept, 0) - kept, count + tl.cumsum(dropped, 0) - dropped)
-    tl.store(Indices + row * num_k_blocks + position, j, mask=inside)
+    tl.store(index_ptr + position, j, mask=inside)
+
+
+@triton.jit
+def list_blocks(Keep, Counts, Indices, stride_kb, stride_kh, stride_kq, num_heads,
+                num_q_blocks, num_k_blocks, NK_POW2: tl.constexpr):
+    """One row of a bool block map (any strides, e.g. broadcast) to kept-block lists:
+    ``Counts`` ``[B, H, nq]`` and ``Indices`` ``[B, H, nq, nk]``, contiguous."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    j = tl.arange(0, NK_POW2)
+    inside = j < num_k_blocks
+    source = (Keep + (bh // num_heads).to(tl.int64) * stride_kb
+              + (bh % num_heads).to(tl.int64) * stride_kh + qb.to(tl.int64) * stride_kq)
+    keep = tl.load(source + j, mask=inside, other=0) != 0
+    row = bh.to(tl.int64) * num_q_blocks + qb
+    _store_lists(keep, inside, j, Counts + row, Indices + row * num_k_blocks)
