@@ -91,7 +91,7 @@ def _kernel():
 def program_rows(block_q: int, head_dim: int) -> int:
     """Query rows per attention program: the whole block, or 64 of its rows from head
     dim 256, where a 128-row block spills 600-900 bytes of registers per thread and a
-    64-row part with 8 warps 8 bytes on sm_90 (``benchmarks/triton_compile.py``)."""
+    64-row part with 8 warps 0-80 bytes on sm_90 (``benchmarks/triton_compile.py``)."""
     return min(block_q, 64) if head_dim >= 256 else block_q
 
 
@@ -103,7 +103,7 @@ def _row_chunk(block: int, dim: int) -> int:
 def quantize_per_block(x: Tensor, block: int, *, dim_size: int | None = None,
                        multiplier: float = 1.0,
                        mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`creative_sparse.attention.quant.quantize_per_block` in one Triton pass."""
+    """:func:`creative_sparse.attention.quant.quantize_per_block` in one Triton launch."""
     from . import triton_kernel
 
     b, h, length, d = x.shape
