@@ -188,12 +188,15 @@ def test_block_map_checks_the_lists_it_is_given():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compute capability >= 8.0) and Triton")
-@pytest.mark.parametrize("params", [dict(cdfthreshd=0.9), dict(topk=0.3)], ids=["cdf", "topk"])
+@pytest.mark.parametrize("params", [dict(cdfthreshd=0.5), dict(topk=0.3)], ids=["cdf", "topk"])
 def test_gpu_fused_prediction_matches_torch(params):
     """Compiled, GPU reductions and exp round differently from PyTorch's, so a block
-    whose score sits at the threshold may flip: allow a few in a thousand."""
+    whose score sits at the threshold may flip: allow a few in a thousand. The block
+    similarities here are 0.010-0.018 (K) and 0.21-0.24 (Q), so simthreshd1 = 0.005
+    keeps them off the threshold, where one flip would turn a whole row or column
+    (measured on CPU: these settings skip 50% and 65% of the blocks)."""
     q, k = make(4096 + 37, 4096 + 37, 16, 4, 128, device="cuda", dtype=torch.bfloat16)
-    fused, ref = both(q, k, simthreshd1=0.3, causal=True, **params)
+    fused, ref = both(q, k, simthreshd1=0.005, causal=True, **params)
     differ = float((fused.keep != ref.keep).float().mean())
     assert differ < 3e-3, f"{differ:.4%} of the blocks differ"
     assert abs(fused.sparsity() - ref.sparsity()) < 0.01 and ref.sparsity() > 0.2
