@@ -115,7 +115,7 @@ def main(argv=None) -> int:
 
     def prepare(q, k, v, bm):
         """The per-call work before the attention kernel: quantization and block lists."""
-        quant.prepare(q, k, v, bm.block_q, bm.block_k, quantize=triton_backend.quantize_per_block)
+        quant.prepare(q, k, v, bm.block_q, bm.block_k, quantize=triton_backend.quantize_per_token)
         triton_backend.kv_lists(bm)
 
     def predict_both(q, k, causal, sdpa_ms):

@@ -82,7 +82,7 @@ def _cases(quick: bool):
     quantize = {"X": "*bf16", "Mean": "*fp32", "Out": "*i8", "Scale": "*fp32",
                 "multiplier": "fp32"}
     for d in dims:
-        yield (f"quantizer D={d}", tk.quantize_blocks, quantize,
+        yield (f"quantizer D={d}", tk.quantize_rows, quantize,
                dict(BLOCK=128, DIM=d, SMOOTH=True, CHUNK=_row_chunk(128, d)), 4, 3,
                ("sm_80", "sm_90"))
     pool = {"X": "*bf16", "Mean": "*fp32", "Pooled": "*fp32", "Sim": "*fp32"}

@@ -80,16 +80,18 @@ def run_all(q, k, v, block_map, pvthreshd=None, pv_dtype=None):
 
 @pytest.mark.parametrize("length, block", [(1, 64), (63, 64), (128, 128), (300, 64)],
                          ids=lambda x: str(x))
-def test_per_block_int8_error_is_at_most_half_a_step(length, block):
+def test_per_token_int8_error_is_at_most_half_a_step(length, block):
     x = torch.randn(2, 3, length, 40) * 3
-    xi, scale = quant.quantize_per_block(x, block, dim_size=64)
-    n = math.ceil(length / block)
-    assert xi.dtype == torch.int8 and xi.shape == (2, 3, n * block, 64)
-    assert scale.shape == (2, 3, n)
-    back = xi.float() * scale.repeat_interleave(block, -1)[..., None]
-    assert (back[..., :length, :40] - x).abs().max() <= scale.max() / 2 + 1e-6
+    x[0, 0, 0] *= 100                                       # an outlier row costs no other row
+    xi, scale = quant.quantize_per_token(x, block, dim_size=64)
+    rows = math.ceil(length / block) * block
+    assert xi.dtype == torch.int8 and xi.shape == (2, 3, rows, 64)
+    assert scale.shape == (2, 3, rows)
+    back = xi.float() * scale[..., None]
+    assert ((back[..., :length, :40] - x).abs() <= scale[..., :length, None] / 2 + 1e-6).all()
     assert (xi[..., length:, :] == 0).all() and (xi[..., 40:] == 0).all()
-    assert int(xi.abs().max()) == 127                       # the range is used in full
+    assert (scale[..., length:] == 0).all()
+    assert (xi[..., :length, :].abs().amax(-1) == 127).all()   # each row uses the full range
 
 
 @pytest.mark.parametrize("length, d, dim_size, smooth, block",
@@ -100,18 +102,21 @@ def test_per_block_int8_error_is_at_most_half_a_step(length, block):
                               "300x256-smooth-16-row-chunks", "200x100-padded-32-row-chunks"])
 def test_fused_quantizer_equals_the_torch_one(interpret, length, d, dim_size, smooth, block):
     x = torch.randn(2, 3, length, d) * 5 + 1
+    x[1, 2, length // 2] = 0.0                               # a zero row: scale 0, no NaN
     mean = x.mean(dim=-2) if smooth else None
-    got = triton_backend.quantize_per_block(x, block, dim_size=dim_size, multiplier=0.3,
+    got = triton_backend.quantize_per_token(x, block, dim_size=dim_size, multiplier=0.3,
                                             mean=mean)
-    want = quant.quantize_per_block(x, block, dim_size=dim_size, multiplier=0.3, mean=mean)
+    want = quant.quantize_per_token(x, block, dim_size=dim_size, multiplier=0.3, mean=mean)
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=0)
 
 
-def test_zero_block_gets_zero_scale():
-    x = torch.zeros(1, 1, 64, 16)
-    xi, scale = quant.quantize_per_block(x, 64)
-    assert float(scale) == 0.0 and (xi == 0).all()
+def test_zero_row_gets_zero_scale():
+    x = torch.randn(1, 1, 64, 16)
+    x[..., 5, :] = 0.0
+    xi, scale = quant.quantize_per_token(x, 64)
+    assert float(scale[0, 0, 5]) == 0.0 and (xi[..., 5, :] == 0).all()
+    assert (scale[0, 0, :5] > 0).all()
 
 
 def test_smoothing_k_does_not_change_attention():
@@ -130,6 +135,19 @@ def test_emulation_stays_close_to_fp32(structured):
     inputs = quant.prepare(q, k, v, 128, 64)
     ref = masked_attention(q, k, v, bm.to_token_mask(), causal=True)
     assert rel_l1(quant.emulate(inputs, bm), ref) < 0.02
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("structured", [False, True], ids=["random", "structured"])
+def test_the_int8_scheme_stays_under_two_percent_on_long_dense_attention(structured, d):
+    """The hardest case for the output's relative error: every key kept, no causal
+    mask, 2k tokens (attention spread over many random values makes the output
+    small). Per-block scales gave 0.0193-0.0205 here on the structured inputs."""
+    q, k, v = make(2085, 2085, 4, 2, d, structured=structured)
+    keep = torch.ones(1, 4, 17, 33, dtype=torch.bool)
+    bm = BlockMap(keep, 128, 64, 2085, 2085)
+    ref = masked_attention(q, k, v, bm.to_token_mask())
+    assert rel_l1(quant.emulate(quant.prepare(q, k, v, 128, 64), bm), ref) < 0.019
 
 
 def test_fp8_emulation_is_within_fp8_precision():
@@ -318,7 +336,7 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compute capability 
 
 
 GPU_CASES = [(torch.bfloat16, True, 128), (torch.bfloat16, False, 64), (torch.float16, True, 64),
-             (torch.float16, False, 80), (torch.float32, True, 64)]
+             (torch.float16, False, 80), (torch.float32, True, 64), (torch.bfloat16, False, 256)]
 
 
 @gpu

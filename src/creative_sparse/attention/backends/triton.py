@@ -1,9 +1,9 @@
 """Triton backend: fused block-sparse attention with INT8 Q·Kᵀ and the PV threshold.
 
 The GPU kernel (``triton_kernel.py``) walks the kept key blocks of each query
-block with an online softmax. Q and K are quantized per block to INT8 (K
-smoothed first), scores come from an ``int32`` dot product times the two block
-scales, P·V runs in fp16/bf16 (or FP8 with ``pv_dtype="fp8"``) with fp32
+block with an online softmax. Q and K are quantized per token to INT8 (K
+smoothed first), scores come from an ``int32`` dot product times the query's and
+the key's scales, P·V runs in fp16/bf16 (or FP8 with ``pv_dtype="fp8"``) with fp32
 accumulation, and the P·V product of a block far below the running maximum is
 skipped (``pvthreshd``). Causal masking is applied inside diagonal blocks; GQA,
 any length and head dims up to 256 (padded to a power of two) are supported.
@@ -30,7 +30,7 @@ from ..blockmap import (BlockMap, HeadParam, constant_per_head, per_head_param,
                         prediction_args)
 
 __all__ = ["MAX_HEAD_DIM", "available", "block_sparse_attention", "interpreter_enabled",
-           "kv_lists", "predict_block_map", "quantize_per_block"]
+           "kv_lists", "predict_block_map", "quantize_per_token"]
 
 MAX_HEAD_DIM = 256
 
@@ -100,22 +100,22 @@ def _row_chunk(block: int, dim: int) -> int:
     return min(block, max(16, 4096 // dim))
 
 
-def quantize_per_block(x: Tensor, block: int, *, dim_size: int | None = None,
+def quantize_per_token(x: Tensor, block: int, *, dim_size: int | None = None,
                        multiplier: float = 1.0,
                        mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`creative_sparse.attention.quant.quantize_per_block` in one Triton launch."""
+    """:func:`creative_sparse.attention.quant.quantize_per_token` in one Triton launch."""
     from . import triton_kernel
 
     b, h, length, d = x.shape
     dim_size = dim_size or d
     n = math.ceil(length / block)
     out = torch.empty(b, h, n * block, dim_size, device=x.device, dtype=torch.int8)
-    scale = torch.empty(b, h, n, device=x.device, dtype=torch.float32)
+    scale = torch.empty(b, h, n * block, device=x.device, dtype=torch.float32)
     if x.stride(-1) != 1:
         x = x.contiguous()
     mean_arg = mean.contiguous() if mean is not None else scale    # unread without SMOOTH
     if out.numel():
-        triton_kernel.quantize_blocks[(n, b * h)](
+        triton_kernel.quantize_rows[(n, b * h)](
             x, mean_arg, out, scale, x.stride(0), x.stride(1), x.stride(2), h, length, d,
             float(multiplier), BLOCK=block, DIM=dim_size, SMOOTH=mean is not None,
             CHUNK=_row_chunk(block, dim_size))
@@ -198,7 +198,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
     b, h, lq, _ = q.shape
     h_kv = k.shape[1]
     inputs = quant.prepare(q, k, v, block_map.block_q, block_map.block_k, scale=scale,
-                           pv_dtype=pv_dtype, quantize=quantize_per_block)
+                           pv_dtype=pv_dtype, quantize=quantize_per_token)
     counts, indices = kv_lists(block_map)
     limits = _pv_limits(pvthreshd, h, q.device)
     pv_skip = pvthreshd is not None

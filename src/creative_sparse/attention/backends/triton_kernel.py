@@ -29,26 +29,26 @@ def _attend(acc, l_i, m_i, q, q_scale, k_base, v_base, ks_base, idx_base, start,
         kb = tl.load(idx_base + j)
         offs_n = kb * BLOCK_N + offs_n0
         k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None])
-        k_scale = tl.load(ks_base + kb)
-        raw = tl.dot(q, k).to(tl.float32)
-        scale = q_scale * k_scale                 # >= 0; raw * scale: scores in log2 units
+        k_scale = tl.load(ks_base + offs_n)       # one per key; 0 past the keys
+        # raw * q_scale[:, None] (both scales >= 0): the scores in log2 units
+        raw = tl.dot(q, k).to(tl.float32) * k_scale[None, :]
         if MASKED:
             allowed = offs_n[None, :] < k_len
             if IS_CAUSAL:
                 allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-            s = tl.where(allowed, raw * scale, float("-inf"))
+            s = tl.where(allowed, raw * q_scale[:, None], float("-inf"))
             m_blk = tl.max(s, 1)
         else:
             # Rounding is monotone, so the row max of the scaled scores is the scaled row
             # max, and exp2's argument below is one fused multiply-add per score.
-            m_blk = tl.max(raw, 1) * scale
+            m_blk = tl.max(raw, 1) * q_scale
         m_new = tl.maximum(m_i, m_blk)
         if MASKED:   # a row with no allowed key so far keeps m = -inf; subtract 0 instead
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_new_safe[:, None])
         else:
             m_new_safe = m_new
-            p = tl.math.exp2(raw * scale - m_new_safe[:, None])
+            p = tl.math.exp2(raw * q_scale[:, None] - m_new_safe[:, None])
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -109,10 +109,10 @@ def block_sparse_fwd(Q, K, V, QScale, KScale, VScale, Out, Counts, Indices, PVLi
     offs_dv = tl.arange(0, HEAD_DIM_V)
     q = tl.load(Q + b * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm
                 + offs_d[None, :])
-    q_scale = tl.load(QScale + row)
+    q_scale = tl.load(QScale + bh.to(tl.int64) * (num_q_blocks * BLOCK_M) + offs_m)
     k_base = K + b * stride_kz + hk * stride_kh
     v_base = V + b * stride_vz + hk * stride_vh
-    ks_base = KScale + (b * (num_heads // group) + hk) * num_k_blocks
+    ks_base = KScale + (b * (num_heads // group) + hk) * (num_k_blocks * BLOCK_N)
     pv_limit = tl.load(PVLimit + h)
 
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
@@ -152,15 +152,15 @@ def _smoothed_rows(X, mean, r, blk, b, h, stride_xz, stride_xh, stride_xl, lengt
 
 
 @triton.jit
-def quantize_blocks(X, Mean, Out, Scale, stride_xz, stride_xh, stride_xl, num_heads, length,
-                    dim, multiplier, BLOCK: tl.constexpr, DIM: tl.constexpr,
-                    SMOOTH: tl.constexpr, CHUNK: tl.constexpr):
-    """One block of rows of one (batch, head) to INT8, as ``quant.quantize_per_block``
-    (after subtracting ``Mean`` when SMOOTH): Out is ``[B, H, nblocks*BLOCK, DIM]``.
+def quantize_rows(X, Mean, Out, Scale, stride_xz, stride_xh, stride_xl, num_heads, length,
+                  dim, multiplier, BLOCK: tl.constexpr, DIM: tl.constexpr,
+                  SMOOTH: tl.constexpr, CHUNK: tl.constexpr):
+    """One block of rows of one (batch, head) to INT8 with a scale per row, as
+    ``quant.quantize_per_token`` (after subtracting ``Mean`` when SMOOTH): Out is
+    ``[B, H, nblocks*BLOCK, DIM]``, Scale ``[B, H, nblocks*BLOCK]``.
 
-    Two passes over ``CHUNK`` rows at a time (the block's peak, then the rounding;
-    the second read hits the cache): a whole 128 x 128 block held at once needs
-    more registers than a thread has (see ``benchmarks/triton_compile.py``).
+    ``CHUNK`` rows at a time: a whole 128 x 128 block held at once needs more
+    registers than a thread has (see ``benchmarks/triton_compile.py``).
     """
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -170,22 +170,16 @@ def quantize_blocks(X, Mean, Out, Scale, stride_xz, stride_xh, stride_xl, num_he
     mean = tl.zeros([DIM], dtype=tl.float32)
     if SMOOTH:
         mean = tl.load(Mean + bh.to(tl.int64) * dim + cols, mask=cols < dim, other=0.0)
-    peak = tl.zeros([DIM], dtype=tl.float32)
+    first = bh.to(tl.int64) * tl.num_programs(0) * BLOCK
     for r in range(0, BLOCK, CHUNK):
         x = _smoothed_rows(X, mean, r, blk, b, h, stride_xz, stride_xh, stride_xl, length, dim,
                            BLOCK, CHUNK, DIM, SMOOTH)
-        peak = tl.maximum(peak, tl.max(tl.abs(x), 0))
-    scale = tl.max(peak, 0) / 127.0
-    divisor = tl.where(scale > 0.0, scale, 1.0)
-    num_blocks = tl.num_programs(0)
-    for r in range(0, BLOCK, CHUNK):
-        x = _smoothed_rows(X, mean, r, blk, b, h, stride_xz, stride_xh, stride_xl, length, dim,
-                           BLOCK, CHUNK, DIM, SMOOTH)
-        y = tl.minimum(tl.maximum(tl.floor(x / divisor + 0.5), -127.0), 127.0)
-        rows = blk * BLOCK + r + tl.arange(0, CHUNK)
-        out_rows = (bh.to(tl.int64) * num_blocks * BLOCK + rows) * DIM
-        tl.store(Out + out_rows[:, None] + cols[None, :], y.to(tl.int8))
-    tl.store(Scale + bh * num_blocks + blk, scale * multiplier)
+        scale = tl.max(tl.abs(x), 1) / 127.0
+        divisor = tl.where(scale > 0.0, scale, 1.0)
+        y = tl.minimum(tl.maximum(tl.floor(x / divisor[:, None] + 0.5), -127.0), 127.0)
+        rows = first + blk * BLOCK + r + tl.arange(0, CHUNK)
+        tl.store(Out + rows[:, None] * DIM + cols[None, :], y.to(tl.int8))
+        tl.store(Scale + rows, scale * multiplier)
 
 
 # ------------------------------------------------------------------ block-map prediction
