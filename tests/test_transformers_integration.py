@@ -40,6 +40,57 @@ def test_dense_knobs_give_identical_logits(tiny_llama, prompt):
 
 
 @torch.no_grad()
+def test_sparse_prefill_reads_nothing_back_from_the_device(tiny_llama, prompt, monkeypatch):
+    """The statistics stay on the device until read: an int() of a device tensor per
+    layer is a host sync on a GPU (the CPU stops queueing kernels). Counted here as
+    int()/item() calls made by the integration's own code."""
+    import sys
+
+    calls = []
+    for name in ("__int__", "item"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            if "creative_sparse/models/" in caller:
+                calls.append(caller)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    knobs = AttentionKnobs(keep_fraction=0.25, topk=0.25, simthreshd1=-0.1, sink_tokens=0)
+    with sparsity(tiny_llama, knobs) as stats:
+        tiny_llama(prompt)
+        assert stats.sparse_calls == 2 and calls == []
+        assert 0.0 < stats.block_sparsity < 1.0 and 0.0 < stats.attended_fraction < 0.8
+    assert len(calls) == 3               # one read per count computed on the device
+
+
+def test_statistics_add_ints_and_device_counts():
+    from creative_sparse.models.transformers import AttentionStats
+
+    stats = AttentionStats()
+    stats.add(pairs_computed=5, pairs_dense=10)
+    stats.add(pairs_computed=torch.tensor(7), blocks_kept=torch.tensor([3]),
+              blocks_total=torch.tensor(4, dtype=torch.int32))
+    stats.add(pairs_computed=torch.tensor(1))
+    assert (stats.pairs_computed, stats.pairs_dense) == (13, 10)
+    assert stats.attended_fraction == 1.3 and stats.block_sparsity == 0.25
+    assert stats.pairs_computed == 13            # a second read adds nothing twice
+    with pytest.raises(ValueError, match="unknown count 'pairs'; the counts are pairs_computed"):
+        stats.add(pairs=1)
+    assert AttentionStats().attended_fraction == 1.0 and AttentionStats().block_sparsity == 0.0
+
+
+def test_dense_causal_pair_count_is_closed_form():
+    from creative_sparse.attention.blockmap import block_pair_counts
+    from creative_sparse.models.transformers import _causal_pairs
+
+    for q_len, k_len in [(1, 1), (1, 90), (37, 37), (64, 300), (300, 130), (5, 2)]:
+        q, k = torch.empty(2, 3, q_len, 1), torch.empty(2, 1, k_len, 1)
+        counted = int(block_pair_counts(q_len, k_len, 64, 64, True).sum())
+        assert _causal_pairs(q, k) == counted * 2 * 3
+
+
+@torch.no_grad()
 def test_sparse_prefill_skips_blocks_and_changes_logits(tiny_llama, prompt):
     ref = tiny_llama(prompt).logits
     knobs = AttentionKnobs(keep_fraction=0.25, topk=0.25, simthreshd1=-0.1, sink_tokens=0)

@@ -203,9 +203,13 @@ class BlockMap:
 
     def pairs_computed(self) -> int:
         """Number of (query, key) score pairs the kept blocks hold, summed over batch and heads."""
-        counts = block_pair_counts(self.q_len, self.k_len, self.block_q, self.block_k,
-                                   self.causal, self.keep.device)
-        return int((self.keep * counts).sum())
+        return int(self.pair_count())
+
+    def pair_count(self) -> Tensor:
+        """:meth:`pairs_computed` as a 0-d int64 tensor on the map's device (no host sync)."""
+        counts = shared_map(block_pair_counts, self.q_len, self.k_len, self.block_q,
+                            self.block_k, self.causal, self.keep.device)
+        return (self.keep * counts).sum()
 
     def to_token_mask(self) -> Tensor:
         """Bool ``[B, H, q_len, k_len]``: True where attention is computed (causal included)."""

@@ -162,8 +162,8 @@ def _decode_topk(module, query, key, value, scaling, active) -> Tensor:
             keep[list(dense)] = True
         scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    stats.pairs_computed += h * (k_len * len(dense) + budget * (b - len(dense)))
-    stats.pairs_dense += b * h * k_len
+    stats.add(pairs_computed=h * (k_len * len(dense) + budget * (b - len(dense))),
+              pairs_dense=b * h * k_len)
     _record_key_mass(active, module, probs)
     return _grouped_attend(probs, value)
 
@@ -203,7 +203,6 @@ def token_topk(module, query, key, value, attention_mask, scaling, active) -> Te
         keep[list(dense)] = allowed[list(dense)]
     # A row with no kept key (fully masked) gets zero weights, not NaN.
     weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num_(0.0)
-    stats.pairs_computed += int(keep.sum())
-    stats.pairs_dense += int(visible.sum())
+    stats.add(pairs_computed=keep.sum(), pairs_dense=visible.sum())   # no host sync
     _record_key_mass(active, module, weights)
     return _grouped_attend(weights, value)

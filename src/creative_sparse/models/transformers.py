@@ -34,7 +34,6 @@ from torch import Tensor
 
 from ..attention import block_sparse_attention
 from ..attention.dispatch import predict
-from ..attention.blockmap import block_pair_counts
 from .token_topk import token_topk
 
 __all__ = ["ATTENTION_NAME", "AttentionKnobs", "AttentionStats", "register", "set_knobs",
@@ -138,31 +137,78 @@ class AttentionKnobs:
         return self.keep_fraction >= 1.0
 
 
+_COUNTS = ("pairs_computed", "pairs_dense", "blocks_kept", "blocks_total")
+
+
 @dataclass
 class AttentionStats:
     """Work done by the patched attention since the context was entered.
 
     ``pairs_*`` count (query, key) score pairs summed over layers, batch and
     heads; ``attended_fraction`` is computed / dense-equivalent.
+
+    Counts computed on a GPU are added there and read back only when a count is
+    read: an ``int()`` per layer would make the CPU wait for the GPU at every
+    layer, where it should be queueing the next kernels.
     """
 
     calls: int = 0
     sparse_calls: int = 0
-    pairs_computed: int = 0
-    pairs_dense: int = 0
-    blocks_kept: int = 0
-    blocks_total: int = 0
     # H2O: attention mass received by each cached key, per layer, summed over
     # heads and queries of the token-level path ([B, k_len] per layer index).
     key_mass: dict[int, Tensor] = field(default_factory=dict)
+    _totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0),
+                                    repr=False)
+    _pending: dict[tuple[str, torch.device], Tensor] = field(default_factory=dict, repr=False)
+
+    def add(self, **counts: int | Tensor) -> None:
+        """Add to the named counts (``pairs_computed=...``, ...): ints, or integer
+        tensors of one element, which stay on their device until a count is read."""
+        for name, amount in counts.items():
+            if name not in self._totals:
+                raise ValueError(f"unknown count {name!r}; the counts are {', '.join(_COUNTS)}")
+            if isinstance(amount, Tensor):
+                key = (name, amount.device)
+                amount = amount.reshape(()).to(torch.int64)
+                pending = self._pending.get(key)
+                self._pending[key] = amount if pending is None else pending + amount
+            else:
+                self._totals[name] += int(amount)
+
+    def _count(self, name: str) -> int:
+        for key in [key for key in self._pending if key[0] == name]:
+            self._totals[name] += int(self._pending.pop(key))
+        return self._totals[name]
+
+    @property
+    def pairs_computed(self) -> int:
+        """(query, key) pairs the attention computed."""
+        return self._count("pairs_computed")
+
+    @property
+    def pairs_dense(self) -> int:
+        """(query, key) pairs dense causal attention would have computed."""
+        return self._count("pairs_dense")
+
+    @property
+    def blocks_kept(self) -> int:
+        """Blocks the block-sparse prefill computed (over batch and heads)."""
+        return self._count("blocks_kept")
+
+    @property
+    def blocks_total(self) -> int:
+        """Blocks dense causal prefill would have computed (over batch and heads)."""
+        return self._count("blocks_total")
 
     @property
     def attended_fraction(self) -> float:
-        return self.pairs_computed / self.pairs_dense if self.pairs_dense else 1.0
+        dense = self.pairs_dense
+        return self.pairs_computed / dense if dense else 1.0
 
     @property
     def block_sparsity(self) -> float:
-        return 1.0 - self.blocks_kept / self.blocks_total if self.blocks_total else 0.0
+        total = self.blocks_total
+        return 1.0 - self.blocks_kept / total if total else 0.0
 
 
 @dataclass
@@ -183,9 +229,14 @@ def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal
 
 
 def _causal_pairs(query: Tensor, key: Tensor) -> int:
-    """(query, key) pairs dense causal attention computes, over batch and heads."""
+    """(query, key) pairs dense causal attention computes, over batch and heads.
+
+    The queries are the last ``q_len`` positions, so they see ``k_len - q_len + 1``
+    up to ``k_len`` keys (none below 1): a difference of triangular numbers.
+    """
     q_len, k_len = query.shape[2], key.shape[2]
-    pairs = int(block_pair_counts(q_len, k_len, q_len, k_len, True).sum())
+    unseen = max(k_len - q_len, 0)
+    pairs = (k_len * (k_len + 1) - unseen * (unseen + 1)) // 2
     return pairs * query.shape[0] * query.shape[1]
 
 
@@ -207,8 +258,7 @@ def creative_sparse_attention(module: torch.nn.Module, query: Tensor, key: Tenso
     if exact:
         if active is not None:
             pairs = _causal_pairs(query, key)
-            active.stats.pairs_computed += pairs
-            active.stats.pairs_dense += pairs
+            active.stats.add(pairs_computed=pairs, pairs_dense=pairs)
             active.stats.calls += 1
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                      **kwargs)
@@ -224,10 +274,9 @@ def creative_sparse_attention(module: torch.nn.Module, query: Tensor, key: Tenso
             cdfthreshd=None if topk is not None else knobs.cdfthreshd, topk=topk, causal=True,
             attention_sink=knobs.sink_tokens > 0, scale=scaling)
         out = block_sparse_attention(query, key, value, block_map, scale=scaling)
-        stats.pairs_computed += block_map.pairs_computed()
-        stats.pairs_dense += _causal_pairs(query, key)
-        stats.blocks_kept += int(block_map.keep.sum())
-        stats.blocks_total += int(block_map.valid().sum()) * query.shape[0] * query.shape[1]
+        stats.add(pairs_computed=block_map.pair_count(), pairs_dense=_causal_pairs(query, key),
+                  blocks_kept=block_map.keep.sum(),
+                  blocks_total=block_map.valid().sum() * (query.shape[0] * query.shape[1]))
     else:
         out = token_topk(module, query, key, value, attention_mask, scaling, active)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
