@@ -336,6 +336,45 @@ def test_invalid_thresholds_raise(kwargs, pattern):
         predict_block_map(q, k, **kwargs)
 
 
+@pytest.mark.parametrize("value", [float("nan"), 1.5, -0.5, 2])
+def test_scalar_and_per_head_checks_agree(value):
+    """Scalars are range-checked in plain Python, sequences as tensors: same verdict,
+    same message."""
+    from creative_sparse.attention.blockmap import per_head_param
+
+    with pytest.raises(ValueError) as scalar:
+        per_head_param(value, "cdfthreshd", 2, 0.0, 1.0, low_open=True)
+    with pytest.raises(ValueError) as sequence:
+        per_head_param([0.5, value], "cdfthreshd", 2, 0.0, 1.0, low_open=True)
+    assert str(scalar.value) == str(sequence.value)
+    assert str(scalar.value).startswith("cdfthreshd must be in (0.0, 1.0], got ")
+
+
+def test_scalar_thresholds_cost_no_tensor_operation_per_call():
+    """A model calls the prediction once per layer: checking scalar thresholds with
+    tensor operations cost about ten of them per call (host time on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from creative_sparse.attention.blockmap import prediction_args
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    q, k = torch.randn(1, 2, 100, 32), torch.randn(1, 1, 100, 32)
+    args = dict(simthreshd1=0.6, cdfthreshd=None, topk=0.5, scale=None, block_q=128,
+                block_k=64)
+    first = prediction_args(q, k, **args)
+    with Count():
+        again = prediction_args(q, k, **args)
+    assert Count.ops == 0
+    assert all(torch.equal(a, b) for a, b in zip(first[1:], again[1:]))
+    assert again[2].tolist() == [0.5, 0.5]
+
+
 def _check_valid_map(bm: BlockMap, lq, lk, bq, bk, causal):
     valid = block_valid_map(lq, lk, bq, bk, causal)
     assert bm.keep.dtype == torch.bool

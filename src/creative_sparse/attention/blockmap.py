@@ -44,6 +44,7 @@ __all__ = [
     "block_diagonal_map",
     "block_full_map",
     "block_pair_counts",
+    "check_scalar",
     "per_head_param",
     "pooled_blocks",
     "predict_block_map",
@@ -247,7 +248,8 @@ def per_head_param(value: HeadParam, name: str, num_heads: int, low: float, high
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a number or a per-head sequence, got {value!r}")
     if isinstance(value, (int, float)):
-        values = torch.full((num_heads,), float(value), dtype=torch.float64)
+        check_scalar(float(value), name, low, high, low_open)
+        return torch.full((num_heads,), float(value), device=device, dtype=torch.float32)
     else:
         try:
             values = torch.as_tensor(value, dtype=torch.float64, device="cpu").flatten()
@@ -257,12 +259,18 @@ def per_head_param(value: HeadParam, name: str, num_heads: int, low: float, high
         if values.numel() != num_heads:
             raise ValueError(f"{name}: a per-head value needs {num_heads} entries (one per "
                              f"query head), got {values.numel()}")
-    interval = f"{'(' if low_open else '['}{low}, {high}]"
     bad = torch.isnan(values) | (values > high) | ((values <= low) if low_open else (values < low))
     if bool(bad.any()):
-        offender = values[bad][0].item()
-        raise ValueError(f"{name} must be in {interval}, got {offender}")
+        check_scalar(values[bad][0].item(), name, low, high, low_open)
     return values.to(device=device, dtype=torch.float32)
+
+
+def check_scalar(value: float, name: str, low: float, high: float, low_open: bool) -> None:
+    """The range check of :func:`per_head_param` for one number, in plain Python: the
+    tensor version costs several operations, on every attention call of every layer."""
+    if math.isnan(value) or value > high or (value <= low if low_open else value < low):
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
 
 
 def _block_sums(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
@@ -325,7 +333,7 @@ def _head_values(value: HeadParam, name: str, heads: int, low: float, high: floa
                  low_open: bool = False, device: torch.device) -> Tensor:
     """:func:`per_head_param` on ``device``, without a copy per call for a scalar."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        per_head_param(value, name, 1, low, high, low_open=low_open)      # the checks
+        check_scalar(float(value), name, low, high, low_open)
         return constant_per_head(float(value), heads, device)
     return per_head_param(value, name, heads, low, high, low_open=low_open, device=device)
 

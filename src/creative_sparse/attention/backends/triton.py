@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from .. import quant
-from ..blockmap import (BlockMap, HeadParam, constant_per_head, per_head_param,
-                        prediction_args)
+from ..blockmap import (BlockMap, HeadParam, check_scalar, constant_per_head,
+                        per_head_param, prediction_args)
 
 __all__ = ["MAX_HEAD_DIM", "available", "block_sparse_attention", "interpreter_enabled",
            "kv_lists", "predict_block_map", "quantize_per_token"]
@@ -128,7 +128,7 @@ def _pv_limits(pvthreshd, heads: int, device: torch.device) -> Tensor:
     if pvthreshd is None or isinstance(pvthreshd, (int, float)):
         value = math.inf if pvthreshd is None else float(pvthreshd)
         if pvthreshd is not None:
-            per_head_param(value, "pvthreshd", 1, 0.0, math.inf, low_open=True)
+            check_scalar(value, "pvthreshd", 0.0, math.inf, low_open=True)
         return constant_per_head(value, heads, device)
     if isinstance(pvthreshd, Tensor) and pvthreshd.device == device:
         limits = pvthreshd.to(torch.float32).flatten()
