@@ -140,6 +140,11 @@ class AttentionKnobs:
 _COUNTS = ("pairs_computed", "pairs_dense", "blocks_kept", "blocks_total")
 
 
+def _count(name: str, doc: str) -> property:
+    """A read-only int attribute of :class:`AttentionStats` (device counts read here)."""
+    return property(lambda stats: stats._read(name), doc=doc)
+
+
 @dataclass
 class AttentionStats:
     """Work done by the patched attention since the context was entered.
@@ -175,30 +180,18 @@ class AttentionStats:
             else:
                 self._totals[name] += int(amount)
 
-    def _count(self, name: str) -> int:
+    def _read(self, name: str) -> int:
         for key in [key for key in self._pending if key[0] == name]:
             self._totals[name] += int(self._pending.pop(key))
         return self._totals[name]
 
-    @property
-    def pairs_computed(self) -> int:
-        """(query, key) pairs the attention computed."""
-        return self._count("pairs_computed")
-
-    @property
-    def pairs_dense(self) -> int:
-        """(query, key) pairs dense causal attention would have computed."""
-        return self._count("pairs_dense")
-
-    @property
-    def blocks_kept(self) -> int:
-        """Blocks the block-sparse prefill computed (over batch and heads)."""
-        return self._count("blocks_kept")
-
-    @property
-    def blocks_total(self) -> int:
-        """Blocks dense causal prefill would have computed (over batch and heads)."""
-        return self._count("blocks_total")
+    pairs_computed = _count("pairs_computed", "(query, key) pairs the attention computed.")
+    pairs_dense = _count("pairs_dense", "(query, key) pairs dense causal attention would "
+                                        "have computed.")
+    blocks_kept = _count("blocks_kept", "Blocks the block-sparse prefill computed (over "
+                                        "batch and heads).")
+    blocks_total = _count("blocks_total", "Blocks dense causal prefill would have computed "
+                                          "(over batch and heads).")
 
     @property
     def attended_fraction(self) -> float:
