@@ -56,8 +56,21 @@ def test_generate_json(smollm2, capsys):
     assert cand["text"] and -1.0 <= cand["q"] <= 1.0 and 0.0 <= cand["incoherence"] <= 1.0
 
 
-def test_generate_rejects_a_bad_schedule(capsys):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--schedule", "0.7", "argument --schedule: must be two numbers 'diverge,refine' in [0, 1]"),
+    ("--schedule", "1.5,0.2", "argument --schedule: must be two numbers"),
+    ("--sparsity", "nan", "argument --sparsity: must be a number in [0, 1], got 'nan'"),
+    ("--candidates", "0", "argument --candidates: must be an integer >= 1, got '0'"),
+    ("--max-tokens", "ten", "argument --max-tokens: must be an integer >= 1, got 'ten'"),
+])
+def test_generate_rejects_bad_arguments_before_loading_the_model(capsys, monkeypatch, flag,
+                                                                 value, message):
+    import creative_sparse.generation as generation
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(generation, "CreativeSparseWrapper", no_loading)
     with pytest.raises(SystemExit) as exc:
-        main(["generate", "hi", "--schedule", "0.7"])
+        main(["generate", "hi", flag, value])
     assert exc.value.code == 2
-    assert "--schedule must be two numbers" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

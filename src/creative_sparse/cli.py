@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 
@@ -150,9 +151,32 @@ def _schedule(text: str) -> tuple[float, float]:
     try:
         diverge, refine = (float(x) for x in text.split(","))
     except ValueError:
+        diverge = refine = math.nan
+    if not (0.0 <= diverge <= 1.0 and 0.0 <= refine <= 1.0):
         raise argparse.ArgumentTypeError(
-            f"--schedule must be two numbers 'diverge,refine' in [0, 1], got {text!r}") from None
+            f"must be two numbers 'diverge,refine' in [0, 1], got {text!r}")
     return diverge, refine
+
+
+def _level(text: str) -> float:
+    try:
+        level = float(text)
+    except ValueError:
+        level = math.nan
+    if not 0.0 <= level <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return level
+
+
+def _count(text: str) -> int:
+    """A count >= 1, checked before the model loads (seconds) rather than after."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def run_generate(args) -> None:
@@ -254,12 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("backends", help="list the attention backends available here")
     gen = sub.add_parser("generate", help="Creative-Sparse generation: diverge -> refine")
     gen.add_argument("prompt")
-    gen.add_argument("--candidates", type=int, default=5, help="drafts in the diverge stage")
-    gen.add_argument("--sparsity", type=float, default=None,
+    gen.add_argument("--candidates", type=_count, default=5, help="drafts in the diverge stage")
+    gen.add_argument("--sparsity", type=_level, default=None,
                      help="divergence level s (overrides the schedule's first number)")
     gen.add_argument("--schedule", type=_schedule, default=(0.7, 0.3),
                      help="diverge,refine levels, e.g. 0.7,0.3")
-    gen.add_argument("--max-tokens", type=int, default=120)
+    gen.add_argument("--max-tokens", type=_count, default=120)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--model", default="smollm2-135m")
     gen.add_argument("--json", action="store_true", help="machine-readable output")
