@@ -208,6 +208,9 @@ def main(argv=None) -> int:
                                rel_l1=err, fp8_ms=fp8_ms, fp8_rel_l1=fp8_err,
                                e2e_ms=e2e_ms, e2e_speedup=sdpa / e2e_ms)
                     rows.append(row)
+                    if args.json:   # after every row: a run cut short keeps what it measured
+                        with open(args.json, "w") as f:
+                            json.dump(rows, f, indent=1)
                     print(f"{n:>6} {d:>4} {heads:>3} {str(causal):>6} {target:>6.2f} "
                           f"{row['skipped']:>7.3f} {sdpa:>8.3f} {flex_ms:>8.3f} {ours_ms:>8.3f} "
                           f"{nopv_ms:>8.3f} {prep_ms:>7.3f} {row['sdpa_tflops']:>7.1f} "
@@ -223,9 +226,6 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     for key, config in getattr(triton_backend._kernel(), "cache", {}).items():
         print(f"# autotune chose {config} for {key}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
     return 0
 
 

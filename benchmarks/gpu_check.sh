@@ -3,6 +3,8 @@
 # the GPU, then the benchmark.
 # Usage: benchmarks/gpu_check.sh OUTDIR [benchmark arguments...]
 # Needs python3 with torch (CUDA) and triton; the package is taken from ./src.
+# The default time limits add up to 540 s, under the device tool's 600 s per command;
+# the benchmark writes its JSON after every row, so a run cut short keeps its rows.
 set -u
 out=${1:-gpu_out}; shift || true
 mkdir -p "$out"
@@ -10,11 +12,11 @@ export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     2>&1 | tee -a "$out/gpu.txt"
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py \
+timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py \
     tests/test_triton_prediction.py -k "gpu" 2>&1 | tail -40 | tee "$out/tests.txt"
-timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/gpu_attention.py --json "$out/bench.json" "$@" \
+timeout "${BENCH_TIMEOUT:-360}" python3 benchmarks/gpu_attention.py --json "$out/bench.json" "$@" \
     2>&1 | tee "$out/bench.txt"
 # Last, the static figures (registers, spills, pipelining) from this machine's Triton,
 # to set beside the measured speed.
-timeout "${COMPILE_TIMEOUT:-90}" env -u TRITON_INTERPRET python3 benchmarks/triton_compile.py \
+timeout "${COMPILE_TIMEOUT:-60}" env -u TRITON_INTERPRET python3 benchmarks/triton_compile.py \
     --quick 2>&1 | grep -v -i warn | tee "$out/compile.txt"
