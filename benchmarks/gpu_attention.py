@@ -11,7 +11,9 @@ computation) before timing, then times:
   lists, with the PV threshold at the seed default (``pvthreshd=15``); ``nopv``
   the same without the PV threshold; ``prep`` the per-call work before the kernel;
   ``e2e`` the whole ``sparse_attention`` call a user makes (prediction of the same
-  top-k map, with the fused predictor unless ``--no-fused-predict``, then the kernel);
+  top-k map with the default predictor, ``"auto"``, which picks the fused one on its
+  first call if it agrees and is faster, or PyTorch's with ``--no-fused-predict``;
+  then the kernel);
   ``fp8`` the kernel with P·V in FP8 e4m3 (GPUs of compute capability >= 8.9), with
   its own relative L1 against the same check.
 
@@ -182,8 +184,8 @@ def main(argv=None) -> int:
                     prep_ms = timed(lambda: prepare(q, k, v, bm))
                     e2e_ms = timed(lambda: sparse_attention(
                         q, k, v, is_causal=causal, topk=keep, simthreshd1=-1.0, pvthreshd=15.0,
-                        backend="triton",
-                        predictor="torch" if args.no_fused_predict else "triton"))
+                        backend="triton",     # the default predictor ("auto") chooses once
+                        predictor="torch" if args.no_fused_predict else None))
                     fp8_ms = fp8_err = math.nan
                     if not args.no_fp8:
                         try:
@@ -226,6 +228,8 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     for key, config in getattr(triton_backend._kernel(), "cache", {}).items():
         print(f"# autotune chose {config} for {key}", flush=True)
+    from creative_sparse.attention.dispatch import predictor_choices
+    print(f"# the default ('auto') block-map predictor chose {predictor_choices()}", flush=True)
     return 0
 
 

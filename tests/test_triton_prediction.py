@@ -147,15 +147,88 @@ def test_the_kernel_reads_the_lists_the_prediction_wrote(interpret):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_torch_is_the_default_predictor(monkeypatch):
+def test_the_default_is_auto_which_means_torch_off_cuda(monkeypatch):
     monkeypatch.delenv(dispatch.PREDICTOR_ENV_VAR, raising=False)
     assert dispatch.select_predictor("cpu") == "torch"
+    assert dispatch.select_predictor("cpu", "auto") == "torch"
+    assert dispatch.select_predictor("meta") == "torch"
+
+
+@pytest.fixture
+def auto_on_cpu(interpret, monkeypatch):
+    """``"auto"`` weighing the fused predictor on CPU tensors, as it does on CUDA (here the
+    fused one runs under the interpreter), with no choice made yet."""
+    monkeypatch.setattr(dispatch, "_auto_candidate", lambda device: True)
+    monkeypatch.setattr(dispatch, "_choices", {})
+    q, k = make(300, 300, 4, 2, 64, seed=4)
+    return q, k, dict(cdfthreshd=0.5, simthreshd1=-1.0, causal=True)
+
+
+def test_auto_keeps_torch_where_the_fused_predictor_is_slower(auto_on_cpu, caplog):
+    q, k, params = auto_on_cpu
+    assert dispatch.select_predictor("cpu") == "auto"
+    with caplog.at_level("INFO", logger="creative_sparse.attention.dispatch"):
+        got = dispatch.predict(q, k, **params)           # interpreted: far slower
+    assert dispatch.predictor_choices() == {"cpu": "torch"}
+    assert dispatch.select_predictor("cpu") == "torch"
+    assert "'torch' (fused" in caplog.text and "differ on 0.000% of blocks" in caplog.text
+    assert_same_maps(got, predict_block_map(q, k, **params))
+
+
+def test_auto_chooses_the_fused_predictor_where_it_agrees_and_is_faster(auto_on_cpu,
+                                                                      monkeypatch):
+    q, k, params = auto_on_cpu
+    times = iter([0.001, 0.004])                   # fused, then PyTorch
+    monkeypatch.setattr(dispatch, "_seconds", lambda fn, device: next(times))
+    first = dispatch.predict(q, k, **params)
+    assert first.kv_lists is not None               # the fused map, lists and all
+    assert dispatch.predictor_choices() == {"cpu": "triton"}
+    calls = []
+    fused = triton_backend.predict_block_map
+    monkeypatch.setattr(triton_backend, "predict_block_map",
+                        lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    assert_same_maps(dispatch.predict(q, k, **params), predict_block_map(q, k, **params))
+    assert calls == [1]                             # no more comparing or timing
+
+
+def test_auto_falls_back_to_torch_when_the_maps_disagree(auto_on_cpu, monkeypatch, caplog):
+    q, k, params = auto_on_cpu
+    fused = triton_backend.predict_block_map
+
+    def flipped(*args, **kwargs):
+        bm = fused(*args, **kwargs)
+        return BlockMap(~bm.keep, bm.block_q, bm.block_k, bm.q_len, bm.k_len, bm.causal)
+    monkeypatch.setattr(triton_backend, "predict_block_map", flipped)
+    got = dispatch.predict(q, k, **params)
+    assert dispatch.predictor_choices() == {"cpu": "torch"}
+    assert "the fused map differs on" in caplog.text and "more than 0.3%" in caplog.text
+    assert_same_maps(got, predict_block_map(q, k, **params))
+
+
+def test_auto_falls_back_to_torch_when_the_fused_predictor_fails(auto_on_cpu, monkeypatch,
+                                                                caplog):
+    q, k, params = auto_on_cpu
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX compilation failed")
+    monkeypatch.setattr(triton_backend, "predict_block_map", broken)
+    got = dispatch.predict(q, k, **params)
+    assert dispatch.predictor_choices() == {"cpu": "torch"}
+    assert "the fused predictor failed: RuntimeError('PTX compilation failed')" in caplog.text
+    assert_same_maps(got, predict_block_map(q, k, **params))
+
+
+def test_auto_does_not_choose_on_a_configuration_the_fused_predictor_refuses(auto_on_cpu):
+    q, k = make(64, 64, 1, 1, 300)                  # head dim 300: PyTorch only
+    got = dispatch.predict(q, k, cdfthreshd=0.5)
+    assert dispatch.predictor_choices() == {}      # the next call may still choose
+    assert_same_maps(got, predict_block_map(q, k, cdfthreshd=0.5))
 
 
 def test_predictor_errors(monkeypatch):
     monkeypatch.delenv(dispatch.PREDICTOR_ENV_VAR, raising=False)
-    with pytest.raises(ValueError, match="unknown block-map predictor 'cuda'; allowed: torch, "
-                                         "triton"):
+    with pytest.raises(ValueError, match="unknown block-map predictor 'cuda'; allowed: auto, "
+                                         "torch, triton"):
         dispatch.select_predictor("cpu", "cuda")
     monkeypatch.setenv(dispatch.PREDICTOR_ENV_VAR, "fast")
     with pytest.raises(ValueError, match="CREATIVE_SPARSE_PREDICTOR: unknown block-map"):
@@ -203,6 +276,23 @@ def test_gpu_fused_prediction_matches_torch(params):
     counts, indices = fused.kv_indices()
     fused_lists = BlockMap(fused.keep, 128, 64, fused.q_len, fused.k_len, True).kv_indices()
     assert torch.equal(counts, fused_lists[0]) and torch.equal(indices, fused_lists[1])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compute capability >= 8.0) and Triton")
+def test_gpu_auto_predictor_chooses_once(monkeypatch, capsys):
+    """The default predictor on CUDA compares and times both on the first call, then
+    sticks to its choice (printed: the GPU check's record of which one won)."""
+    monkeypatch.delenv(dispatch.PREDICTOR_ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "_choices", {})
+    q, k = make(8192, 8192, 16, 4, 128, device="cuda", dtype=torch.bfloat16)
+    device = str(q.device)
+    assert dispatch.select_predictor(device) == "auto"
+    first = dispatch.predict(q, k, simthreshd1=0.005, cdfthreshd=0.9, causal=True)
+    choice = dispatch.predictor_choices()[device]
+    assert choice in ("torch", "triton") and dispatch.select_predictor(device) == choice
+    assert (first.kv_lists is not None) == (choice == "triton")
+    with capsys.disabled():
+        print(f"\nauto predictor on {torch.cuda.get_device_name()}: {choice}")
 
 
 def test_the_gpu_benchmark_runs(interpret, tmp_path):

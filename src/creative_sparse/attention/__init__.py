@@ -144,8 +144,11 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False
         return_sparsity: also return the fraction of (causal-aware) blocks skipped.
         block_q, block_k: block sizes (128 x 64 as in SpargeAttn).
         backend: force a backend (see :mod:`creative_sparse.attention.dispatch`).
-        predictor: ``"torch"`` (default) or ``"triton"`` (the same block map from
-            fused GPU launches); also set by ``CREATIVE_SPARSE_PREDICTOR``.
+        predictor: ``"auto"`` (default), ``"torch"`` or ``"triton"`` (the same block
+            map from fused GPU launches); also set by ``CREATIVE_SPARSE_PREDICTOR``.
+            ``"auto"`` is PyTorch's except on CUDA, where the first call on a device
+            compares and times both and keeps the fused one if it agrees and is
+            faster (:mod:`creative_sparse.attention.dispatch`).
 
     Returns:
         The attention output, same layout as the inputs; with ``return_sparsity``,

@@ -16,19 +16,31 @@ Precedence: the ``backend=`` argument, then :func:`use_backend`, then the
 A forced backend that cannot run is an error, never a silent switch.
 
 The block-map prediction is chosen here too (:func:`predict`): ``"torch"``
-(:func:`~creative_sparse.attention.predict_block_map`, any device; the default)
-or ``"triton"`` (the same map from a few fused GPU launches, which also hands
-the kernel its block lists). Precedence: the ``predictor=`` argument, then the
-``CREATIVE_SPARSE_PREDICTOR`` environment variable, then ``"torch"``. The fused
-predictor is tested in Triton's interpreter against the PyTorch one (equal maps)
-but is opt-in until its speed has been measured on a GPU.
+(:func:`~creative_sparse.attention.predict_block_map`, any device) or
+``"triton"`` (the same map from five fused GPU launches instead of about seventy,
+which also hands the kernel its block lists), or ``"auto"``, the default.
+Precedence: the ``predictor=`` argument, then the ``CREATIVE_SPARSE_PREDICTOR``
+environment variable, then ``"auto"``.
+
+``"auto"`` is ``"torch"`` except on a CUDA device where Triton runs. There the
+first prediction on each device is made both ways: the fused predictor is chosen
+for that device from then on if its map agrees with the PyTorch one (at most
+0.3% of blocks may flip, from float rounding at a threshold) and it is faster on
+those very inputs; otherwise ``"torch"`` is, with a warning when the maps
+disagree or the fused predictor fails. The choice is logged
+(``creative_sparse.attention.dispatch``) and :func:`predictor_choices` lists it.
+The fused predictor equals the PyTorch one under Triton's interpreter (tests),
+but its compiled form had not run on a GPU when this check was written: the
+check is what makes it safe as a default.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
+import time
 from typing import Callable, Iterator
 
 import torch
@@ -37,11 +49,17 @@ from torch import Tensor
 from .blockmap import BlockMap, predict_block_map
 
 __all__ = ["BACKENDS", "ENV_VAR", "PREDICTORS", "PREDICTOR_ENV_VAR", "available_backends",
-           "predict", "select_backend", "select_predictor", "run_backend", "use_backend"]
+           "predict", "predictor_choices", "select_backend", "select_predictor", "run_backend",
+           "use_backend"]
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("cpu_kernel", "triton", "flex", "torch", "reference")
 ENV_VAR = "CREATIVE_SPARSE_BACKEND"
-PREDICTORS = ("torch", "triton")
+PREDICTORS = ("auto", "torch", "triton")
+MAX_MAP_DIFFERENCE = 0.003
+"""Fraction of blocks on which the fused map may differ from the PyTorch one in the
+``"auto"`` check (float rounding at a threshold flips a few; a bug flips many)."""
 PREDICTOR_ENV_VAR = "CREATIVE_SPARSE_PREDICTOR"
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("creative_sparse_backend",
                                                                      default=None)
@@ -160,24 +178,93 @@ def run_backend(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap, *,
 
 
 def select_predictor(device: torch.device | str, requested: str | None = None) -> str:
-    """Name of the block-map predictor to use on ``device`` (see the module docstring)."""
+    """Name of the block-map predictor to use on ``device`` (see the module docstring):
+    ``"torch"``, ``"triton"``, or ``"auto"`` while the first prediction on a CUDA
+    device has yet to choose between them."""
     name, source = requested, "predictor"
     if name is None:
-        name, source = os.environ.get(PREDICTOR_ENV_VAR) or "torch", PREDICTOR_ENV_VAR
+        name, source = os.environ.get(PREDICTOR_ENV_VAR) or "auto", PREDICTOR_ENV_VAR
     if name not in PREDICTORS:
         raise ValueError(f"{source}: unknown block-map predictor {name!r}; allowed: "
                          f"{', '.join(PREDICTORS)}")
-    if name == "triton" and not _is_available("triton", torch.device(device)):
+    device = torch.device(device)
+    if name == "triton" and not _is_available("triton", device):
         raise ValueError(f"{source}: the 'triton' predictor cannot run on device {device} "
                          "here (it needs Triton and a CUDA GPU of compute capability >= 8.0); "
                          "use 'torch'")
+    if name == "auto":
+        if not _auto_candidate(device):
+            return "torch"
+        return _choices.get(str(device), "auto")
     return name
+
+
+_choices: dict[str, str] = {}
+
+
+def predictor_choices() -> dict[str, str]:
+    """The predictor ``"auto"`` chose per device so far, e.g. ``{"cuda:0": "triton"}``."""
+    return dict(_choices)
+
+
+def _auto_candidate(device: torch.device) -> bool:
+    """Devices where ``"auto"`` weighs the fused predictor: CUDA with Triton."""
+    return device.type == "cuda" and _is_available("triton", device)
+
+
+def _seconds(fn, device: torch.device, repeats: int = 3) -> float:
+    """Best wall time of ``fn()`` over ``repeats`` runs, the device's queue drained."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _choose(device: torch.device, name: str, why: str, *, warn: bool = False) -> None:
+    _choices[str(device)] = name
+    (logger.warning if warn else logger.info)(
+        "block-map predictor on %s: %r (%s)", device, name, why)
+
+
+def _predict_auto(q: Tensor, k: Tensor, params: dict) -> BlockMap:
+    """The first prediction on a device where ``"auto"`` has not chosen yet: both ways,
+    compared and timed on these inputs; returns the chosen predictor's map."""
+    from .backends import triton as fused_backend
+
+    device = q.device
+    reference = predict_block_map(q, k, **params)
+    try:
+        fused = fused_backend.predict_block_map(q, k, **params)
+    except ValueError:
+        return reference        # a configuration it does not take (head dim, block sizes)
+    except Exception as exc:  # compile or launch failure: never stop the user's call
+        _choose(device, "torch", f"the fused predictor failed: {exc!r}"[:300], warn=True)
+        return reference
+    differ = float((fused.keep != reference.keep).float().mean())
+    if differ > MAX_MAP_DIFFERENCE:
+        _choose(device, "torch", f"the fused map differs on {differ:.2%} of blocks, more "
+                f"than {MAX_MAP_DIFFERENCE:.1%}", warn=True)
+        return reference
+    fused_s = _seconds(lambda: fused_backend.predict_block_map(q, k, **params), device)
+    torch_s = _seconds(lambda: predict_block_map(q, k, **params), device)
+    name = "triton" if fused_s < torch_s else "torch"
+    _choose(device, name, f"fused {1e3 * fused_s:.3f} ms, PyTorch {1e3 * torch_s:.3f} ms; maps "
+            f"differ on {differ:.3%} of blocks")
+    return fused if name == "triton" else reference
 
 
 def predict(q: Tensor, k: Tensor, *, predictor: str | None = None, **params) -> BlockMap:
     """Predict the block map with the selected predictor; ``params`` are those of
     :func:`~creative_sparse.attention.predict_block_map`."""
-    if select_predictor(q.device, predictor) == "triton":
+    name = select_predictor(q.device, predictor)
+    if name == "auto":
+        return _predict_auto(q, k, params)
+    if name == "triton":
         from .backends.triton import predict_block_map as fused
         return fused(q, k, **params)
     return predict_block_map(q, k, **params)
