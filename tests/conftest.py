@@ -37,3 +37,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def triton_kernel_calls(monkeypatch):
+    """The Triton attention kernel (the CUDA default), spied on: a list that gets the
+    query shape of every call. Skips where the kernel cannot run (on CPU it runs
+    under the interpreter, which the block above switches on)."""
+    triton_backend = pytest.importorskip("creative_sparse.attention.backends.triton")
+    if not triton_backend.available(torch.device("cpu")):
+        pytest.skip("needs Triton and TRITON_INTERPRET=1 (set above when there is no GPU)")
+    calls = []
+    kernel = triton_backend.block_sparse_attention
+
+    def spy(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return kernel(q, *args, **kwargs)
+    monkeypatch.setattr(triton_backend, "block_sparse_attention", spy)
+    return calls

@@ -91,26 +91,19 @@ def test_dense_causal_pair_count_is_closed_form():
 
 
 @torch.no_grad()
-def test_sparse_prefill_through_the_gpu_kernel(tiny_llama, prompt, monkeypatch):
+def test_sparse_prefill_through_the_gpu_kernel(tiny_llama, prompt, triton_kernel_calls):
     """On CUDA the prefill runs the Triton INT8 kernel (the default backend there); here
     the same path runs under Triton's interpreter: the same maps, logits within the
     kernel's quantization error."""
     from creative_sparse.attention.dispatch import use_backend
 
-    triton_backend = pytest.importorskip("creative_sparse.attention.backends.triton")
-    if not triton_backend.available(torch.device("cpu")):
-        pytest.skip("needs Triton and TRITON_INTERPRET=1 (the test suite's conftest sets it)")
-    calls = []
-    kernel = triton_backend.block_sparse_attention
-    monkeypatch.setattr(triton_backend, "block_sparse_attention",
-                        lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
     knobs = AttentionKnobs(keep_fraction=0.25, topk=0.25, simthreshd1=-0.1, sink_tokens=0)
     runs = {}
     for backend in ("torch", "triton"):
         with use_backend(backend), sparsity(tiny_llama, knobs) as stats:
             runs[backend] = (tiny_llama(prompt).logits, stats.block_sparsity,
                              stats.attended_fraction)
-    assert calls == [(2, 6, 520, 16)] * 2                  # one call per layer
+    assert triton_kernel_calls == [(2, 6, 520, 16)] * 2     # one call per layer
     (exact, *exact_stats), (ours, *our_stats) = runs["torch"], runs["triton"]
     assert our_stats == exact_stats and 0.3 < our_stats[0] < 0.7
     rel = float((ours - exact).abs().sum() / exact.abs().sum())
