@@ -11,7 +11,8 @@ Public entry points:
   Despite the ``_cuda`` suffix they run on CPU tensors too. On CPU the
   computation is exact fp32; on CUDA with Triton the default backend quantizes
   Q and K to INT8 per token (K smoothed first, as in SageAttention) and skips
-  negligible P·V products (``pvthreshd``). The output has the input dtype unless ``output_dtype`` says otherwise.
+  negligible P·V products (``pvthreshd``). The output has the input dtype unless
+  ``output_dtype`` says otherwise.
 
 Shapes: ``q`` is ``[B, H, Lq, D]`` and ``k``/``v`` are ``[B, H_kv, Lk, D]`` /
 ``[B, H_kv, Lk, Dv]`` with ``H % H_kv == 0`` (``tensor_layout="HND"``), or

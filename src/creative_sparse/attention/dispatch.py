@@ -29,6 +29,8 @@ for that device from then on if its map agrees with the PyTorch one (at most
 those very inputs; otherwise ``"torch"`` is, with a warning when the maps
 disagree or the fused predictor fails. The choice is logged
 (``creative_sparse.attention.dispatch``) and :func:`predictor_choices` lists it.
+A call the fused predictor does not take (head dim over 256, block sizes that are
+not powers of two) uses PyTorch's and leaves the choice to a later call.
 The fused predictor equals the PyTorch one under Triton's interpreter (tests),
 but its compiled form had not run on a GPU when this check was written: the
 check is what makes it safe as a default.

@@ -101,8 +101,8 @@ class QuantizedInputs:
 
     ``q``: int8 ``[B, H, nq*block_q, Dp]``; ``q_scale``: ``[B, H, nq*block_q]``, one
     per row (softmax scale and log2 e folded in); ``k``: int8
-    ``[B, H_kv, nk*block_k, Dp]``; ``k_scale``: ``[B, H_kv, nk*block_k]``; ``v``: ``[B, H_kv, nk*block_k, Dvp]`` in fp16,
-    bf16 or float8_e4m3fn, or V itself (``[B, H_kv, Lk, Dv]``, not copied) when it
+    ``[B, H_kv, nk*block_k, Dp]``; ``k_scale``: ``[B, H_kv, nk*block_k]``; ``v``:
+    ``[B, H_kv, nk*block_k, Dvp]`` in fp16, bf16 or float8_e4m3fn, or V itself (``[B, H_kv, Lk, Dv]``, not copied) when it
     already has the P·V dtype and a power-of-two head dim: the kernel masks the
     rows past the keys. ``v_scale``: fp32 ``[B, H_kv, Dvp]`` for fp8 (the output
     is multiplied by it), else None. ``head_dim_v`` is the unpadded Dv.
