@@ -91,7 +91,7 @@ def _kernel():
 def program_rows(block_q: int, head_dim: int) -> int:
     """Query rows per attention program: the whole block, or 64 of its rows from head
     dim 256, where a 128-row block spills 600-900 bytes of registers per thread and a
-    64-row part with 8 warps and 3 stages none on sm_90 (``benchmarks/triton_compile.py``)."""
+    64-row part with 8 warps 0-184 bytes on sm_90 (``benchmarks/triton_compile.py``)."""
     return min(block_q, 64) if head_dim >= 256 else block_q
 
 
