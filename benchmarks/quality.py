@@ -1,9 +1,11 @@
 """Benchmark: score 64 outputs of ~150 tokens vs one batched forward pass (the floor).
 
-Scoring = MiniLM embeddings + diversity + SmolLM2 per-token NLL (`QualityFunctional.scores`).
-The floor is one batched ``model(input_ids, attention_mask)`` over the same texts, timed
-in the same run. Target: scoring <= 1.3x the floor. Before timing, the batched NLL is
-checked against one-text-at-a-time NLL.
+Scoring = MiniLM embeddings (outputs, reference, prompt) + diversity + relevance +
+degeneration + SmolLM2 per-token NLL of each output *given the prompt*
+(`QualityFunctional.scores(texts, reference, prompt)`), as generation scores its
+candidates. The floor is one batched ``model(input_ids, attention_mask)`` over the
+outputs alone, timed in the same run. Target: scoring <= 1.5x the floor. Before
+timing, the batched NLL is checked against one-text-at-a-time NLL.
 
     python benchmarks/quality.py [--n 64] [--tokens 150] [--repeats 3]
 """
@@ -22,6 +24,8 @@ from creative_sparse.quality import LikelihoodScorer, MiniLMEmbedder, QualityFun
 WORDS = ("the river light stone morning keeper harbour wind slowly remembered quiet lantern "
          "children across village winter glass promise forty years storm shore watched "
          "and of to in was she he they a her his their over under after before because").split()
+PROMPT = ("Write the opening paragraph of a story about a lighthouse keeper who finds a letter "
+          "addressed to her from fifty years in the future.")
 
 
 def make_texts(tok, n: int, tokens: int) -> list[str]:
@@ -62,6 +66,10 @@ def main() -> None:
     alone = torch.cat([scorer.nll([t]) for t in texts[:8]])
     err = (batched - alone).abs().max().item()
     assert err < 5e-3, f"batched NLL differs from one-by-one by {err}"
+    batched = scorer.nll(texts[:8], PROMPT)
+    alone = torch.cat([scorer.nll([t], PROMPT) for t in texts[:8]])
+    err = (batched - alone).abs().max().item()
+    assert err < 5e-3, f"batched NLL given the prompt differs from one-by-one by {err}"
 
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
@@ -70,18 +78,19 @@ def main() -> None:
         model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
 
     def score():
-        qf.scores(texts, reference_data=reference)
+        qf._nll_cache.clear()       # time the scoring, not the cache
+        qf.scores(texts, reference_data=reference, prompt=PROMPT)
 
     floor(), score()  # warm-up: allocator, MiniLM load, lazy init
     t_floor = best_of(floor, args.repeats)
     t_score = best_of(score, args.repeats)
-    t_nll = best_of(lambda: scorer.nll(texts), args.repeats)
+    t_nll = best_of(lambda: scorer.nll(texts, PROMPT), args.repeats)
     t_emb = best_of(lambda: embedder.embed(texts), args.repeats)
     print(f"texts: {args.n} x ~{enc['input_ids'].shape[1]} tokens, threads={torch.get_num_threads()}")
     print(f"floor (one batched forward, full logits): {t_floor * 1e3:8.1f} ms")
     print(f"scoring (embed + NLL + Q):                {t_score * 1e3:8.1f} ms  "
-          f"= {t_score / t_floor:.2f}x floor (target <= 1.30x)")
-    print(f"  of which NLL alone:                     {t_nll * 1e3:8.1f} ms  = {t_nll / t_floor:.2f}x")
+          f"= {t_score / t_floor:.2f}x floor (target <= 1.50x)")
+    print(f"  of which NLL given the prompt:          {t_nll * 1e3:8.1f} ms  = {t_nll / t_floor:.2f}x")
     print(f"  of which MiniLM embeddings:             {t_emb * 1e3:8.1f} ms  = {t_emb / t_floor:.2f}x")
 
 

@@ -7,6 +7,7 @@ import torch
 
 from creative_sparse.config import QualityWeights
 from creative_sparse.quality import (
+    DegenerationLimits,
     QualityFunctional,
     compression_diversity,
     distinct_n,
@@ -86,7 +87,7 @@ def test_missing_reference_zero_or_raise():
 
 
 def test_squash_and_incoherence():
-    x = torch.tensor([0.0, 2.5, 5.5, 100.0, float("inf")])
+    x = torch.tensor([0.0, 4.5, 7.5, 100.0, float("inf")])
     s = squash_nll(x)
     assert s[0] == 0 and s[1] == 0 and s[-1] == 1
     assert s[2] == pytest.approx(1 - math.exp(-1))
@@ -95,15 +96,25 @@ def test_squash_and_incoherence():
         squash_nll(torch.tensor([float("nan")]))
     with pytest.raises(ValueError, match="scale"):
         squash_nll(x, scale=0.0)
-    i = incoherence(torch.tensor([2.0, 2.0, 2.0]), torch.tensor([0.0, 2.0, 50.0]))
+    i = incoherence(torch.tensor([2.0, 2.0, 2.0]), torch.tensor([0.0, 2.0, 50.0]),
+                    violation_weight=0.1)
     torch.testing.assert_close(i, torch.tensor([0.0, 0.2, 1.0]))
+    # the default lambda: one violation is full incoherence
+    assert incoherence(torch.tensor([2.0]), torch.tensor([1.0])).item() == 1.0
+    # noisy-OR of further penalties: 1 - (1 - 0.5)(1 - 0.5) = 0.75
+    assert incoherence(torch.tensor([2.0]), others=[torch.tensor([0.5]), torch.tensor([0.5])]
+                       ).item() == pytest.approx(0.75)
 
 
 def test_validators_add_incoherence():
-    f = qf(validators=[lambda t: "forbidden" in t, lambda t: t.count("!")])
+    f = qf(validators=[lambda t: "forbidden" in t, lambda t: t.count("!")],
+           violation_weight=0.1, degeneration_limits=DegenerationLimits(min_words=0))
     b = f.breakdown(["calm words", "forbidden!!"])
     assert [x.violations for x in b] == [0.0, 3.0]
-    assert b[1].incoherence == pytest.approx(b[0].incoherence + 0.3)
+    assert 1 - b[1].incoherence == pytest.approx((1 - b[0].incoherence) * (1 - 0.3))
+    strict = qf(validators=[lambda t: "forbidden" in t])   # lambda = 1 by default
+    ok, bad = strict.breakdown(["calm words here", "forbidden words here"], ["x"])
+    assert bad.incoherence == 1.0 and bad.q < ok.q
     with pytest.raises(ValueError, match="validator"):
         qf(validators=[lambda t: -1]).breakdown(["a"])
 

@@ -59,7 +59,7 @@ def test_identical_outputs_zero_diversity(qf):
 
 def test_gibberish_far_less_coherent(qf):
     fluent, gib = qf.compute_coherence([PARA, shuffled(PARA)])
-    assert fluent > 0.6 and gib < 0.3, (fluent, gib)
+    assert fluent > 0.9 and gib < 0.6, (fluent, gib)
 
 
 def test_length_bias_band(qf, smollm2):

@@ -3,6 +3,22 @@
 All three terms are per output and in ``[0, 1]`` (formulas in `metrics`), so
 ``Q_i = alpha * N_i + beta * D_i - gamma * I_i`` lies in ``[-gamma, alpha + beta]``.
 
+With the prompt (``breakdown(outputs, reference_data, prompt=...)``), Q judges
+answers to *that* prompt:
+
+- relevance ``r_i`` in [0, 1]: how closely the output's embedding follows the
+  prompt's (a ramp of their cosine, `relevance_range`); novelty and diversity
+  count only as far as the output is on task (``N_i = r_i * N_raw``,
+  ``D_i = r_i * D_raw``), and ``1 - r_i`` is evidence of incoherence;
+- the NLL is the output's NLL *given the prompt's generation context*;
+- echoing the prompt counts as degeneration.
+
+Incoherence is a noisy-OR of the likelihood band (`metrics.nll_band`: too
+unlikely, or far too likely as loops are), degeneration
+(`creative_sparse.quality.degeneration`), irrelevance and validator violations
+(one violation is full incoherence). Without a prompt, relevance is 1 and the NLL
+is the text's alone (logged once).
+
 Reference set for novelty: the caller passes ``reference_data`` (per call, or once
 at construction), typically the same model's low-temperature outputs for the same
 prompt ("what the model would say anyway"). Without any reference, novelty cannot
@@ -25,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -35,6 +52,7 @@ import torch
 
 from ..config import QualityWeights
 from . import metrics
+from .degeneration import DegenerationLimits, degeneration, ramp
 from .embedding import Embedder, HiddenStateEmbedder, MiniLMEmbedder, embed_unique
 from .scoring import LikelihoodScorer
 
@@ -43,11 +61,22 @@ __all__ = ["OutputQuality", "QualityFunctional", "compute_quality_score"]
 logger = logging.getLogger(__name__)
 
 
+RELEVANCE_RANGE = (0.10, 0.40)
+"""Cosine between the prompt's and the output's MiniLM embeddings at which relevance is
+0 and 1 (a ramp between): see ``docs/quality.md`` for how it was chosen."""
+
+MAX_CACHE = 20_000
+
+
 @dataclass(frozen=True)
 class OutputQuality:
     """Breakdown of Q for one output: every term in [0, 1]; ``violations`` is a count.
 
-    ``q = alpha * novelty + beta * diversity - gamma * incoherence``.
+    ``q = alpha * novelty + beta * diversity - gamma * incoherence``, where novelty and
+    diversity are already multiplied by ``relevance`` (1 without a prompt).
+    ``degeneration`` is the part of incoherence that `degeneration` found, ``nll`` the
+    mean NLL (nats/token) the likelihood band saw (``inf`` for an empty text, NaN when
+    a subclass computed coherence itself).
     """
 
     novelty: float
@@ -55,6 +84,14 @@ class OutputQuality:
     incoherence: float
     violations: float
     q: float
+    relevance: float = 1.0
+    degeneration: float = 0.0
+    nll: float = math.nan
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    logger.warning(message)
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,8 +114,12 @@ class QualityFunctional:
         scorer: a `LikelihoodScorer`, or a ``(model, tokenizer)`` pair; default the
             embedded SmolLM2 (shared, lazy).
         validators: callables ``text -> violations`` (bool or count) added to incoherence.
-        violation_weight: lambda, incoherence per violation (default 0.1).
-        nll_floor, nll_scale: the NLL squashing constants (nats; see `metrics.squash_nll`).
+        violation_weight: lambda, incoherence per violation (default 1.0: one
+            violation is full incoherence).
+        nll_floor, nll_scale: the upper edge of the likelihood band (nats; see
+            `metrics.nll_band`); nll_low, nll_low_scale: its lower edge (0 turns it off).
+        relevance_range: cosine(prompt, output) at which relevance is 0 and 1.
+        degeneration_limits: ramp ends of `degeneration.degeneration`.
         reference_data: default reference set for novelty.
         on_missing_reference: ``"zero"`` or ``"raise"`` (see module doc).
 
@@ -93,6 +134,9 @@ class QualityFunctional:
                  validators: Sequence[metrics.Validator] = (),
                  violation_weight: float = metrics.VIOLATION_WEIGHT,
                  nll_floor: float = metrics.NLL_FLOOR, nll_scale: float = metrics.NLL_SCALE,
+                 nll_low: float = metrics.NLL_LOW, nll_low_scale: float = metrics.NLL_LOW_SCALE,
+                 relevance_range: tuple[float, float] = RELEVANCE_RANGE,
+                 degeneration_limits: DegenerationLimits = DegenerationLimits(),
                  reference_data: Sequence[str] | None = None,
                  on_missing_reference: str = "zero") -> None:
         if weights is None:
@@ -104,7 +148,14 @@ class QualityFunctional:
                 f"on_missing_reference must be 'zero' or 'raise', got {on_missing_reference!r}")
         if isinstance(scorer, tuple):
             scorer = LikelihoodScorer(*scorer)
-        metrics.squash_nll(torch.zeros(1), nll_floor, nll_scale)  # validates the constants
+        lo, hi = relevance_range
+        if not (math.isfinite(lo) and math.isfinite(hi) and -1 <= lo < hi <= 1):
+            raise ValueError(f"relevance_range must be two cosines -1 <= lo < hi <= 1, got "
+                             f"{relevance_range!r}")
+        if not isinstance(degeneration_limits, DegenerationLimits):
+            raise ValueError("degeneration_limits must be a DegenerationLimits, got "
+                             f"{type(degeneration_limits).__name__}")
+        metrics.nll_band(torch.zeros(1), nll_floor, nll_scale, nll_low, nll_low_scale)  # checks
         metrics.incoherence(torch.zeros(1), violation_weight=violation_weight)
         self.weights = weights
         self._embedder = embedder
@@ -112,10 +163,14 @@ class QualityFunctional:
         self.validators = list(validators)
         self.violation_weight = violation_weight
         self.nll_floor, self.nll_scale = nll_floor, nll_scale
+        self.nll_low, self.nll_low_scale = nll_low, nll_low_scale
+        self.relevance_range = (float(lo), float(hi))
+        self.degeneration_limits = degeneration_limits
         self.reference_data = (None if reference_data is None
                                else self._check_reference(reference_data))
         self.on_missing_reference = on_missing_reference
         self._cache: dict[str, torch.Tensor] | None = None
+        self._nll_cache: dict[tuple[str | None, str], float] = {}
 
     # ------------------------------------------------------------ components
     @property
@@ -143,6 +198,35 @@ class QualityFunctional:
         """Unit-norm embeddings ``[N, d]``; within one `breakdown` call each text is embedded once."""
         return embed_unique(self.embedder, texts, self._cache if self._cache is not None else {})
 
+    def nll(self, outputs: Sequence[str], prompt: str | None = None) -> torch.Tensor:
+        """Mean NLL (nats/token) of each output, given ``prompt`` when one is passed.
+
+        Remembered per (prompt, text) for the life of this object (at most
+        ``MAX_CACHE`` entries), so texts scored again (a draft that became a
+        final candidate) cost nothing.
+        """
+        outputs = metrics.check_texts(outputs)
+        if prompt is not None and not _takes_second_argument(self.scorer.nll):
+            _log_once(f"quality: {type(self.scorer).__name__}.nll takes no prompt; the NLL is "
+                      "the text's alone")
+            prompt = None
+        cache = self._nll_cache
+        missing = list(dict.fromkeys(t for t in outputs if (prompt, t) not in cache))
+        if missing:
+            values = self.scorer.nll(missing, prompt) if prompt is not None \
+                else self.scorer.nll(missing)
+            values = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+            if values.numel() != len(missing):
+                raise ValueError(f"the scorer returned {values.numel()} NLLs for "
+                                 f"{len(missing)} texts")
+            found = dict(zip(missing, values.tolist()))
+            if len(cache) + len(missing) > MAX_CACHE:
+                cache.clear()
+            cache.update(((prompt, t), v) for t, v in found.items())
+        else:
+            found = {}
+        return torch.tensor([found[t] if t in found else cache[(prompt, t)] for t in outputs])
+
     @contextlib.contextmanager
     def _one_pass(self) -> Iterator[None]:
         outer = self._cache is None
@@ -161,10 +245,23 @@ class QualityFunctional:
             raise ValueError("reference_data is empty; pass None (no reference) or at least one text")
         return ref
 
+    @staticmethod
+    def _check_prompt(prompt: object) -> str | None:
+        if prompt is None:
+            _log_once("quality: no prompt given: relevance is not measured (1 for every "
+                      "output), the NLL is the text's alone and prompt echoes go unseen; "
+                      "pass prompt= to judge answers to it")
+            return None
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str or None, got {type(prompt).__name__}: "
+                             f"{prompt!r:.60}")
+        return prompt if prompt.strip() else None
+
     # ------------------------------------------------------------ terms (overridable)
     def compute_novelty(self, outputs: Sequence[str],
                         reference_data: Sequence[str] | None = None) -> list[float]:
-        """Per-output novelty ``min_y ||e(x) - e(y)||^2 / 4`` over the reference set, in [0, 1]."""
+        """Per-output novelty ``min_y ||e(x) - e(y)||^2 / 4`` over the reference set, in [0, 1]
+        (before the relevance gate of `breakdown`)."""
         outputs = metrics.check_texts(outputs)
         ref = (self._check_reference(reference_data) if reference_data is not None
                else self.reference_data)
@@ -188,50 +285,134 @@ class QualityFunctional:
             return [0.0] * len(outputs)
         return metrics.diversity(self.embed(outputs)).tolist()
 
+    def compute_relevance(self, outputs: Sequence[str], prompt: str | None = None) -> list[float]:
+        """Per-output relevance to ``prompt`` in [0, 1]: a ramp of the cosine between their
+        embeddings over `relevance_range`; 1 for every output without a prompt."""
+        outputs = metrics.check_texts(outputs)
+        if prompt is None or not outputs:
+            return [1.0] * len(outputs)
+        with self._one_pass():
+            e = self.embed([prompt] + outputs)
+        cos = (e[1:] @ e[0]).tolist()
+        return [ramp(c, *self.relevance_range) for c in cos]
+
+    def compute_degeneration(self, outputs: Sequence[str],
+                             prompt: str | None = None) -> list[float]:
+        """Per-output degeneration in [0, 1] (repetition, loops, stuttering lists, prompt
+        echo, brevity: `creative_sparse.quality.degeneration`)."""
+        return [degeneration(t, prompt, self.degeneration_limits)
+                for t in metrics.check_texts(outputs)]
+
     def compute_violations(self, outputs: Sequence[str]) -> list[float]:
         """Per-output number of validator violations (0 without validators)."""
         return metrics.count_violations(metrics.check_texts(outputs), self.validators).tolist()
 
-    def compute_coherence(self, outputs: Sequence[str]) -> list[float]:
-        """Per-output coherence ``1 - I`` in [0, 1] (I: squashed NLL + lambda * violations)."""
-        outputs = metrics.check_texts(outputs)
+    def compute_coherence(self, outputs: Sequence[str], prompt: str | None = None) -> list[float]:
+        """Per-output coherence ``1 - I`` in [0, 1]: I is the noisy-OR of the likelihood
+        band (NLL given ``prompt`` when there is one), degeneration, irrelevance and
+        ``lambda * violations`` (module doc)."""
+        return [1.0 - i for i in self._incoherence(metrics.check_texts(outputs), prompt)[0]]
+
+    def _incoherence(self, outputs: list[str], prompt: str | None
+                     ) -> tuple[list[float], list[float], list[float], list[float]]:
+        """``(incoherence, degeneration, relevance, nll)`` per output."""
         if not outputs:
-            return []
+            return [], [], [], []
+        nll = self.nll(outputs, prompt)
+        deg = self.compute_degeneration(outputs, prompt)
+        rel = self.compute_relevance(outputs, prompt)
         inc = metrics.incoherence(
-            self.scorer.nll(outputs), metrics.count_violations(outputs, self.validators),
-            floor=self.nll_floor, scale=self.nll_scale, violation_weight=self.violation_weight)
-        return (1.0 - inc).tolist()
+            nll, metrics.count_violations(outputs, self.validators),
+            floor=self.nll_floor, scale=self.nll_scale, violation_weight=self.violation_weight,
+            low=self.nll_low, low_scale=self.nll_low_scale,
+            others=(torch.tensor(deg), 1.0 - torch.tensor(rel)))
+        return inc.tolist(), deg, rel, nll.tolist()
 
     # ------------------------------------------------------------ aggregates
-    def breakdown(self, outputs: Sequence[str],
-                  reference_data: Sequence[str] | None = None) -> list[OutputQuality]:
-        """One `OutputQuality` per output (empty list for no outputs)."""
+    def breakdown(self, outputs: Sequence[str], reference_data: Sequence[str] | None = None,
+                  prompt: str | None = None, *, validators: Sequence[metrics.Validator] | None
+                  = None) -> list[OutputQuality]:
+        """One `OutputQuality` per output (empty list for no outputs).
+
+        ``prompt`` is what the outputs answer (module doc: what changes without it);
+        ``validators`` replace this functional's own for this call (e.g. a task's).
+        """
         outputs = metrics.check_texts(outputs)
+        prompt = self._check_prompt(prompt)
         if not outputs:
             return []
+        if validators is not None:
+            saved, self.validators = self.validators, list(validators)
+            try:
+                return self.breakdown(outputs, reference_data, prompt)
+            finally:
+                self.validators = saved
         n = len(outputs)
+        deg, rel, nll = [0.0] * n, [1.0] * n, [math.nan] * n
         with self._one_pass():
             ref = reference_data if reference_data is not None else self.reference_data
             if ref is not None and type(self).compute_novelty is QualityFunctional.compute_novelty:
-                self.embed(outputs + self._check_reference(ref))  # one embedding batch for all
+                extra = [prompt] if prompt is not None else []
+                self.embed(outputs + self._check_reference(ref) + extra)  # one batch for all
             nov = _per_output(self.compute_novelty(outputs, reference_data), n, "compute_novelty")
             div = _per_output(self.compute_diversity(outputs), n, "compute_diversity")
-            coh = _per_output(self.compute_coherence(outputs), n, "compute_coherence")
+            if type(self).compute_coherence is QualityFunctional.compute_coherence:
+                inc, deg, rel, nll = self._incoherence(outputs, prompt)
+            else:  # a subclass's coherence (the seed's signature takes no prompt)
+                coh = _call_with_prompt(self.compute_coherence, outputs, prompt)
+                inc = [1.0 - c for c in _per_output(coh, n, "compute_coherence")]
+                rel = _per_output(self.compute_relevance(outputs, prompt), n,
+                                  "compute_relevance")
         viol = self.compute_violations(outputs)
         w = self.weights
-        return [OutputQuality(a, b, 1.0 - c, v, w.alpha * a + w.beta * b - w.gamma * (1.0 - c))
-                for a, b, c, v in zip(nov, div, coh, viol)]
+        out = []
+        for a, b, i, v, r, d, x in zip(nov, div, inc, viol, rel, deg, nll):
+            a, b = a * r, b * r
+            out.append(OutputQuality(a, b, i, v, w.alpha * a + w.beta * b - w.gamma * i,
+                                     r, d, x))
+        return out
 
-    def scores(self, outputs: Sequence[str],
-               reference_data: Sequence[str] | None = None) -> list[float]:
+    def scores(self, outputs: Sequence[str], reference_data: Sequence[str] | None = None,
+               prompt: str | None = None) -> list[float]:
         """Per-output Q, in ``[-gamma, alpha + beta]`` (empty list for no outputs)."""
-        return [b.q for b in self.breakdown(outputs, reference_data)]
+        return [b.q for b in self.breakdown(outputs, reference_data, prompt)]
 
     def compute_quality_score(self, outputs: Sequence[str],
-                              reference_data: Sequence[str] | None = None) -> float:
+                              reference_data: Sequence[str] | None = None,
+                              prompt: str | None = None) -> float:
         """Seed API: the mean per-output Q of the set (0.0 for no outputs)."""
-        s = self.scores(outputs, reference_data)
+        s = self.scores(outputs, reference_data, prompt)
         return sum(s) / len(s) if s else 0.0
+
+    def select(self, outputs: Sequence[str], k: int,
+               reference_data: Sequence[str] | None = None, prompt: str | None = None, *,
+               validators: Sequence[metrics.Validator] | None = None) -> list[int]:
+        """Indices of ``k`` outputs chosen for Q and mutual diversity together
+        (`metrics.select_set`): valid outputs first, then the greedy gain
+        ``alpha N_i - gamma I_i + beta r_i * mean distance to those already chosen``.
+        Not the top-k by individual Q, which picks near-copies of one good answer."""
+        outputs = metrics.check_texts(outputs)
+        with self._one_pass():
+            parts = self.breakdown(outputs, reference_data, prompt, validators=validators)
+            e = self.embed(outputs)
+        w = self.weights
+        own = [w.alpha * b.novelty - w.gamma * b.incoherence for b in parts]
+        return metrics.select_set(own, w.beta, metrics.pairwise_distance(e, e),
+                                  [b.relevance for b in parts],
+                                  [b.violations == 0 for b in parts], k)
+
+    def distinct_answers(self, outputs: Sequence[str],
+                         threshold: float | None = None) -> int:
+        """How many different answers the set holds (NoveltyBench's distinct-k): outputs
+        whose embeddings' cosine reaches ``threshold`` (default `DISTINCT_THRESHOLD`,
+        calibrated on paraphrase pairs) are one answer. 0 for no outputs."""
+        outputs = metrics.check_texts(outputs)
+        if not outputs:
+            return 0
+        with self._one_pass():
+            e = self.embed(outputs)
+        return metrics.distinct_answers(
+            e, metrics.DISTINCT_THRESHOLD if threshold is None else threshold)
 
     def set_diversity(self, outputs: Sequence[str], window: int | None = None) -> dict[str, float]:
         """Set-level lexical diversity: ``distinct_1..4``, ``self_bleu``, ``compression``.
@@ -243,6 +424,24 @@ class QualityFunctional:
         out["self_bleu"] = metrics.self_bleu(outputs, window=window)
         out["compression"] = metrics.compression_diversity(outputs, window)
         return out
+
+
+def _takes_second_argument(method) -> bool:
+    try:
+        params = list(inspect.signature(method).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    return len(params) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
+def _call_with_prompt(method, outputs, prompt):
+    """Call a term method with ``prompt=`` only where its signature takes it (seed overrides
+    take ``(outputs)`` alone)."""
+    try:
+        takes = "prompt" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return method(outputs, prompt=prompt) if takes else method(outputs)
 
 
 def _per_output(values: Any, n: int, name: str) -> list[float]:
@@ -262,7 +461,8 @@ def _per_output(values: Any, n: int, name: str) -> list[float]:
 
 def compute_quality_score(outputs: Sequence[str], novelty_weight: float = 0.4,
                           diversity_weight: float = 0.3, coherence_weight: float = 0.3,
-                          reference_data: Sequence[str] | None = None) -> list[float]:
+                          reference_data: Sequence[str] | None = None,
+                          prompt: str | None = None) -> list[float]:
     """Seed API: per-output ``Q = nw * N + dw * D - cw * I`` with the default components.
 
     Terms are computed over the whole set (diversity is relative to the other outputs).
@@ -273,4 +473,4 @@ def compute_quality_score(outputs: Sequence[str], novelty_weight: float = 0.4,
         [0.0..., 0.0...]
     """
     weights = QualityWeights(novelty_weight, diversity_weight, coherence_weight)
-    return QualityFunctional(weights).scores(outputs, reference_data)
+    return QualityFunctional(weights).scores(outputs, reference_data, prompt)

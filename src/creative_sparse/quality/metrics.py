@@ -13,11 +13,14 @@ Terms:
 - `novelty`:      ``N_i = min_{y in R} ||e(x_i) - e(y)||^2 / 4`` (nearest reference item).
 - `diversity`:    ``D_i = mean_{j != i} ||e(x_i) - e(x_j)||^2 / 4``; ``D_i = 0`` when the
   set has a single output (nothing to differ from).
-- `squash_nll`:   ``I_lm = 1 - exp(-max(0, nll - floor) / scale)``, with ``floor = 2.5``
-  and ``scale = 3.0`` nats by default (fluent English under SmolLM2-135M scores
-  ~3.1-3.7 nats/token -> 0.18-0.33; shuffled words ~7-9 nats -> 0.78-0.89).
-- `incoherence`:  ``I_i = min(1, I_lm + lambda * v_i)`` with ``v_i`` the number of
-  validator violations (`count_violations`) and ``lambda = 0.1`` by default.
+- `squash_nll`:   ``I_lm = 1 - exp(-max(0, nll - floor) / scale)``, with ``floor = 4.5``
+  and ``scale = 3.0`` nats by default (team-written fluent answers under SmolLM2-135M,
+  given their prompt, score 3.5-4.9 nats/token -> 0-0.13; shuffled words 6.4-8.1 -> 0.4-0.7).
+- `nll_band`:     `squash_nll` plus the mirror penalty below ``low = 1.0`` nats (copies
+  of the prompt score 0.1-0.6 nats given it).
+- `incoherence`:  ``I_i = 1 - (1 - band_i)(1 - min(1, lambda v_i)) prod_k (1 - o_k)`` with
+  ``v_i`` the number of validator violations (`count_violations`), ``lambda = 1``, and
+  further penalties ``o_k`` (degeneration, irrelevance).
 
 Set-level lexical diversity (`distinct_n`, `self_bleu`, `compression_diversity`) is
 computed on texts truncated to a common word window (the shortest text of the set
@@ -44,7 +47,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = [
+    "DISTINCT_THRESHOLD",
     "NLL_FLOOR",
+    "NLL_LOW",
+    "NLL_LOW_SCALE",
     "NLL_SCALE",
     "VIOLATION_WEIGHT",
     "Validator",
@@ -52,21 +58,35 @@ __all__ = [
     "compression_diversity",
     "count_violations",
     "distinct_n",
+    "distinct_answers",
     "diversity",
     "incoherence",
+    "nll_band",
     "novelty",
     "pairwise_distance",
+    "select_set",
     "self_bleu",
     "squash_nll",
     "words",
 ]
 
-NLL_FLOOR = 2.5
-"""Nats/token below which a text counts as perfectly fluent (incoherence 0)."""
+NLL_FLOOR = 4.5
+"""Upper edge of the likelihood band (nats/token, under SmolLM2-135M, given the prompt):
+no disfluency penalty below it. Team-written fluent answers score 3.5-4.9 given their
+prompt, their shuffled words 6.4-8.1 (code: 0.9-2.4 and 4.0-5.8); clichés score 2.2-2.9,
+so an edge much lower than the human level ranks clichés above original writing."""
 NLL_SCALE = 3.0
 """Nats/token over the floor at which incoherence reaches ``1 - 1/e`` (~0.63)."""
-VIOLATION_WEIGHT = 0.1
-"""lambda: incoherence added per validator violation (the sum is clipped at 1)."""
+DISTINCT_THRESHOLD = 0.66
+"""Cosine (MiniLM) at or above which two outputs count as the same answer in
+`distinct_answers`; chosen on the tuning half of team-written paraphrase pairs."""
+NLL_LOW = 1.0
+"""Nats/token below which a text is suspiciously predictable (loops, copies): see `nll_band`."""
+NLL_LOW_SCALE = 1.0
+"""Nats/token under ``NLL_LOW`` at which that penalty reaches ``1 - 1/e``."""
+VIOLATION_WEIGHT = 1.0
+"""lambda: incoherence per validator violation, as a share (clipped at 1): one violation
+makes a text fully incoherent, so it ranks below a valid text of equal novelty."""
 
 Validator = Callable[[str], "int | float | bool"]
 """A constraint check: ``text -> number of violations`` (a bool counts as 0 or 1)."""
@@ -154,13 +174,68 @@ def diversity(outputs: torch.Tensor) -> torch.Tensor:
     return d.sum(dim=1) / (n - 1)
 
 
+def distinct_answers(outputs: torch.Tensor, threshold: float = 0.0) -> int:
+    """Number of classes of "the same answer" among unit rows ``outputs [N, d]``.
+
+    Greedy partition, as NoveltyBench's distinct-k: each output joins the first
+    class whose first member has cosine >= ``threshold`` with it, else opens a new
+    class. ``threshold`` defaults to `DISTINCT_THRESHOLD` in `QualityFunctional`.
+
+    Example:
+        >>> distinct_answers(torch.eye(3)[[0, 0, 1]], 0.9)
+        2
+    """
+    outputs = _check_embeddings(outputs, "outputs")
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold is a cosine in [-1, 1], got {threshold}")
+    heads: list[int] = []
+    sims = outputs @ outputs.T
+    for i in range(outputs.shape[0]):
+        if not any(sims[i, h] >= threshold for h in heads):
+            heads.append(i)
+    return len(heads)
+
+
+def select_set(own: Sequence[float], diversity_weight: float, distance: torch.Tensor,
+               relevance: Sequence[float], valid: Sequence[bool], k: int) -> list[int]:
+    """Greedy choice of ``k`` items for quality and mutual diversity together.
+
+    Item ``i``'s gain is ``own[i] + diversity_weight * relevance[i] * d_i``, where
+    ``d_i`` is its mean ``distance`` to the items already chosen (for the first
+    choice, to all the others): the Q of the chosen set, grown one item at a time,
+    in the spirit of maximal marginal relevance. Valid items come before any invalid
+    one. Returns indices in the order chosen.
+
+    Example:
+        >>> d = torch.tensor([[0.0, 0.01, 0.4], [0.01, 0.0, 0.4], [0.4, 0.4, 0.0]])
+        >>> select_set([0.4, 0.39, 0.3], 0.3, d, [1, 1, 1], [True] * 3, 2)
+        [0, 2]
+    """
+    n = len(own)
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    chosen: list[int] = []
+    while len(chosen) < k:
+        best, best_key = -1, None
+        for i in range(n):
+            if i in chosen:
+                continue
+            others = chosen if chosen else [j for j in range(n) if j != i]
+            spread = float(distance[i, others].mean()) if others else 0.0
+            key = (bool(valid[i]), own[i] + diversity_weight * relevance[i] * spread)
+            if best_key is None or key > best_key:
+                best, best_key = i, key
+        chosen.append(best)
+    return chosen
+
+
 def squash_nll(nll: torch.Tensor, floor: float = NLL_FLOOR, scale: float = NLL_SCALE) -> torch.Tensor:
     """Map mean per-token NLL (nats) to ``[0, 1]``: ``1 - exp(-max(0, nll - floor) / scale)``.
 
     Monotone; ``+inf`` (a text with no tokens) maps to 1. NaN is rejected.
 
     Example:
-        >>> squash_nll(torch.tensor([2.0, 5.5, float("inf")])).tolist()
+        >>> squash_nll(torch.tensor([2.0, 7.5, float("inf")])).tolist()
         [0.0, 0.6321205496788025, 1.0]
     """
     if scale <= 0 or not math.isfinite(scale) or not math.isfinite(floor):
@@ -169,6 +244,27 @@ def squash_nll(nll: torch.Tensor, floor: float = NLL_FLOOR, scale: float = NLL_S
     if torch.isnan(nll).any():
         raise ValueError(f"nll contains NaN: {nll.tolist()}")
     return 1.0 - torch.exp(-(nll - floor).clamp(min=0.0) / scale)
+
+
+def nll_band(nll: torch.Tensor, floor: float = NLL_FLOOR, scale: float = NLL_SCALE,
+             low: float = NLL_LOW, low_scale: float = NLL_LOW_SCALE) -> torch.Tensor:
+    """Likelihood band: incoherence from NLL (nats/token) outside ``[low, floor]``, in ``[0, 1]``.
+
+    Above the band, `squash_nll` (disfluency); below it, the mirror image
+    ``1 - exp(-max(0, low - nll) / low_scale)``: text far *more* predictable than
+    fluent writing is repetition or copying. ``low = 0`` switches the lower edge off.
+
+    Example:
+        >>> [round(x, 3) for x in nll_band(torch.tensor([0.4, 2.0, 7.5])).tolist()]
+        [0.451, 0.0, 0.632]
+    """
+    if low_scale <= 0 or not math.isfinite(low_scale) or not math.isfinite(low) or low > floor:
+        raise ValueError(f"need a finite low <= floor and low_scale > 0, got low={low}, "
+                         f"floor={floor}, low_scale={low_scale}")
+    high = squash_nll(nll, floor, scale)
+    nll = torch.as_tensor(nll, dtype=torch.float32)
+    below = 1.0 - torch.exp(-(low - nll).clamp(min=0.0) / low_scale)
+    return (high + below).clamp(0.0, 1.0)
 
 
 def count_violations(texts: Sequence[str], validators: Sequence[Validator]) -> torch.Tensor:
@@ -195,19 +291,29 @@ def count_violations(texts: Sequence[str], validators: Sequence[Validator]) -> t
 
 def incoherence(nll: torch.Tensor, violations: torch.Tensor | None = None, *,
                 floor: float = NLL_FLOOR, scale: float = NLL_SCALE,
-                violation_weight: float = VIOLATION_WEIGHT) -> torch.Tensor:
-    """``I = min(1, squash_nll(nll) + lambda * violations)``: ``[N]`` in ``[0, 1]``.
+                violation_weight: float = VIOLATION_WEIGHT, low: float = 0.0,
+                low_scale: float = NLL_LOW_SCALE,
+                others: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """``I = 1 - (1 - band) (1 - min(1, lambda v)) prod_k (1 - o_k)``: ``[N]`` in ``[0, 1]``.
+
+    ``band`` is `nll_band` (with the default ``low = 0``, only the upper edge, i.e.
+    `squash_nll`); ``v`` the validator violations; ``others`` further per-text
+    penalties in ``[0, 1]`` (degeneration, irrelevance). A noisy-OR: each piece of
+    evidence can push I to 1 on its own, and none can make it negative.
 
     Example:
-        >>> incoherence(torch.tensor([2.0, 2.0]), torch.tensor([0.0, 3.0])).tolist()
+        >>> incoherence(torch.tensor([2.0, 2.0]), torch.tensor([0.0, 0.3])).tolist()
         [0.0, 0.30000001192092896]
     """
     if violation_weight < 0 or not math.isfinite(violation_weight):
         raise ValueError(f"violation_weight must be finite and >= 0, got {violation_weight}")
-    i = squash_nll(nll, floor, scale)
+    keep = 1.0 - nll_band(nll, floor, scale, low, low_scale)
     if violations is not None:
-        i = i + violation_weight * torch.as_tensor(violations, dtype=torch.float32)
-    return i.clamp(0.0, 1.0)
+        v = torch.as_tensor(violations, dtype=torch.float32)
+        keep = keep * (1.0 - (violation_weight * v).clamp(0.0, 1.0))
+    for o in others:
+        keep = keep * (1.0 - torch.as_tensor(o, dtype=torch.float32).clamp(0.0, 1.0))
+    return (1.0 - keep).clamp(0.0, 1.0)
 
 
 # ---------------------------------------------------------------- lexical, set level
