@@ -78,7 +78,7 @@ def main() -> None:
         model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
 
     def score():
-        qf._nll_cache.clear()       # time the scoring, not the cache
+        qf.clear_cache()            # time the scoring, not the cache
         qf.scores(texts, reference_data=reference, prompt=PROMPT)
 
     floor(), score()  # warm-up: allocator, MiniLM load, lazy init

@@ -104,7 +104,9 @@ def demo_quality(args) -> None:
     outputs = ["The robot painted a beautiful sunset with vibrant colors.",
                "Color sounds like music, each hue a different note."]
     reference = ["The robot learned to paint a picture."]
-    scores = compute_quality_score(outputs, reference_data=reference)
+    # With the prompt, Q also judges whether each output answers it (docs/quality.md).
+    scores = compute_quality_score(outputs, reference_data=reference,
+                                   prompt="Describe a robot learning to paint.")
     for i, (output, score) in enumerate(zip(outputs, scores), 1):
         print(f"  {i}. Q={score:+.3f}  {output}")
 

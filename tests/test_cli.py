@@ -51,9 +51,11 @@ def test_generate_json(smollm2, capsys):
     assert main(["generate", "Write one line about the sea.", "--candidates", "2",
                  "--max-tokens", "12", "--seed", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert len(data["drafts"]) == 2 and len(data["candidates"]) == 1
+    assert len(data["drafts"]) == 4 and len(data["candidates"]) == 2
     cand = data["candidates"][0]
     assert cand["text"] and -1.0 <= cand["q"] <= 1.0 and 0.0 <= cand["incoherence"] <= 1.0
+    assert 0.0 <= cand["relevance"] <= 1.0
+    assert cand["nll"] is None or cand["nll"] >= 0
 
 
 @pytest.mark.parametrize("flag, value, message", [

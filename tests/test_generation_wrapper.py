@@ -22,7 +22,7 @@ def test_seed_quick_start_shape(wrapper):
     every = wrapper.generate_creative(PROMPT, max_length=30, num_candidates=3, seed=1,
                                       return_best=False)
     assert isinstance(best, str) and best
-    assert every[0] == best and len(every) == 2      # ceil(3 * 0.5) drafts refined
+    assert every[0] == best and len(every) == 3      # num_candidates, from 6 drafts
 
 
 def test_candidates_are_ranked_and_reproducible(wrapper):

@@ -111,11 +111,13 @@ def run_creative_demo(prompts=DEMO_PROMPTS, candidates: int = 5, max_tokens: int
           f"Creative-Sparse (schedule {wrapper.sparsity_schedule}) beside plain top-p "
           f"sampling (p=0.9), {candidates} candidates of {max_tokens} tokens each.")
 
-    def line(name, qualities, seconds, kv):
+    def line(name, texts, qualities, seconds, kv):
         mean = lambda f: sum(getattr(q, f) for q in qualities) / len(qualities)  # noqa: E731
         best = max(q.q for q in qualities)
+        distinct = wrapper.quality.distinct_answers(texts)
         return (f"  {name:<15} best Q {best:+.3f} | mean novelty {mean('novelty'):.2f} "
                 f"diversity {mean('diversity'):.2f} incoherence {mean('incoherence'):.2f} "
+                f"relevance {mean('relevance'):.2f} | {distinct}/{len(texts)} distinct "
                 f"| {seconds:5.1f} s, peak KV {kv / 2**20:.1f} MB")
 
     for i, prompt in enumerate(prompts, 1):
@@ -133,18 +135,19 @@ def run_creative_demo(prompts=DEMO_PROMPTS, candidates: int = 5, max_tokens: int
                  for row in out.sequences]
         result = wrapper.generate_candidates(prompt, max_length=max_tokens,
                                              num_candidates=candidates, seed=seed)
-        plain_q = wrapper.quality.breakdown(plain, reference_data=[result.reference or " "])
+        plain_q = wrapper.quality.breakdown(plain, [result.reference or " "], prompt)
         kv_creative = result.peak_cache_bytes
-        print(line("top-p sampling", plain_q, t_plain, cache_bytes(returned_cache(out))))
-        print(line("Creative-Sparse", [c.quality for c in result.candidates], result.wall_time,
-                   kv_creative))
+        print(line("top-p sampling", plain, plain_q, t_plain, cache_bytes(returned_cache(out))))
+        print(line("Creative-Sparse", [c.text or " " for c in result.candidates],
+                   [c.quality for c in result.candidates], result.wall_time, kv_creative))
         best_plain = plain[max(range(len(plain)), key=lambda j: plain_q[j].q)]
         print(f"  best top-p:          {best_plain[:300]}")
         print(f"  best Creative-Sparse: {result.best.text[:300]}")
-    print("\nTop-p sampling here is model.generate. Most of Creative-Sparse's time saving "
-          "comes from its decoding engine (oneDNN linear layers, a cheaper nucleus); "
-          "benchmarks/generation.py also times the same dense sampling in that engine. "
-          "The KV-memory saving is the method's own.")
+    print(f"\nTop-p sampling here is model.generate. Creative-Sparse drafts "
+          f"{math.ceil(candidates / wrapper.keep_fraction)} short candidates at high sparsity "
+          f"and refines the {candidates} chosen as a set; its time includes the drafts, the "
+          "greedy reference row and the scoring. benchmarks/generation.py times dense "
+          "sampling in the same engine.")
 
 
 def _schedule(text: str) -> tuple[float, float]:
@@ -200,7 +203,9 @@ def run_generate(args) -> None:
         print(json.dumps({
             "prompt": args.prompt, "schedule": wrapper.sparsity_schedule,
             "reference": result.reference, "drafts": result.drafts,
-            "candidates": [{"text": c.text, "draft": c.draft, **vars(c.quality)}
+            "candidates": [{"text": c.text, "draft": c.draft,
+                            **{k: v if math.isfinite(v) else None   # JSON has no inf
+                               for k, v in vars(c.quality).items()}}
                            for c in result.candidates],
             "wall_time": result.wall_time}, indent=2))
         return
@@ -209,12 +214,13 @@ def run_generate(args) -> None:
     def scores(c):
         q = c.quality
         return (f"Q={q.q:+.3f}  novelty {q.novelty:.2f}  diversity {q.diversity:.2f}  "
-                f"incoherence {q.incoherence:.2f}  violations {q.violations:g}")
+                f"incoherence {q.incoherence:.2f}  relevance {q.relevance:.2f}  "
+                f"violations {q.violations:g}")
 
     print(f"\nBest ({scores(best)}):\n{best.text}\n")
     for i, cand in enumerate(others, 2):
         print(f"#{i} ({scores(cand)}):\n{cand.text}\n")
-    print(f"{len(result.drafts)} drafts, {len(result.candidates)} refined, "
+    print(f"{len(result.drafts)} drafts, {len(result.candidates)} chosen and refined, "
           f"{result.wall_time:.1f} s")
 
 
@@ -278,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("backends", help="list the attention backends available here")
     gen = sub.add_parser("generate", help="Creative-Sparse generation: diverge -> refine")
     gen.add_argument("prompt")
-    gen.add_argument("--candidates", type=_count, default=5, help="drafts in the diverge stage")
+    gen.add_argument("--candidates", type=_count, default=5,
+                     help="candidates returned (the diverge stage drafts candidates / "
+                     "keep_fraction of them and keeps this many, chosen as a set)")
     gen.add_argument("--sparsity", type=_level, default=None,
                      help="divergence level s (overrides the schedule's first number)")
     gen.add_argument("--schedule", type=_schedule, default=(0.7, 0.3),

@@ -50,6 +50,8 @@ import numpy as np
 from ..config import SparsityConfig, as_quality_weights
 from ..evaluation.tasks import load_task
 from ..quality import metrics
+from ..quality.degeneration import DegenerationLimits
+from ..quality.functional import RELEVANCE_RANGE
 from .cache import (UNSTABLE_KEY_FIELDS, _cache_file, _embedder_kind, _model_identity,
                     _read_cache, _read_shipped, _version, _write_cache)
 from .measure import _Measurer  # noqa: F401  (tests drive one directly)
@@ -121,8 +123,7 @@ def sweep_sparsity(model_name: str = "smollm2-135m", task_type: str = "creative_
            "prompts": task.fingerprint, "split": split, "plan": asdict(plan), "levels": levels,
            "weights": asdict(weights), "seed": int(seed),
            "sparsity_config": asdict(sparsity_config or SparsityConfig()),
-           "quality": [metrics.NLL_FLOOR, metrics.NLL_SCALE, metrics.VIOLATION_WEIGHT,
-                       _embedder_kind()], "n_bootstrap": n_bootstrap}
+           "quality": _quality_identity(), "n_bootstrap": n_bootstrap}
     path = _cache_file(cache_dir, task.name, split, key)
     if cache not in (True, False, "refresh"):
         raise ValueError(f"cache must be True, False or 'refresh', got {cache!r}")
@@ -154,6 +155,13 @@ def sweep_sparsity(model_name: str = "smollm2-135m", task_type: str = "creative_
     for note in result.warnings:
         warnings.warn(note, OptimumNotIdentifiedWarning, stacklevel=2)
     return result
+
+
+def _quality_identity() -> list:
+    """Every constant of the default quality functional: a change measures again."""
+    return ["prompt-aware", metrics.NLL_FLOOR, metrics.NLL_SCALE, metrics.NLL_LOW,
+            metrics.NLL_LOW_SCALE, metrics.VIOLATION_WEIGHT, list(RELEVANCE_RANGE),
+            asdict(DegenerationLimits()), _embedder_kind()]
 
 
 def find_optimal_sparsity(model_name: str = "smollm2-135m", task_type: str = "creative_writing",

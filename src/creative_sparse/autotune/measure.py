@@ -27,7 +27,7 @@ class _Measurer:
                                              quality_weights=weights,
                                              sparsity_config=sparsity_config)
         checks = build_constraints(tokenizer, {"validators": list(task.validators)}, 1, [])
-        self.wrapper.quality.validators = list(checks.validators)
+        self.validators = list(checks.validators)
         self.plan, self.seed = plan, seed
         self._ids: dict[str, Any] = {}
         self._references: dict[str, str] = {}
@@ -60,7 +60,8 @@ class _Measurer:
                        max_new_tokens=self.plan.max_new_tokens, schedule=w.knobs(s, seeds),
                        seeds=seeds)
         texts = [t or " " for t in out.texts]
-        scores = w.quality.breakdown(texts, reference_data=[self.reference(prompt)])
+        scores = w.quality.breakdown(texts, [self.reference(prompt)], prompt,
+                                     validators=self.validators)
         means = tuple(float(np.mean([getattr(q, k) for q in scores]))
                       for k in ("novelty", "diversity", "incoherence", "violations"))
         return means, texts[0]

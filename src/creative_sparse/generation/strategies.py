@@ -19,8 +19,8 @@ FLOPs estimate, wall time, peak KV cache). The levels are levels of the dial
   it is :class:`Fixed` at ``s = 0``.
 * :class:`CreativeSparse`: diverge -> select -> refine
   (:class:`~creative_sparse.generation.wrapper.CreativeSparseWrapper`); it returns
-  its refined candidates (``keep_fraction`` of the drafts), and its cost includes
-  the reference row and the scoring.
+  ``num_candidates`` refined candidates (chosen from ``num_candidates /
+  keep_fraction`` drafts), and its cost includes the reference row and the scoring.
 
 Example:
     >>> from creative_sparse.generation.strategies import Fixed

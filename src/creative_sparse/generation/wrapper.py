@@ -4,16 +4,19 @@
    the model would say anyway"): novelty is measured against it. It is decoded
    as one extra row of the diverge batch (exact attention, greedy), so it costs a
    row rather than a pass of its own.
-2. **Diverge**: ``num_candidates`` short drafts (``draft_fraction`` of the length
-   budget) in one batch at the divergence level: temperature, nucleus, attention
-   key budget, MoE experts and kernel thresholds all from the controller, and a
-   different sub-network seed per draft.
-3. **Select**: rank the drafts by Q and keep the best ``keep_fraction`` of them.
-4. **Refine**: continue each kept draft to the length budget at the refinement
+2. **Diverge**: ``num_candidates / keep_fraction`` short drafts (``draft_fraction``
+   of the length budget) in one batch at the divergence level: temperature,
+   nucleus, attention key budget, MoE experts and kernel thresholds all from the
+   controller, and a different sub-network seed per draft.
+3. **Select** ``num_candidates`` drafts as a set, for Q and mutual diversity
+   together (`QualityFunctional.select`), not the top drafts by their own Q.
+4. **Refine**: continue each chosen draft to the length budget at the refinement
    level, under the constraints (banned phrases, required keywords, minimum
    length, validators: enforced while decoding, and counted as violations).
-5. **Rank** the finished candidates by Q (novelty, diversity, incoherence with
-   violations) and return the best, or all.
+5. **Rank** the finished candidates by Q given the prompt (novelty and diversity
+   as far as on task, incoherence with degeneration and violations; a candidate
+   with a violation after every one without) and return the best, or all
+   ``num_candidates``.
 
 The refined drafts continue together in one batch from the diverge stage's
 cache (KV reuse): neither the prompt nor the drafts are computed again. Drafts
@@ -157,7 +160,8 @@ class CreativeSparseWrapper:
         sparsity_config: constants of the dial (default ``SparsityConfig()``).
         model, tokenizer: an already loaded pair instead of ``model_name``.
         draft_fraction: share of the length budget spent on a draft.
-        keep_fraction: share of the drafts that is refined.
+        keep_fraction: share of the drafts that is refined: ``num_candidates /
+            keep_fraction`` drafts are made for ``num_candidates`` candidates.
     """
 
     def __init__(self, model_name: str = "smollm2-135m",
@@ -231,19 +235,23 @@ class CreativeSparseWrapper:
         constraint_set = build_constraints(self.tokenizer, constraints, max_length - draft_len,
                                            self._eos_ids())
         model, tok = self.model, self.tokenizer
+        # The caller gets num_candidates back; refining keep_fraction of the drafts
+        # means drafting num_candidates / keep_fraction of them to choose from.
+        num_drafts = max(num_candidates, math.ceil(num_candidates / self.keep_fraction - 1e-9))
 
         # Row 0 is the reference (greedy, exact attention), decoded in the same batch
         # as the drafts (rows 1..N), so it costs a row, not a pass of its own.
-        seeds = [seed * 1000 + i for i in range(num_candidates)]
-        batch = generate(model, tok, ids, num_rows=num_candidates + 1, max_new_tokens=draft_len,
+        seeds = [seed * 1000 + i for i in range(num_drafts)]
+        batch = generate(model, tok, ids, num_rows=num_drafts + 1, max_new_tokens=draft_len,
                          schedule=self.knobs(diverge, [seed * 1000 - 1] + seeds),
                          seeds=[seed * 1000 - 1] + seeds, keep_state=True, reference_rows=[0])
         reference_text = batch.texts[0]
         drafts = _without_first_row(batch)
         ref_texts = [reference_text or " "]
-        draft_q = self.quality.scores([t or " " for t in drafts.texts], reference_data=ref_texts)
-        n_keep = max(1, math.ceil(num_candidates * self.keep_fraction))
-        chosen = sorted(range(num_candidates), key=lambda i: -draft_q[i])[:n_keep]
+        validators = list(constraint_set.validators)
+        # Drafts are chosen as a set: good and different from each other.
+        chosen = self.quality.select([t or " " for t in drafts.texts], num_candidates,
+                                     ref_texts, prompt, validators=validators)
 
         finals = {i: drafts.texts[i] for i in chosen}   # finished drafts stay as they are
         # Drafts that used their whole budget continue from their cached keys and
@@ -265,16 +273,12 @@ class CreativeSparseWrapper:
                                        skip_special_tokens=True)
         finals = [finals[i] for i in chosen]
 
-        saved = self.quality.validators
-        self.quality.validators = list(constraint_set.validators)
-        try:
-            breakdown = self.quality.breakdown([t or " " for t in finals],
-                                               reference_data=ref_texts)
-        finally:
-            self.quality.validators = saved
+        breakdown = self.quality.breakdown([t or " " for t in finals], ref_texts, prompt,
+                                           validators=validators)
         candidates = [Candidate(text, drafts.texts[i], q)
                       for text, i, q in zip(finals, chosen, breakdown)]
-        candidates.sort(key=lambda c: -c.quality.q)
+        # A candidate that breaks a constraint ranks below every one that keeps them.
+        candidates.sort(key=lambda c: (c.quality.violations > 0, -c.quality.q))
         return CreativeResult(candidates, drafts.texts, reference_text, batch.stats,
                               refine_stats, time.perf_counter() - start)
 

@@ -30,18 +30,17 @@ from .metrics import (
     VIOLATION_WEIGHT,
     compression_diversity,
     count_violations,
-    distinct_answers,
     distinct_n,
     diversity,
     incoherence,
     nll_band,
     novelty,
     pairwise_distance,
-    select_set,
     self_bleu,
     squash_nll,
 )
 from .scoring import LikelihoodScorer
+from .sets import distinct_answers, select_set
 
 __all__ = [
     "DISTINCT_THRESHOLD",

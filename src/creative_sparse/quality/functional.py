@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from ..config import QualityWeights
-from . import metrics
+from . import metrics, sets
 from .degeneration import DegenerationLimits, degeneration, ramp
 from .embedding import Embedder, HiddenStateEmbedder, MiniLMEmbedder, embed_unique
 from .scoring import LikelihoodScorer
@@ -227,6 +227,10 @@ class QualityFunctional:
             found = {}
         return torch.tensor([found[t] if t in found else cache[(prompt, t)] for t in outputs])
 
+    def clear_cache(self) -> None:
+        """Forget the remembered NLLs (e.g. to time scoring, or after changing the scorer)."""
+        self._nll_cache.clear()
+
     @contextlib.contextmanager
     def _one_pass(self) -> Iterator[None]:
         outer = self._cache is None
@@ -388,7 +392,7 @@ class QualityFunctional:
                reference_data: Sequence[str] | None = None, prompt: str | None = None, *,
                validators: Sequence[metrics.Validator] | None = None) -> list[int]:
         """Indices of ``k`` outputs chosen for Q and mutual diversity together
-        (`metrics.select_set`): valid outputs first, then the greedy gain
+        (`sets.select_set`): valid outputs first, then the greedy gain
         ``alpha N_i - gamma I_i + beta r_i * mean distance to those already chosen``.
         Not the top-k by individual Q, which picks near-copies of one good answer."""
         outputs = metrics.check_texts(outputs)
@@ -397,7 +401,7 @@ class QualityFunctional:
             e = self.embed(outputs)
         w = self.weights
         own = [w.alpha * b.novelty - w.gamma * b.incoherence for b in parts]
-        return metrics.select_set(own, w.beta, metrics.pairwise_distance(e, e),
+        return sets.select_set(own, w.beta, metrics.pairwise_distance(e, e),
                                   [b.relevance for b in parts],
                                   [b.violations == 0 for b in parts], k)
 
@@ -411,7 +415,7 @@ class QualityFunctional:
             return 0
         with self._one_pass():
             e = self.embed(outputs)
-        return metrics.distinct_answers(
+        return sets.distinct_answers(
             e, metrics.DISTINCT_THRESHOLD if threshold is None else threshold)
 
     def set_diversity(self, outputs: Sequence[str], window: int | None = None) -> dict[str, float]:
