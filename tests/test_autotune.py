@@ -289,6 +289,9 @@ def test_code_task_counts_python_violations(smollm2):
     plan = plan_sweep(1.0, 96, 16)
     measurer = autotune._Measurer(model, tokenizer, load_task("code"), plan, QualityWeights(),
                                   None, 0)
-    assert measurer.wrapper.quality.compute_violations(["def f(:", "def f():\n    pass"]) \
-        == [1.0, 0.0]
+    # the measurer hands the task's validators to every breakdown it makes
+    parts = measurer.wrapper.quality.breakdown(["def f(:", "def f():\n    pass"], ["x"],
+                                               "Write a function f.",
+                                               validators=measurer.validators)
+    assert [p.violations for p in parts] == [1.0, 0.0] and parts[0].incoherence == 1.0
 

@@ -91,8 +91,9 @@ def test_degeneration_pieces():
 
 
 def test_nll_band_penalises_both_edges():
-    band = nll_band(torch.tensor([0.1, 1.0, 3.0, 4.5, 8.0]))
-    assert band[0] > 0.5 and band[1] == 0 and band[2] == 0 and band[3] == 0 and band[4] > 0.6
+    band = nll_band(torch.tensor([0.02, 0.5, 3.0, 4.5, 8.0]))
+    assert band[0] > 0.3 and band[1] == 0 and band[2] == 0 and band[3] == 0 and band[4] > 0.6
+    assert nll_band(torch.tensor([0.0]), low=0.0).item() == 0.0     # lower edge off
     with pytest.raises(ValueError, match="low"):
         nll_band(torch.tensor([1.0]), floor=2.0, low=3.0)
 

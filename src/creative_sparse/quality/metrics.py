@@ -16,8 +16,8 @@ Terms:
 - `squash_nll`:   ``I_lm = 1 - exp(-max(0, nll - floor) / scale)``, with ``floor = 4.5``
   and ``scale = 3.0`` nats by default (team-written fluent answers under SmolLM2-135M,
   given their prompt, score 3.5-4.9 nats/token -> 0-0.13; shuffled words 6.4-8.1 -> 0.4-0.7).
-- `nll_band`:     `squash_nll` plus the mirror penalty below ``low = 1.0`` nats (copies
-  of the prompt score 0.1-0.6 nats given it).
+- `nll_band`:     `squash_nll` plus the mirror penalty below ``low = 0.25`` nats (a
+  text the model finds almost certain: copies, loops).
 - `incoherence`:  ``I_i = 1 - (1 - band_i)(1 - min(1, lambda v_i)) prod_k (1 - o_k)`` with
   ``v_i`` the number of validator violations (`count_violations`), ``lambda = 1``, and
   further penalties ``o_k`` (degeneration, irrelevance).
@@ -78,9 +78,12 @@ NLL_SCALE = 3.0
 DISTINCT_THRESHOLD = 0.66
 """Cosine (MiniLM) at or above which two outputs count as the same answer in
 `distinct_answers`; chosen on the tuning half of team-written paraphrase pairs."""
-NLL_LOW = 1.0
-"""Nats/token below which a text is suspiciously predictable (loops, copies): see `nll_band`."""
-NLL_LOW_SCALE = 1.0
+NLL_LOW = 0.25
+"""Nats/token below which a text is suspiciously predictable (loops, copies): see `nll_band`.
+Low on purpose: the embedded model's own correct code scores 0.28-0.52 given its prompt
+(an edge at 1.0 made every such answer half incoherent); echoes and loops, which score
+0.1-0.6, are caught by `degeneration` instead."""
+NLL_LOW_SCALE = 0.5
 """Nats/token under ``NLL_LOW`` at which that penalty reaches ``1 - 1/e``."""
 VIOLATION_WEIGHT = 1.0
 """lambda: incoherence per validator violation, as a share (clipped at 1): one violation
@@ -198,8 +201,8 @@ def nll_band(nll: torch.Tensor, floor: float = NLL_FLOOR, scale: float = NLL_SCA
     fluent writing is repetition or copying. ``low = 0`` switches the lower edge off.
 
     Example:
-        >>> [round(x, 3) for x in nll_band(torch.tensor([0.4, 2.0, 7.5])).tolist()]
-        [0.451, 0.0, 0.632]
+        >>> [round(x, 3) for x in nll_band(torch.tensor([0.05, 2.0, 7.5])).tolist()]
+        [0.33, 0.0, 0.632]
     """
     if low_scale <= 0 or not math.isfinite(low_scale) or not math.isfinite(low) or low > floor:
         raise ValueError(f"need a finite low <= floor and low_scale > 0, got low={low}, "
