@@ -36,7 +36,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from .metrics import words
+from .metrics import _ngrams, words
 
 __all__ = ["DegenerationLimits", "brevity", "compression_ratio", "degeneration",
            "echo_rate", "list_stutter", "ramp", "repeated_ngram_rate"]
@@ -55,10 +55,6 @@ def ramp(x: float, lo: float, hi: float) -> float:
         return float(x >= hi)
     t = (x - lo) / (hi - lo)
     return float(min(1.0, max(0.0, t)))
-
-
-def _ngrams(toks: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
 
 
 def repeated_ngram_rate(text: str, n: int = 3) -> float:

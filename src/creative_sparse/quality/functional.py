@@ -430,21 +430,24 @@ class QualityFunctional:
         return out
 
 
-def _takes_second_argument(method) -> bool:
+def _params(method) -> list[inspect.Parameter] | None:
     try:
-        params = list(inspect.signature(method).parameters.values())
+        return list(inspect.signature(method).parameters.values())
     except (TypeError, ValueError):
-        return True
-    return len(params) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+        return None
+
+
+def _takes_second_argument(method) -> bool:
+    params = _params(method)
+    return params is None or len(params) >= 2 or any(
+        p.kind is p.VAR_POSITIONAL for p in params)
 
 
 def _call_with_prompt(method, outputs, prompt):
     """Call a term method with ``prompt=`` only where its signature takes it (seed overrides
     take ``(outputs)`` alone)."""
-    try:
-        takes = "prompt" in inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        takes = False
+    params = _params(method)
+    takes = params is not None and any(p.name == "prompt" for p in params)
     return method(outputs, prompt=prompt) if takes else method(outputs)
 
 

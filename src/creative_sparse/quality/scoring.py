@@ -132,7 +132,7 @@ class LikelihoodScorer:
         out = torch.full((len(texts),), float("inf"))
         ids = [tok(t, add_special_tokens=False).input_ids[: self.max_tokens] if t else []
                for t in texts]
-        pre = [self._prefix_ids or [] if p is None else self.prompt_ids(p) for p in prompts]
+        pre = [(self._prefix_ids or []) if p is None else self.prompt_ids(p) for p in prompts]
         todo = sorted((i for i in range(len(texts)) if ids[i]),
                       key=lambda i: len(ids[i]) + len(pre[i]))
         for s in range(0, len(todo), self.batch_size):
