@@ -71,12 +71,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("selection", ["mass", "sparge"])
 @pytest.mark.parametrize("lq, lk, h, h_kv, d, causal, params", CASES,
                          ids=[f"{c[0]}x{c[1]}-h{c[2]}/{c[3]}-d{c[4]}-"
                               f"{'causal' if c[5] else 'full'}-" + "-".join(c[6]) for c in CASES])
-def test_fused_prediction_equals_the_reference(interpret, lq, lk, h, h_kv, d, causal, params):
+def test_fused_prediction_equals_the_reference(interpret, lq, lk, h, h_kv, d, causal, params,
+                                               selection):
     q, k = make(lq, lk, h, h_kv, d, seed=lq + lk)
-    fused, ref = both(q, k, causal=causal, **params)
+    fused, ref = both(q, k, causal=causal, selection=selection, **params)
     assert_same_maps(fused, ref)
     assert (fused.block_q, fused.block_k, fused.q_len, fused.k_len, fused.causal) == \
         (ref.block_q, ref.block_k, ref.q_len, ref.k_len, ref.causal)
@@ -93,12 +95,13 @@ def test_the_cases_select_for_real(interpret):
 @pytest.mark.parametrize("params", [dict(cdfthreshd=0.5), dict(topk=0.3), dict(cdfthreshd=0.95)],
                          ids=["cdf0.5", "top0.3", "cdf0.95"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_exact_ties_are_taken_in_index_order(interpret, params, causal):
+@pytest.mark.parametrize("selection", ["mass", "sparge"])
+def test_exact_ties_are_taken_in_index_order(interpret, params, causal, selection):
     """Identical key blocks score exactly alike; a stable sort keeps the first ones."""
     g = torch.Generator().manual_seed(1)
     k = torch.randn(1, 2, 64, 64, generator=g).repeat(1, 1, 10, 1)
     q = torch.randn(1, 2, 640, 64, generator=g)
-    fused, ref = both(q, k, simthreshd1=-1.0, causal=causal, **params)
+    fused, ref = both(q, k, simthreshd1=-1.0, causal=causal, selection=selection, **params)
     assert_same_maps(fused, ref)
 
 
@@ -108,16 +111,19 @@ def test_degenerate_inputs(interpret, name, scale):
     """All-zero inputs (every score tied, similarity 0) and scores that overflow."""
     q, k = make(300, 300, 2, 2, 64, seed=5)
     for params in (dict(cdfthreshd=0.5), dict(topk=0.4, causal=True)):
-        fused, ref = both(q * scale, k * scale, simthreshd1=-1.0, **params)
-        assert_same_maps(fused, ref)
+        for selection in ("mass", "sparge"):
+            fused, ref = both(q * scale, k * scale, simthreshd1=-1.0, selection=selection,
+                              **params)
+            assert_same_maps(fused, ref)
 
 
 def test_dissimilar_blocks_are_always_computed(interpret):
     """simthreshd1 = 1 marks every block as not compressible: the whole map is kept."""
     q, k = make(300, 300, 2, 1, 64)
-    fused, ref = both(q, k, simthreshd1=1.0, cdfthreshd=0.3, causal=True)
-    assert_same_maps(fused, ref)
-    assert fused.sparsity() == 0.0
+    for selection in ("mass", "sparge"):
+        fused, ref = both(q, k, simthreshd1=1.0, cdfthreshd=0.3, causal=True, selection=selection)
+        assert_same_maps(fused, ref)
+        assert fused.sparsity() == 0.0
 
 
 def test_sparse_attention_with_the_fused_predictor(interpret, monkeypatch):

@@ -28,14 +28,15 @@ import math
 import torch
 from torch import Tensor
 
-from .blockmap import BlockMap, HeadParam, per_head_param, predict_block_map
-from .checks import check_output_dtype, check_qkv, check_scale, to_hnd
+from .blockmap import SELECTIONS, BlockMap, HeadParam, per_head_param, predict_block_map
+from .checks import check_block_size, check_output_dtype, check_qkv, check_scale, to_hnd
 from .dispatch import (_fit_block_map, available_backends, predict, run_backend,
                        select_backend, use_backend)
 from .reference import dense_attention, masked_attention
 
 __all__ = [
     "BlockMap",
+    "SELECTIONS",
     "available_backends",
     "block_sparse_attention",
     "block_sparse_sage2_attn_cuda",
@@ -43,6 +44,7 @@ __all__ = [
     "masked_attention",
     "predict_block_map",
     "select_backend",
+    "seed_block_shape",
     "sparse_attention",
     "spas_sage2_attn_meansim_cuda",
     "spas_sage2_attn_meansim_topk_cuda",
@@ -53,6 +55,26 @@ __all__ = [
 
 BLOCK_Q = 128
 BLOCK_K = 64
+HOPPER_BLOCKS = (64, 128)
+"""(block_q, block_k) of the original on compute capability 9.x (its ``core.py``:
+``get_block_map_meansim_fuse_quant(..., BLKQ=64, BLKK=128)`` when ``arch == "sm90"``)."""
+
+
+def seed_block_shape(device: torch.device | str, block_q: int | None = None,
+                     block_k: int | None = None) -> tuple[int, int]:
+    """The block shape the seed's names use on ``device``, unless given: the original's
+    choice per GPU architecture, 64 x 128 on Hopper (compute capability 9.x), else 128 x 64.
+
+    Example:
+        >>> seed_block_shape("cpu"), seed_block_shape("cpu", block_k=32)
+        ((128, 64), (128, 32))
+    """
+    device = torch.device(device)
+    default = (BLOCK_Q, BLOCK_K)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        default = HOPPER_BLOCKS
+    return (default[0] if block_q is None else block_q,
+            default[1] if block_k is None else block_k)
 
 
 def _check_scalars(scale, output_dtype, attn_mask, dropout_p) -> None:
@@ -120,7 +142,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False
                      attention_sink: bool = False, tensor_layout: str = "HND",
                      output_dtype: torch.dtype | None = None, return_sparsity: bool = False,
                      block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
-                     backend: str | None = None, predictor: str | None = None):
+                     backend: str | None = None, predictor: str | None = None,
+                     selection: str = "mass"):
     """SpargeAttn: predict the important blocks, then compute attention over them only.
 
     Args:
@@ -150,6 +173,9 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False
             ``"auto"`` is PyTorch's except on CUDA, where the first call on a device
             compares and times both and keeps the fused one if it agrees and is
             faster (:mod:`creative_sparse.attention.dispatch`).
+        selection: ``"mass"`` (default here) or ``"sparge"`` (the original's rules,
+            the default of the seed's names): how ``cdfthreshd``, ``topk`` and
+            ``simthreshd1`` pick blocks (:mod:`creative_sparse.attention.blockmap`).
 
     Returns:
         The attention output, same layout as the inputs; with ``return_sparsity``,
@@ -168,7 +194,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False
     block_map = predict(q, k, predictor=predictor, simthreshd1=simthreshd1,
                         cdfthreshd=cdfthreshd, topk=topk, causal=bool(is_causal),
                         attention_sink=attention_sink, smooth_k=smooth_k, scale=scale,
-                        block_q=block_q, block_k=block_k)
+                        block_q=block_q, block_k=block_k, selection=selection)
     out = run_backend(q, k, v, block_map, scale=scale, backend=backend, out_dtype=output_dtype,
                       pvthreshd=pvthreshd)
     return _finish(out, block_map, tensor_layout, output_dtype, return_sparsity)
@@ -177,64 +203,89 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False
 def spas_sage2_attn_meansim_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
                                  scale=None, smooth_k=True, simthreshd1=0.6, cdfthreshd=0.97,
                                  pvthreshd=15, attention_sink=False, tensor_layout="HND",
-                                 output_dtype=None, return_sparsity=False):
+                                 output_dtype=None, return_sparsity=False, *,
+                                 selection="sparge", block_q=None, block_k=None):
     """SpargeAttn with CDF selection (seed name; runs on CPU and GPU).
 
-    See :func:`sparse_attention` for every argument. ``attn_mask`` must be None
-    and ``dropout_p`` 0.0. Returns the output, or ``(output, sparsity)``.
+    The original's selection rules by default (``selection="sparge"``), so thresholds
+    tuned on it carry over, and its block shape per GPU architecture (64 x 128 on
+    Hopper, 128 x 64 elsewhere) unless ``block_q``/``block_k`` are given. See
+    :func:`sparse_attention` for every argument. ``attn_mask`` must be None and
+    ``dropout_p`` 0.0. Returns the output, or ``(output, sparsity)``.
     """
     _check_scalars(scale, output_dtype, attn_mask, dropout_p)
+    block_q, block_k = seed_block_shape(q.device if isinstance(q, Tensor) else "cpu",
+                                        block_q, block_k)
     return sparse_attention(q, k, v, is_causal=is_causal, scale=scale, simthreshd1=simthreshd1,
                             cdfthreshd=cdfthreshd, pvthreshd=pvthreshd, smooth_k=smooth_k,
                             attention_sink=attention_sink, tensor_layout=tensor_layout,
-                            output_dtype=output_dtype, return_sparsity=return_sparsity)
+                            output_dtype=output_dtype, return_sparsity=return_sparsity,
+                            selection=selection, block_q=block_q, block_k=block_k)
 
 
 def spas_sage2_attn_meansim_topk_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                      scale=None, smooth_k=True, simthreshd1=-0.1, topk=0.5,
-                                      pvthreshd=15, attention_sink=False, tensor_layout="HND",
-                                      output_dtype=None, return_sparsity=False):
+                                      scale=None, smooth_k=True, simthreshd1=-0.1,
+                                      cdfthreshd=None, topk=0.5, pvthreshd=15,
+                                      attention_sink=False, tensor_layout="HND",
+                                      output_dtype=None, return_sparsity=False, *,
+                                      selection="sparge", block_q=None, block_k=None):
     """SpargeAttn with top-k selection: each query block keeps the ``topk`` fraction
-    of its key blocks (seed name; runs on CPU and GPU). See :func:`sparse_attention`."""
+    of its key blocks (seed name; runs on CPU and GPU).
+
+    As in the original, exactly one of ``cdfthreshd`` and ``topk`` is set: pass
+    ``cdfthreshd=..., topk=None`` for CDF selection under this name. Rules and block
+    shape as in :func:`spas_sage2_attn_meansim_cuda`; see :func:`sparse_attention`.
+    """
     _check_scalars(scale, output_dtype, attn_mask, dropout_p)
+    if (cdfthreshd is None) == (topk is None):
+        raise ValueError("spas_sage2_attn_meansim_topk_cuda: set exactly one of cdfthreshd and "
+                         f"topk (as the original), got cdfthreshd={cdfthreshd!r}, topk={topk!r}")
+    block_q, block_k = seed_block_shape(q.device if isinstance(q, Tensor) else "cpu",
+                                        block_q, block_k)
     return sparse_attention(q, k, v, is_causal=is_causal, scale=scale, simthreshd1=simthreshd1,
-                            topk=topk, pvthreshd=pvthreshd, smooth_k=smooth_k,
-                            attention_sink=attention_sink, tensor_layout=tensor_layout,
-                            output_dtype=output_dtype, return_sparsity=return_sparsity)
+                            cdfthreshd=cdfthreshd, topk=topk, pvthreshd=pvthreshd,
+                            smooth_k=smooth_k, attention_sink=attention_sink,
+                            tensor_layout=tensor_layout, output_dtype=output_dtype,
+                            return_sparsity=return_sparsity, selection=selection,
+                            block_q=block_q, block_k=block_k)
 
 
 def spas_sage_attn_meansim_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
                                 scale=None, smooth_k=True, simthreshd1=0.6, cdfthreshd=0.97,
                                 pvthreshd=15, attention_sink=False, tensor_layout="HND",
-                                output_dtype=None, return_sparsity=False):
+                                output_dtype=None, return_sparsity=False, **options):
     """The SageAttention-1 flavour of :func:`spas_sage2_attn_meansim_cuda`; without
     quantization the two compute the same thing here."""
     return spas_sage2_attn_meansim_cuda(q, k, v, attn_mask, dropout_p, is_causal, scale,
                                         smooth_k, simthreshd1, cdfthreshd, pvthreshd,
                                         attention_sink, tensor_layout, output_dtype,
-                                        return_sparsity)
+                                        return_sparsity, **options)
 
 
 def spas_sage_attn_meansim_topk_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                     scale=None, smooth_k=True, simthreshd1=-0.1, topk=0.5,
-                                     pvthreshd=15, attention_sink=False, tensor_layout="HND",
-                                     output_dtype=None, return_sparsity=False):
+                                     scale=None, smooth_k=True, simthreshd1=-0.1,
+                                     cdfthreshd=None, topk=0.5, pvthreshd=15,
+                                     attention_sink=False, tensor_layout="HND",
+                                     output_dtype=None, return_sparsity=False, **options):
     """The SageAttention-1 flavour of :func:`spas_sage2_attn_meansim_topk_cuda`."""
     return spas_sage2_attn_meansim_topk_cuda(q, k, v, attn_mask, dropout_p, is_causal, scale,
-                                             smooth_k, simthreshd1, topk, pvthreshd,
+                                             smooth_k, simthreshd1, cdfthreshd, topk, pvthreshd,
                                              attention_sink, tensor_layout, output_dtype,
-                                             return_sparsity)
+                                             return_sparsity, **options)
 
 
 def block_sparse_sage2_attn_cuda(q, k, v, mask_id=None, dropout_p=0.0, scale=None,
                                  smooth_k=True, pvthreshd=50, attention_sink=False,
                                  tensor_layout="HND", output_dtype=None, return_sparsity=False,
-                                 is_causal=False):
+                                 is_causal=False, *, block_q=None, block_k=None):
     """Attention over a caller-given block mask (seed name; runs on CPU and GPU).
 
     Args:
-        mask_id: 0/1 (or bool) tensor ``[B|1, H|1, ceil(Lq/128), ceil(Lk/64)]``;
+        mask_id: 0/1 (or bool) tensor ``[B|1, H|1, ceil(Lq/block_q), ceil(Lk/block_k)]``;
             1 = compute the block. ``None`` computes every block (dense).
+        block_q, block_k: the mask's block shape; default the original's per GPU
+            architecture (64 x 128 on Hopper, 128 x 64 elsewhere, see
+            :func:`seed_block_shape`).
         smooth_k: accepted for compatibility; the mask is given, so it changes nothing.
         attention_sink: also compute the first key block of every query block.
         is_causal: extension of the seed API: bottom-right causal masking inside blocks.
@@ -253,7 +304,10 @@ def block_sparse_sage2_attn_cuda(q, k, v, mask_id=None, dropout_p=0.0, scale=Non
     per_head_param(pvthreshd, "pvthreshd", q.shape[1], 0.0, math.inf, low_open=True)
     b, h, lq, _ = q.shape
     lk = k.shape[2]
-    nq, nk = math.ceil(lq / BLOCK_Q), math.ceil(lk / BLOCK_K)
+    block_q, block_k = seed_block_shape(q.device, block_q, block_k)
+    check_block_size("block_q", block_q)
+    check_block_size("block_k", block_k)
+    nq, nk = math.ceil(lq / block_q), math.ceil(lk / block_k)
     if mask_id is None:
         keep = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=q.device)
     else:
@@ -262,7 +316,7 @@ def block_sparse_sage2_attn_cuda(q, k, v, mask_id=None, dropout_p=0.0, scale=Non
         if (mask_id.dim() != 4 or mask_id.shape[0] not in (1, b) or mask_id.shape[1] not in (1, h)
                 or tuple(mask_id.shape[2:]) != (nq, nk)):
             raise ValueError(f"mask_id must have shape [B|1, H|1, {nq}, {nk}] (blocks of "
-                             f"{BLOCK_Q} query x {BLOCK_K} key rows for Lq={lq}, Lk={lk}), got "
+                             f"{block_q} query x {block_k} key rows for Lq={lq}, Lk={lk}), got "
                              f"{tuple(mask_id.shape)}")
         if mask_id.is_floating_point() or mask_id.is_complex():
             bad = ~((mask_id == 0) | (mask_id == 1))
@@ -275,7 +329,7 @@ def block_sparse_sage2_attn_cuda(q, k, v, mask_id=None, dropout_p=0.0, scale=Non
     if attention_sink:
         keep = keep.clone()
         keep[..., 0] = True
-    block_map = BlockMap(keep, BLOCK_Q, BLOCK_K, lq, lk, bool(is_causal)).expand_batch_heads(b, h)
+    block_map = BlockMap(keep, block_q, block_k, lq, lk, bool(is_causal)).expand_batch_heads(b, h)
     out = run_backend(q, k, v, block_map, scale=scale, out_dtype=output_dtype,
                       pvthreshd=pvthreshd)
     return _finish(out, block_map, tensor_layout, output_dtype, return_sparsity)

@@ -1,26 +1,42 @@
 """Which attention blocks to compute: the :class:`BlockMap` and the SpargeAttn prediction.
 
 A block is ``block_q`` query rows by ``block_k`` key rows (128 x 64 by default).
-:func:`predict_block_map` implements the SpargeAttn prediction (see DESIGN.md,
-"SpargeAttn prediction, as we implement it"):
+:func:`predict_block_map` implements the SpargeAttn prediction:
 
 1. K smoothing: subtract the mean key over the sequence (softmax-invariant).
 2. Mean-pool each block; its self-similarity is the mean pairwise cosine
    similarity of its rows, self-pairs included: ``||sum_i x_i/|x_i| ||^2 / n^2``
-   (in [0, 1]; a zero row counts as dissimilar). A block whose similarity is
-   below ``simthreshd1`` is not compressible and is always computed: a whole
-   query-block row for Q, a whole key-block column for K.
+   (in [0, 1]; a zero row counts as dissimilar). A block that is not similar
+   enough (see ``selection``) is not compressible and is always computed: a
+   whole query-block row for Q, a whole key-block column for K.
 3. Compressed map ``softmax(pooled_q . pooled_k^T * scale + log(rows_k))`` over
    the compressible, causally valid key blocks (``log(rows_k)`` weighs a
    partial last block by the number of keys it stands for). Per query block,
-   keep the smallest set of most probable blocks whose mass reaches
-   ``cdfthreshd``, or the ``ceil(topk * valid_blocks)`` most probable ones.
+   the most probable blocks are kept by one of two rule sets (``selection``):
+
+   * ``"mass"`` (ours): the smallest set whose mass reaches ``cdfthreshd``, or
+     the ``ceil(topk * causally visible blocks)`` most probable; a block is
+     similar when its similarity is ``>= simthreshd1``.
+   * ``"sparge"`` (the original's, thu-ml/SpargeAttn ``spas_sage_attn/utils.py``,
+     ``get_block_map_meansim``): the blocks whose cumulative probability, in
+     descending order, is ``<= cdfthreshd``, or the ``int(topk * all key
+     blocks)`` most probable (causally masked ones counted); similar when
+     ``> simthreshd1``. Thresholds tuned on the original carry over.
+
 4. At least one block per row that has any valid block; ``attention_sink``
    keeps the first key block too. Under causal masking the diagonal band (the
    key blocks holding the query rows' own positions) is always kept: its pooled
    estimate is unreliable (partly masked), it carries the local context a
    language model depends on, and without it a query row whose visible keys
    all sit in one unkept block would attend to nothing.
+
+Both rule sets share the fixes of the original's defects: the diagonal band
+above, a partial last block judged on its real rows (the original's padding
+makes its similarity NaN, which forces it dense), ``cdfthreshd = 1`` exactly
+dense (the original's float cumulative sum can pass 1 and drop blocks), and
+an all-zero row does not turn its block's similarity into NaN. Causal masking
+with ``Lq != Lk`` is bottom-right in both (the queries are the last positions,
+as in decoding); the original aligns the block mask top-left.
 
 Hyperparameters are scalars or per-head sequences/tensors of length ``H``.
 """
@@ -45,12 +61,17 @@ __all__ = [
     "block_full_map",
     "block_pair_counts",
     "check_scalar",
+    "check_selection",
     "per_head_param",
     "pooled_blocks",
     "predict_block_map",
+    "SELECTIONS",
 ]
 
 HeadParam = Union[float, int, Sequence[float], Tensor]
+
+SELECTIONS = ("mass", "sparge")
+"""The block-selection rule sets of :func:`predict_block_map` (see the module docstring)."""
 
 
 def _num_blocks(length: int, block: int) -> int:
@@ -340,8 +361,8 @@ def _head_values(value: HeadParam, name: str, heads: int, low: float, high: floa
 
 def prediction_args(q: Tensor, k: Tensor, *, simthreshd1: HeadParam,
                     cdfthreshd: HeadParam | None, topk: HeadParam | None,
-                    scale: float | None, block_q: int, block_k: int
-                    ) -> tuple[float, Tensor, Tensor]:
+                    scale: float | None, block_q: int, block_k: int,
+                    selection: str = "mass") -> tuple[float, Tensor, Tensor]:
     """Check the arguments of a block-map prediction (any predictor).
 
     Returns ``(scale, simthreshd1, threshold)``: the score multiplier (default
@@ -349,6 +370,7 @@ def prediction_args(q: Tensor, k: Tensor, *, simthreshd1: HeadParam,
     ``topk`` when given, else ``cdfthreshd`` (default 0.97). Raises ``ValueError``
     naming the offending argument and the allowed range.
     """
+    check_selection(selection)
     if cdfthreshd is not None and topk is not None:
         raise ValueError("predict_block_map: give cdfthreshd or topk, not both; "
                          f"got cdfthreshd={cdfthreshd!r}, topk={topk!r}")
@@ -365,11 +387,21 @@ def prediction_args(q: Tensor, k: Tensor, *, simthreshd1: HeadParam,
     return scale, sim_t, thr
 
 
+def check_selection(selection) -> str:
+    """``selection`` if it names a rule set of :data:`SELECTIONS`, else ``ValueError``."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {', '.join(map(repr, SELECTIONS))} "
+                         f"('sparge': the original SpargeAttn's rules; 'mass': ours), "
+                         f"got {selection!r}")
+    return selection
+
+
 def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
                       cdfthreshd: HeadParam | None = None, topk: HeadParam | None = None,
                       causal: bool = False, attention_sink: bool = False,
                       smooth_k: bool = True, scale: float | None = None,
-                      block_q: int = 128, block_k: int = 64) -> BlockMap:
+                      block_q: int = 128, block_k: int = 64,
+                      selection: str = "mass") -> BlockMap:
     """Predict the important attention blocks from pooled queries and keys (SpargeAttn).
 
     Args:
@@ -385,6 +417,8 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
         smooth_k: subtract the mean key first (does not change attention).
         scale: score multiplier, default ``1/sqrt(D)``.
         block_q, block_k: block sizes.
+        selection: ``"mass"`` (default) or ``"sparge"``, the rule set that turns
+            ``cdfthreshd``/``topk``/``simthreshd1`` into kept blocks (module docstring).
 
     Returns:
         A :class:`BlockMap` with ``keep`` of shape ``[B, H, ceil(Lq/block_q), ceil(Lk/block_k)]``.
@@ -397,7 +431,8 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
     """
     scale, sim_t, thr = prediction_args(q, k, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd,
                                         topk=topk, scale=scale, block_q=block_q,
-                                        block_k=block_k)
+                                        block_k=block_k, selection=selection)
+    sparge = selection == "sparge"
     b, h, lq, _ = q.shape
     h_kv, lk = k.shape[1], k.shape[2]
 
@@ -411,8 +446,12 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
     sim_k = sim_k.repeat_interleave(group, dim=1)
 
     valid = shared_map(block_valid_map, lq, lk, block_q, block_k, causal, q.device)
-    q_dense = sim_q < sim_t.view(1, h, 1)          # [B, H, nq]: keep whole row
-    k_dense = sim_k < sim_t.view(1, h, 1)          # [B, H, nk]: keep whole column
+    # Not similar enough: keep the whole row (Q) / column (K). The original keeps a
+    # block compressible when its similarity is > simthreshd1 (utils.py,
+    # triton_bmm_pool_sim_simmean: `cur_sim = (sum_value / (BS_ * BS_)) > cur_h1`).
+    below = torch.le if sparge else torch.lt
+    q_dense = below(sim_q, sim_t.view(1, h, 1))     # [B, H, nq]
+    k_dense = below(sim_k, sim_t.view(1, h, 1))     # [B, H, nk]
 
     logits = torch.matmul(pq, pk.transpose(-1, -2)) * scale + rows_k.log()
     # Huge inputs can overflow the pooled scores; keep them finite so that
@@ -426,9 +465,20 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
     sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     rank = torch.arange(probs.shape[-1], device=q.device)
     thr4 = thr.view(1, h, 1, 1)
-    if topk is None:
+    if topk is None and sparge:
+        # utils.py, get_block_map_meansim: `torch.searchsorted(cdf, cdfthreshd, right=True)`
+        # counts the sorted blocks whose inclusive cumulative probability is <= cdfthreshd;
+        # the fill kernel then takes at least one.
+        keep_sorted = (torch.cumsum(sorted_p, dim=-1) <= thr4) | (thr4 >= 1.0) | (rank == 0)
+    elif topk is None:
         before = torch.cumsum(sorted_p, dim=-1) - sorted_p
         keep_sorted = ((before < thr4) & (sorted_p > 0)) | (thr4 >= 1.0) | (rank == 0)
+    elif sparge:
+        # utils.py: `num_to_select = (topk * K).to(torch.int64)` over all K key blocks
+        # (causally masked ones included, they are cleared afterwards), at least one.
+        nk_all = probs.shape[-1]
+        budget = (thr4 * nk_all).to(torch.int64).clamp_min(1)
+        keep_sorted = rank < budget
     else:
         n_valid = valid.sum(dim=-1).view(1, 1, -1, 1).float()
         budget = torch.ceil(thr4 * n_valid - 1e-6).clamp_min(1.0)

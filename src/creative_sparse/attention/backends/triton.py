@@ -246,7 +246,8 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
                       cdfthreshd: HeadParam | None = None, topk: HeadParam | None = None,
                       causal: bool = False, attention_sink: bool = False,
                       smooth_k: bool = True, scale: float | None = None,
-                      block_q: int = 128, block_k: int = 64) -> BlockMap:
+                      block_q: int = 128, block_k: int = 64,
+                      selection: str = "mass") -> BlockMap:
     """:func:`creative_sparse.attention.predict_block_map` in five GPU launches.
 
     The same arguments and the same map (up to float rounding at a threshold):
@@ -261,7 +262,7 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
     """
     scale, sim_t, thr = prediction_args(q, k, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd,
                                         topk=topk, scale=scale, block_q=block_q,
-                                        block_k=block_k)
+                                        block_k=block_k, selection=selection)
     _check_supported({"head_dim": q.shape[-1]}, {"block_q": block_q, "block_k": block_k},
                      "prediction", "predictor='torch'")
     _require_available(q.device)
@@ -283,6 +284,6 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
         logits, sim_q, sim_k, sim_t.contiguous(), thr.contiguous(), keep, counts, indices,
         h, group, nq, nk, lq, lk, scale, BLOCK_Q=block_q, BLOCK_K=block_k,
         NK_POW2=max(16, 1 << (nk - 1).bit_length()), CAUSAL=bool(causal),
-        TOPK=topk is not None, SINK=bool(attention_sink))
+        TOPK=topk is not None, SINK=bool(attention_sink), SPARGE=selection == "sparge")
     return BlockMap(keep.view(torch.bool), block_q, block_k, lq, lk, bool(causal),
                     kv_lists=(counts, indices))

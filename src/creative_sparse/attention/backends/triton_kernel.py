@@ -221,7 +221,8 @@ def pool_blocks(X, Mean, Pooled, Sim, stride_xz, stride_xh, stride_xl, num_heads
 def select_blocks(Logits, SimQ, SimK, SimT, Thr, Keep, Counts, Indices,
                   num_heads, group, num_q_blocks, num_k_blocks, q_len, k_len, scale,
                   BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, NK_POW2: tl.constexpr,
-                  CAUSAL: tl.constexpr, TOPK: tl.constexpr, SINK: tl.constexpr):
+                  CAUSAL: tl.constexpr, TOPK: tl.constexpr, SINK: tl.constexpr,
+                  SPARGE: tl.constexpr):
     """One query block of one (batch, head): softmax over the candidate key blocks of
     its row of pooled scores, the CDF (or top-k) selection, the always-computed
     blocks, and the kept blocks written both as a row of ``Keep`` and as an
@@ -231,7 +232,10 @@ def select_blocks(Logits, SimQ, SimK, SimT, Thr, Keep, Counts, Indices,
     by bisection over the bit patterns of non-negative floats (monotone in the
     value), which needs no sort: CDF keeps the blocks whose higher-ranked mass is
     below the threshold, top-k the ``budget`` most probable. Blocks tied at ``t``
-    are taken in index order, as a stable sort would.
+    are taken in index order, as a stable sort would. ``SPARGE`` switches to the
+    original SpargeAttn's rules (``blockmap`` module docstring): similar when
+    ``> simthreshd1``, CDF keeps the blocks whose cumulative mass including their
+    own is ``<= cdfthreshd``, top-k keeps ``int(topk * num_k_blocks)``.
     """
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -249,8 +253,12 @@ def select_blocks(Logits, SimQ, SimK, SimT, Thr, Keep, Counts, Indices,
         valid = valid & (first_k <= last_q + offset)
 
     sim_t = tl.load(SimT + h)
-    q_dense = tl.load(SimQ + row) < sim_t
-    k_dense = tl.load(SimK + kv_row * num_k_blocks + j, mask=inside, other=2.0) < sim_t
+    if SPARGE:
+        q_dense = tl.load(SimQ + row) <= sim_t
+        k_dense = tl.load(SimK + kv_row * num_k_blocks + j, mask=inside, other=2.0) <= sim_t
+    else:
+        q_dense = tl.load(SimQ + row) < sim_t
+        k_dense = tl.load(SimK + kv_row * num_k_blocks + j, mask=inside, other=2.0) < sim_t
     candidate = valid & (k_dense == 0)
     rows_k = tl.maximum(tl.minimum(k_len - first_k, BLOCK_K), 1).to(tl.float32)
     x = tl.load(Logits + row * num_k_blocks + j, mask=inside, other=0.0) * scale
@@ -266,8 +274,11 @@ def select_blocks(Logits, SimQ, SimK, SimT, Thr, Keep, Counts, Indices,
 
     thr = tl.load(Thr + h)
     if TOPK:
-        n_valid = tl.sum(valid.to(tl.float32), 0)
-        budget = tl.maximum(tl.ceil(thr * n_valid - 1e-6), 1.0)
+        if SPARGE:
+            budget = tl.maximum((thr * num_k_blocks).to(tl.int32).to(tl.float32), 1.0)
+        else:
+            n_valid = tl.sum(valid.to(tl.float32), 0)
+            budget = tl.maximum(tl.ceil(thr * n_valid - 1e-6), 1.0)
     lo = tl.full([], 0, tl.int32)
     hi = tl.full([], 0x3F800000, tl.int32)              # the bits of 1.0: always "kept"
     for _ in range(31):
@@ -275,6 +286,8 @@ def select_blocks(Logits, SimQ, SimK, SimT, Thr, Keep, Counts, Indices,
         t = mid.to(tl.float32, bitcast=True)
         if TOPK:
             ok = tl.sum((p > t).to(tl.float32), 0) < budget
+        elif SPARGE:
+            ok = tl.sum(tl.where(p > t, p, 0.0), 0) <= thr
         else:
             ok = tl.sum(tl.where(p > t, p, 0.0), 0) < thr
         hi = tl.where(ok, mid, hi)
@@ -285,6 +298,12 @@ def select_blocks(Logits, SimQ, SimK, SimT, Thr, Keep, Counts, Indices,
     tie_rank = (tl.cumsum(tie, 0) - tie).to(tl.float32)
     if TOPK:
         chosen = above | ((tie != 0) & (tl.sum(above.to(tl.float32), 0) + tie_rank < budget))
+    elif SPARGE:
+        mass = tl.sum(tl.where(above, p, 0.0), 0)
+        chosen = above | ((tie != 0) & (mass + (tie_rank + 1.0) * t <= thr))
+        chosen = chosen | (j == tl.argmax(p, 0))
+        if thr >= 1.0:
+            chosen = inside
     else:
         mass = tl.sum(tl.where(above, p, 0.0), 0)
         chosen = (above | ((tie != 0) & (mass + tie_rank * t < thr))) & (p > 0.0)
