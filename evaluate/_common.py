@@ -9,10 +9,14 @@ saved), so that every script runs offline on a CPU.
 The flags are the seed library's:
 
 * ``--tune``: record a few denoising steps and tune per-head thresholds for the
-  targets ``--l1`` (block sparsity) and ``--pv_l1`` (total error with PV skip),
-  then save them to ``--model_out_path`` (JSON);
+  targets ``--l1`` (block sparsity) and ``--pv_l1`` (total error with PV skip)
+  under the original SpargeAttn's selection rules, then save them to
+  ``--model_out_path``: a ``.pt`` path gets the original's format (a torch state
+  dict of per-head tensors, loadable by code built on SpargeAttn), any other
+  suffix this library's JSON;
 * ``--use_spas_sage_attn``: generate with sparse attention, thresholds loaded
-  from ``--model_out_path`` (or the ones just tuned).
+  from ``--model_out_path`` (or the ones just tuned); the original's own tuned
+  ``.pt`` files load too.
 """
 
 from __future__ import annotations
@@ -72,8 +76,9 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--use_spas_sage_attn", action="store_true",
                    help="generate with sparse attention (thresholds from --model_out_path)")
     p.add_argument("--tune", action="store_true", help="tune per-head thresholds and save them")
-    p.add_argument("--model_out_path", default=f"evaluate/models_dict/{family}_thresholds.json",
-                   help="tuned thresholds file (JSON) to write with --tune / read otherwise")
+    p.add_argument("--model_out_path", default=f"evaluate/models_dict/{family}_thresholds.pt",
+                   help="tuned thresholds to write with --tune / read otherwise: .pt is the "
+                        "original SpargeAttn's state-dict format, .json this library's")
     p.add_argument("--l1", type=float, default=0.06, help="relative L1 bound per layer")
     p.add_argument("--pv_l1", type=float, default=0.065,
                    help="relative L1 bound including the PV skip (>= --l1)")
@@ -222,7 +227,7 @@ def main(family: str, argv: list[str] | None = None) -> dict:
                       lambda: [pipe(**call_kwargs(family, pipe, args, p, args.tune_steps))
                                for p in prompts[:1]],
                       l1=args.l1, pv_l1=args.pv_l1, max_samples=args.tune_samples,
-                      layers_per_pass=args.tune_layers_per_pass)
+                      layers_per_pass=args.tune_layers_per_pass, selection="sparge")
         params.save(args.model_out_path)
         summary.update(tuning_seconds=round(time.perf_counter() - start, 2),
                        tuned_sparsity=round(params.mean_sparsity(), 4),

@@ -5,9 +5,9 @@ r"""CogVideoX text-to-video (CogVideoX-2b / 5b) with sparse attention.
 
     # a real checkpoint (a local diffusers directory; nothing is downloaded)
     python evaluate/cogvideo_example.py --model_path /ckpt/MODEL --tune \
-        --model_out_path cogvideox.json
+        --model_out_path cogvideox.pt
     python evaluate/cogvideo_example.py --model_path /ckpt/MODEL --use_spas_sage_attn \
-        --model_out_path cogvideox.json
+        --model_out_path cogvideox.pt
 
 See evaluate/_common.py for every flag and docs/diffusers.md for the method.
 """

@@ -5,9 +5,9 @@ r"""Flux text-to-image (FLUX.1-dev / schnell) with sparse attention.
 
     # a real checkpoint (a local diffusers directory; nothing is downloaded)
     python evaluate/flux_example.py --model_path /ckpt/MODEL --tune \
-        --model_out_path flux.json
+        --model_out_path flux.pt
     python evaluate/flux_example.py --model_path /ckpt/MODEL --use_spas_sage_attn \
-        --model_out_path flux.json
+        --model_out_path flux.pt
 
 See evaluate/_common.py for every flag and docs/diffusers.md for the method.
 """

@@ -5,9 +5,9 @@ r"""HunyuanVideo text-to-video (hunyuanvideo-community/HunyuanVideo) with sparse
 
     # a real checkpoint (a local diffusers directory; nothing is downloaded)
     python evaluate/hunyuan_example.py --model_path /ckpt/MODEL --tune \
-        --model_out_path hunyuanvideo.json
+        --model_out_path hunyuanvideo.pt
     python evaluate/hunyuan_example.py --model_path /ckpt/MODEL --use_spas_sage_attn \
-        --model_out_path hunyuanvideo.json
+        --model_out_path hunyuanvideo.pt
 
 See evaluate/_common.py for every flag and docs/diffusers.md for the method.
 """

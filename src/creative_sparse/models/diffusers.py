@@ -173,7 +173,8 @@ class _LayerRuntime:
         out, sparsity = sparse_attention(q, k, v, is_causal=is_causal, scale=scale,
                                          simthreshd1=sim, cdfthreshd=cdf, pvthreshd=pv,
                                          attention_sink=p.attention_sink, block_q=p.block_q,
-                                         block_k=p.block_k, return_sparsity=True)
+                                         block_k=p.block_k, return_sparsity=True,
+                                         selection=p.selection)
         self.sparse_calls += 1
         self.sparsity_sum += sparsity
         return out

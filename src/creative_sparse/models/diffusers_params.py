@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..attention.blockmap import per_head_param
+from ..attention.blockmap import check_selection, per_head_param
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,9 @@ class SparseParams:
         l1, pv_l1: the tuning targets (relative L1 versus dense), ``None`` when hand-made.
         block_q, block_k: prediction block sizes the thresholds were tuned for.
         attention_sink: always keep the first key block.
+        selection: the block-selection rule set the thresholds were tuned for:
+            ``"mass"`` (ours, the default) or ``"sparge"`` (the original SpargeAttn's;
+            files imported from it carry this).
         report: per-layer tuning report (sparsity, measured l1, ...), free-form.
         library_version, diffusers_version: versions that produced the parameters.
 
@@ -204,6 +207,7 @@ class SparseParams:
     block_k: int = 64
     attention_sink: bool = False
     report: Mapping[str, Any] = field(default_factory=dict)
+    selection: str = "mass"
     library_version: str = field(default_factory=_library_version)
     diffusers_version: str = ""
 
@@ -218,6 +222,7 @@ class SparseParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SparseParams.{name} must be a positive int, got {value!r}")
+        check_selection(self.selection)
         if not self.layers:
             raise ValueError("SparseParams: no layers")
         for name, value in self.layers.items():
@@ -230,7 +235,8 @@ class SparseParams:
     @classmethod
     def uniform(cls, model, *, simthreshd1: float = 0.6, cdfthreshd: float = 0.97,
                 pvthreshd: float = 15.0, attention_sink: bool = False,
-                block_q: int = 128, block_k: int = 64) -> "SparseParams":
+                block_q: int = 128, block_k: int = 64,
+                selection: str = "mass") -> "SparseParams":
         """The same thresholds for every head of every patched layer of ``model`` (no tuning).
 
         ``simthreshd1=1.0`` keeps every block of every head (the sparse code path, dense result).
@@ -240,7 +246,7 @@ class SparseParams:
                                                 cdfthreshd=cdfthreshd, pvthreshd=pvthreshd)
                   for name, mod in attention_layers(model).items()}
         return cls.for_model(model, layers, attention_sink=attention_sink, block_q=block_q,
-                             block_k=block_k)
+                             block_k=block_k, selection=selection)
 
     @classmethod
     def for_model(cls, model, layers: Mapping[str, LayerThresholds], **fields) -> "SparseParams":
@@ -296,13 +302,23 @@ class SparseParams:
             "targets": {"l1": self.l1, "pv_l1": self.pv_l1},
             "block_q": self.block_q, "block_k": self.block_k,
             "attention_sink": self.attention_sink,
+            "selection": self.selection,
             "layers": {name: t.to_json() for name, t in sorted(self.layers.items())},
             "report": dict(self.report),
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the parameters as JSON (a few kB per layer); returns the path."""
+        """Write the parameters; returns the path.
+
+        A path ending in ``.pt``/``.pth`` gets the original SpargeAttn's tuned-parameter
+        format (a torch state dict, see :mod:`creative_sparse.models.sparge_files`),
+        anything else this library's JSON (a few kB per layer, with the model's
+        identity, the targets and the tuning report).
+        """
         path = Path(path)
+        if path.suffix in (".pt", ".pth"):
+            from .sparge_files import save_sparge_params
+            return save_sparge_params(self, path)
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_json(), indent=1)
         # one line per per-head list keeps a 57-layer x 24-head file readable
@@ -331,14 +347,28 @@ class SparseParams:
                        pv_l1=targets.get("pv_l1"), block_q=data["block_q"],
                        block_k=data["block_k"], attention_sink=bool(data["attention_sink"]),
                        report=data.get("report", {}), library_version=theirs,
-                       diffusers_version=data.get("diffusers_version", ""))
+                       diffusers_version=data.get("diffusers_version", ""),
+                       selection=data.get("selection", "mass"))
         except (KeyError, TypeError) as err:
             raise ValueError(f"{source}: malformed threshold file ({err!r})") from None
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> "SparseParams":
-        """Read a file written by :meth:`save`; with ``model``, also check it belongs to it."""
+        """Read a file written by :meth:`save`; with ``model``, also check it belongs to it.
+
+        A torch file (the original SpargeAttn's tuned parameters, e.g. from its
+        ``--tune --model_out_path``, or :meth:`save` to ``.pt``) needs ``model``: its
+        state dict names layers and heads only (see
+        :func:`~creative_sparse.models.sparge_files.params_from_sparge`).
+        """
         path = Path(path)
+        from .sparge_files import is_torch_file, load_sparge_params
+        if is_torch_file(path):
+            if model is None:
+                raise ValueError(f"{path} holds SpargeAttn tuned parameters (a torch state "
+                                 "dict of per-head tensors); pass the model they are for: "
+                                 "SparseParams.load(path, model)")
+            return load_sparge_params(path, model)
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:

@@ -266,7 +266,7 @@ class _HeadChunk:
             self.items.append((q, k, s.scale, m, l, o, ref))
 
     def keeps(self, sim: Tensor, cdf: Tensor, grid: int, sink: bool, block_q: int,
-              block_k: int) -> list[Tensor]:
+              block_k: int, selection: str = "mass") -> list[Tensor]:
         """Block maps ``[B, grid, Hc, nq, nk]`` per sample for per-(grid, head) thresholds."""
         if grid not in self._stacked:  # the same stacked copies serve every bisection step
             self._stacked[grid] = [(q.repeat(1, grid, 1, 1), k.repeat(1, grid, 1, 1))
@@ -276,7 +276,7 @@ class _HeadChunk:
             bm = predict_block_map(q_grid, k_grid,
                                    simthreshd1=sim.flatten(), cdfthreshd=cdf.flatten(),
                                    attention_sink=sink, scale=scale, block_q=block_q,
-                                   block_k=block_k)
+                                   block_k=block_k, selection=selection)
             out.append(bm.keep.view(q.shape[0], grid, q.shape[1], *bm.keep.shape[-2:]))
         return out
 
@@ -312,8 +312,12 @@ def _pv_gap(m: Tensor, keep_rows: Tensor, block_q: int) -> Tensor:
 def tune_layer(samples: Sequence[QKVSample], *, l1: float = 0.06, pv_l1: float = 0.065,
                sim_grid: Sequence[float] = DEFAULT_SIM_GRID, min_sparsity: float = 0.1,
                attention_sink: bool = False, block_q: int = 128, block_k: int = 64,
-               heads_per_chunk: int | None = None) -> tuple[LayerThresholds, dict]:
+               heads_per_chunk: int | None = None,
+               selection: str = "mass") -> tuple[LayerThresholds, dict]:
     """Per-head thresholds of one layer from its samples (see the module docstring).
+
+    ``selection`` is the block-selection rule set the thresholds are for (``"mass"`` or
+    ``"sparge"``, the original SpargeAttn's; see :mod:`creative_sparse.attention.blockmap`).
 
     Returns:
         ``(thresholds, report)``; the report holds per-head ``head_sparsity`` and
@@ -345,10 +349,10 @@ def tune_layer(samples: Sequence[QKVSample], *, l1: float = 0.06, pv_l1: float =
         lo, hi = torch.zeros(g, hc), torch.ones(g, hc)
         for _ in range(_CDF_STEPS):
             mid = (lo + hi) / 2
-            ok = chunk.errors(chunk.keeps(sim, mid, g, attention_sink, block_q, block_k),
-                              block_q) < l1
+            ok = chunk.errors(chunk.keeps(sim, mid, g, attention_sink, block_q, block_k,
+                                          selection), block_q) < l1
             hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
-        keeps = chunk.keeps(sim, hi, g, attention_sink, block_q, block_k)
+        keeps = chunk.keeps(sim, hi, g, attention_sink, block_q, block_k, selection)
         spars = _sparsity(keeps)
         best = spars.argmax(dim=0)                                   # sparsest grid value
         idx = torch.arange(hc)
@@ -357,7 +361,7 @@ def tune_layer(samples: Sequence[QKVSample], *, l1: float = 0.06, pv_l1: float =
         h_sim = torch.where(dense, torch.ones_like(h_sim), h_sim)
         h_cdf = torch.where(dense, torch.ones_like(h_cdf), h_cdf)
         final = [k[:, 0] for k in chunk.keeps(h_sim[None], h_cdf[None], 1, attention_sink,
-                                               block_q, block_k)]   # [B, Hc, nq, nk]
+                                               block_q, block_k, selection)]  # [B,Hc,nq,nk]
         h_err = chunk.errors([f[:, None] for f in final], block_q)[0]
         gaps = [_pv_gap(item[3], _rows(f, block_q, item[0].shape[2]), block_q)
                 for item, f in zip(chunk.items, final)]
@@ -385,7 +389,7 @@ def tune_layer(samples: Sequence[QKVSample], *, l1: float = 0.06, pv_l1: float =
 @torch.no_grad()
 def measure_layer(samples: Sequence[QKVSample], thresholds: LayerThresholds, *,
                   attention_sink: bool = False, block_q: int = 128,
-                  block_k: int = 64) -> dict:
+                  block_k: int = 64, selection: str = "mass") -> dict:
     """Run the real sparse attention with ``thresholds`` on each sample against the fp32
     dense reference: ``{"l1": max over samples, "sparsity": mean over samples}``."""
     errors, sparsities = [], []
@@ -394,7 +398,7 @@ def measure_layer(samples: Sequence[QKVSample], thresholds: LayerThresholds, *,
             s.q, s.k, s.v, scale=s.scale, simthreshd1=list(thresholds.simthreshd1),
             cdfthreshd=list(thresholds.cdfthreshd), pvthreshd=list(thresholds.pvthreshd),
             attention_sink=attention_sink, block_q=block_q, block_k=block_k,
-            return_sparsity=True, output_dtype=torch.float32)
+            return_sparsity=True, output_dtype=torch.float32, selection=selection)
         ref = dense_attention(s.q.float(), s.k.float(), s.v.float(), scale=s.scale)
         errors.append(float((out - ref).abs().sum() / ref.abs().sum().clamp_min(1e-30)))
         sparsities.append(sparsity)
@@ -402,7 +406,7 @@ def measure_layer(samples: Sequence[QKVSample], thresholds: LayerThresholds, *,
 
 
 def _tune_layers(recording, names, bar, *, l1, pv_l1, sim_grid, min_sparsity, attention_sink,
-                 block_q, block_k, free) -> tuple[dict, dict]:
+                 block_q, block_k, free, selection) -> tuple[dict, dict]:
     missing = sorted(set(names) - {n for n, s in recording.items() if s})
     if missing:
         raise ValueError(f"no recorded attention call for layers {missing[:3]} "
@@ -413,9 +417,9 @@ def _tune_layers(recording, names, bar, *, l1, pv_l1, sim_grid, min_sparsity, at
         start = time.perf_counter()
         t, rep = tune_layer(recording[name], l1=l1, pv_l1=pv_l1, sim_grid=sim_grid,
                             min_sparsity=min_sparsity, attention_sink=attention_sink,
-                            block_q=block_q, block_k=block_k)
+                            block_q=block_q, block_k=block_k, selection=selection)
         rep.update(measure_layer(recording[name], t, attention_sink=attention_sink,
-                                 block_q=block_q, block_k=block_k))
+                                 block_q=block_q, block_k=block_k, selection=selection))
         rep["samples"] = len(recording[name])
         rep["seconds"] = round(time.perf_counter() - start, 4)
         if rep["l1"] >= l1:
@@ -430,7 +434,7 @@ def tune_recording(model, recording: dict[str, list[QKVSample]], *, l1: float = 
                    pv_l1: float = 0.065, sim_grid: Sequence[float] = DEFAULT_SIM_GRID,
                    min_sparsity: float = 0.1, attention_sink: bool = False,
                    block_q: int = 128, block_k: int = 64, progress: bool = True,
-                   free: bool = False) -> SparseParams:
+                   free: bool = False, selection: str = "mass") -> SparseParams:
     """:func:`tune_layer` and :func:`measure_layer` for every layer of a :func:`record`
     result; returns :class:`SparseParams` for ``model`` whose report holds, per layer,
     the measured ``l1`` and ``sparsity``, ``pv_skip``, ``dense_heads`` and ``seconds``.
@@ -443,16 +447,18 @@ def tune_recording(model, recording: dict[str, list[QKVSample]], *, l1: float = 
         thresholds, report = _tune_layers(
             recording, names, bar, l1=l1, pv_l1=pv_l1, sim_grid=sim_grid,
             min_sparsity=min_sparsity, attention_sink=attention_sink, block_q=block_q,
-            block_k=block_k, free=free)
+            block_k=block_k, free=free, selection=selection)
     return SparseParams.for_model(model, thresholds, l1=l1, pv_l1=pv_l1, block_q=block_q,
-                                  block_k=block_k, attention_sink=attention_sink, report=report)
+                                  block_k=block_k, attention_sink=attention_sink, report=report,
+                                  selection=selection)
 
 
 def tune(model, run: Callable[[], object], *, l1: float = 0.06, pv_l1: float | None = None,
          max_samples: int = 3, max_query_blocks: int | None = 16,
          sim_grid: Sequence[float] = DEFAULT_SIM_GRID, min_sparsity: float = 0.1,
          attention_sink: bool = False, block_q: int = 128, block_k: int = 64,
-         layers_per_pass: int | None = None, progress: bool = True) -> SparseParams:
+         layers_per_pass: int | None = None, progress: bool = True,
+         selection: str = "mass") -> SparseParams:
     """Record ``run()`` and tune every layer: :func:`record` then :func:`tune_recording`.
 
     Args:
@@ -464,6 +470,9 @@ def tune(model, run: Callable[[], object], *, l1: float = 0.06, pv_l1: float | N
         layers_per_pass: record and tune this many layers per call of ``run()``
             (``run`` is called ``ceil(layers / layers_per_pass)`` times); bounds the
             recorded K/V in host memory for large video models. Default: all at once.
+        selection: the block-selection rules the thresholds are tuned for: ``"mass"``
+            (ours) or ``"sparge"`` (the original SpargeAttn's, e.g. to export them to
+            its ``.pt`` format with :meth:`SparseParams.save`).
         Others: see :func:`record` and :func:`tune_layer`.
 
     Returns:
@@ -489,8 +498,10 @@ def tune(model, run: Callable[[], object], *, l1: float = 0.06, pv_l1: float | N
                                max_query_blocks=max_query_blocks, block_q=block_q, layers=group)
             t, rep = _tune_layers(recording, group, bar, l1=l1, pv_l1=pv_l1, sim_grid=sim_grid,
                                   min_sparsity=min_sparsity, attention_sink=attention_sink,
-                                  block_q=block_q, block_k=block_k, free=True)
+                                  block_q=block_q, block_k=block_k, free=True,
+                                  selection=selection)
             thresholds.update(t)
             report.update(rep)
     return SparseParams.for_model(model, thresholds, l1=l1, pv_l1=pv_l1, block_q=block_q,
-                                  block_k=block_k, attention_sink=attention_sink, report=report)
+                                  block_k=block_k, attention_sink=attention_sink, report=report,
+                                  selection=selection)
