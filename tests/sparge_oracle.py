@@ -149,6 +149,21 @@ def original_block_map(q: Tensor, k: Tensor, *, simthreshd1=0.6, cdfthreshd=None
     return final
 
 
+def make_inputs(kind: str, lq: int, lk: int, h: int, h_kv: int, d: int = 64, seed: int = 0):
+    """Test inputs ``(q [1, h, lq, d], k [1, h_kv, lk, d])``. ``"random"``: Gaussian;
+    ``"correlated"``: slowly drifting random walks, so neighbouring rows are alike and the
+    pooled scores are peaked, as in real models."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randn(1, h, lq, d, generator=g), torch.randn(1, h_kv, lk, d, generator=g)
+
+    def walk(n, heads):
+        steps = torch.randn(1, heads, n, d, generator=g) * 0.25
+        drift = steps.cumsum(2) / torch.arange(1, n + 1).view(1, 1, n, 1).float() ** 0.3
+        return drift + torch.randn(1, heads, 1, d, generator=g)
+    return walk(lq, h), walk(lk, h_kv)
+
+
 def half_inputs_supported() -> bool:
     """Whether this PyTorch runs fp16 matmul/softmax/cumsum on CPU (the ``half`` mode)."""
     try:

@@ -18,23 +18,9 @@ from creative_sparse.attention import (predict_block_map, seed_block_shape,
                                        spas_sage2_attn_meansim_topk_cuda)
 from creative_sparse.attention.blockmap import block_valid_map
 
-from sparge_oracle import half_inputs_supported, original_block_map
+from sparge_oracle import half_inputs_supported, make_inputs, original_block_map
 
 MIN_AGREEMENT = 0.995
-
-
-def make_inputs(kind: str, lq: int, lk: int, h: int, h_kv: int, d: int = 64, seed: int = 0):
-    """``"random"``: Gaussian; ``"correlated"``: slowly drifting random walks, so that
-    neighbouring rows are alike and the pooled scores are peaked, as in real models."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "random":
-        return torch.randn(1, h, lq, d, generator=g), torch.randn(1, h_kv, lk, d, generator=g)
-
-    def walk(n, heads):
-        steps = torch.randn(1, heads, n, d, generator=g) * 0.25
-        drift = steps.cumsum(2) / torch.arange(1, n + 1).view(1, 1, n, 1).float() ** 0.3
-        return drift + torch.randn(1, heads, 1, d, generator=g)
-    return walk(lq, h), walk(lk, h_kv)
 
 
 def agreement(a, b, valid) -> float:
