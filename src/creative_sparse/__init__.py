@@ -4,7 +4,8 @@ This release holds the sparse-attention core (the SpargeAttn algorithm on CPU
 and GPU), the dial (control manifold), the knobs inside Hugging Face models,
 the decoding engine, the quality functional, the Goldilocks model with
 ``find_optimal_sparsity``, and the diffusers integration
-(``creative_sparse.models.diffusers``). Nothing is loaded or compiled at import time.
+(``creative_sparse.models.diffusers``). Nothing is loaded or compiled at import time,
+and each public name imports its own layer only when first used.
 
     >>> import torch
     >>> from creative_sparse import sparse_attention
@@ -12,26 +13,37 @@ the decoding engine, the quality functional, the Goldilocks model with
     >>> out = sparse_attention(q, k, v, is_causal=True, topk=0.5)
 """
 
-from .attention import (
-    BlockMap,
-    block_sparse_attention,
-    block_sparse_sage2_attn_cuda,
-    predict_block_map,
-    sparse_attention,
-    spas_sage2_attn_meansim_cuda,
-    spas_sage2_attn_meansim_topk_cuda,
-    spas_sage_attn_meansim_cuda,
-    spas_sage_attn_meansim_topk_cuda,
-    use_backend,
-)
-
-from .config import QualityWeights, SparsityConfig
-from .control import SparsityController, SparsityParams
-from .generation import CreativeSparseWrapper
-from .quality import QualityFunctional, compute_quality_score
-from .autotune import find_optimal_sparsity, sweep_sparsity
+import importlib
 
 __version__ = "0.1.0"
+
+# Public names and the module that defines each. They load on first use (PEP 562), so
+# ``import creative_sparse.attention`` (or ``spas_sage_attn``) loads only the attention
+# stack, not generation, quality, autotune and scipy.
+_EXPORTS = {
+    **dict.fromkeys(("BlockMap", "block_sparse_attention", "block_sparse_sage2_attn_cuda",
+                     "predict_block_map", "sparse_attention", "spas_sage2_attn_meansim_cuda",
+                     "spas_sage2_attn_meansim_topk_cuda", "spas_sage_attn_meansim_cuda",
+                     "spas_sage_attn_meansim_topk_cuda", "use_backend"), ".attention"),
+    **dict.fromkeys(("QualityWeights", "SparsityConfig"), ".config"),
+    **dict.fromkeys(("SparsityController", "SparsityParams"), ".control"),
+    "CreativeSparseWrapper": ".generation",
+    **dict.fromkeys(("QualityFunctional", "compute_quality_score"), ".quality"),
+    **dict.fromkeys(("find_optimal_sparsity", "sweep_sparsity"), ".autotune"),
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "BlockMap",

@@ -1,10 +1,15 @@
 """The seed library's import path. Re-exports only; the code lives in :mod:`creative_sparse`.
 
+The attention functions load eagerly (the attention stack only); the seed's
+generation, quality and autotune names load on first use.
+
     >>> from spas_sage_attn import spas_sage2_attn_meansim_cuda
     >>> from spas_sage_attn import CreativeSparseWrapper, SparsityConfig, QualityWeights
     >>> from spas_sage_attn import find_optimal_sparsity
     >>> from spas_sage_attn.autotune import find_optimal_sparsity
 """
+
+import importlib
 
 from creative_sparse.attention import (
     block_sparse_sage2_attn_cuda,
@@ -14,15 +19,12 @@ from creative_sparse.attention import (
     spas_sage_attn_meansim_topk_cuda,
 )
 
-from .creative_sparse import (
-    CreativeSparseWrapper,
-    QualityFunctional,
-    QualityWeights,
-    SparsityConfig,
-    SparsityController,
-    compute_quality_score,
-)
-from .autotune import find_optimal_sparsity
+_LAZY = {
+    **dict.fromkeys(("CreativeSparseWrapper", "QualityFunctional", "QualityWeights",
+                     "SparsityConfig", "SparsityController", "compute_quality_score"),
+                    ".creative_sparse"),
+    "find_optimal_sparsity": ".autotune",
+}
 
 __all__ = [
     "CreativeSparseWrapper",
@@ -38,3 +40,15 @@ __all__ = [
     "spas_sage_attn_meansim_cuda",
     "spas_sage_attn_meansim_topk_cuda",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
