@@ -107,6 +107,22 @@ def test_banned_phrases_are_kept_out_of_the_drafts_and_counted_anywhere(tiny_wra
     assert [p.violations for p in parts] == [2.0, 0.0]
 
 
+@pytest.mark.parametrize("prompt", ["\ud800", "the sea \udcff is"], ids=["alone", "inside"])
+def test_a_lone_surrogate_in_the_prompt_is_a_value_error_that_says_so(tiny_wrapper, prompt):
+    """Issue 21: a prompt holding a lone surrogate gave the tokenizer's TypeError
+    ("TextEncodeInput must be Union[...]"); it is refused with the reason."""
+    from creative_sparse.generation.engine import generate
+    with pytest.raises(ValueError, match="prompt is not valid Unicode: it holds a lone "
+                                         "surrogate U\\+D[8C][0F]F?"):
+        tiny_wrapper.generate_creative(prompt, max_length=4, num_candidates=1)
+    with pytest.raises(ValueError, match="prompt is not valid Unicode"):
+        generate(tiny_wrapper.model, tiny_wrapper.tokenizer, prompt, max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt is not valid Unicode"):
+        tiny_wrapper.quality.breakdown(["the sea"], ["a"], prompt)
+    with pytest.raises(ValueError, match="banned phrase 0 is not valid Unicode"):
+        BannedPhrases(tiny_wrapper.tokenizer, [prompt])
+
+
 @pytest.mark.parametrize("bad", [[], [""], "robot", [3]])
 def test_bad_phrase_lists(smollm2, bad):
     _, tokenizer = smollm2

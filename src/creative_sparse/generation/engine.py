@@ -29,6 +29,7 @@ from torch import Tensor
 from ..models.fast_linear import fast_linears
 from ..models.kv_cache import CachePositions, cache_bytes, cache_kwargs, prefill, prune_cache
 from ..models.transformers import AttentionKnobs, set_knobs, sparsity
+from ..quality.metrics import check_text
 from .knobs import SamplingParams, sample
 
 __all__ = ["DecodeState", "GenerationResult", "GenerationStats", "StepKnobs", "generate"]
@@ -218,7 +219,7 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty; give at least one character")
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            ids = tokenizer(check_text(prompt, "prompt"), return_tensors="pt").input_ids
         else:
             ids = prompt
         ids = ids.to(model.device)

@@ -45,6 +45,7 @@ from ..control import SparsityController, check_level
 from ..models.moe import find_routers
 from ..models.transformers import AttentionKnobs
 from ..quality import LikelihoodScorer, OutputQuality, QualityFunctional
+from ..quality.metrics import check_text
 from .constraints import (BannedPhrases, ConstraintSet, MinLength, RequiredKeywords,
                           ValidatorGuard, abc_notation, python_syntax, regex_validator)
 from .validators import banned_phrases
@@ -202,9 +203,13 @@ class CreativeSparseWrapper:
 
     # ------------------------------------------------------------ helpers
     def prompt_ids(self, prompt: str) -> torch.Tensor:
-        """``[1, L]`` ids: the chat template for chat models, the raw prompt otherwise."""
+        """``[1, L]`` ids: the chat template for chat models, the raw prompt otherwise.
+
+        ``ValueError`` for an empty prompt or one that is not valid Unicode (a lone
+        surrogate such as ``"\\ud800"``: refused, not replaced; see `check_text`)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+        check_text(prompt, "prompt")
         if getattr(self.tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": prompt}]
             return self.tokenizer.apply_chat_template(
