@@ -307,6 +307,31 @@ def test_cli_tune_rejects_bad_arguments(fake, argv, match, capsys):
     assert exc.value.code == 2 and match in capsys.readouterr().err
 
 
+def test_cli_tune_takes_any_seed_torch_takes(tmp_path, fake, monkeypatch, capsys):
+    """Issue 21: --seed -1 failed in the bootstrap (numpy refuses negative seeds), after
+    the whole sweep had run; seeds beyond 2**64 / 1000 overflowed the derived ones."""
+    monkeypatch.setenv("CREATIVE_SPARSE_CACHE", str(tmp_path))
+    for seed in ("-1", str(2**64 - 1)):
+        assert main(["tune", "--task", "poetry", "--budget", "0.3", "--seed", seed,
+                     "--plot", str(tmp_path / "q.png"), "--json"]) == 0
+        assert 0 <= json.loads(capsys.readouterr().out)["s_star"] <= 1
+
+
+def test_cli_tune_plot_that_fails_after_the_sweep_is_one_line(tmp_path, fake, monkeypatch,
+                                                              capsys):
+    monkeypatch.setenv("CREATIVE_SPARSE_CACHE", str(tmp_path))
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(SweepResult, "plot", disk_full)
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "--task", "poetry", "--budget", "0.3", "--plot", str(tmp_path / "q.png")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"creative-sparse: error: [Errno 28] No space left on device: "
+                                    f"'{tmp_path / 'q.png'}'")
+
+
 # ---------------------------------------------------------------- the real model
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::creative_sparse.autotune.OptimumNotIdentifiedWarning")
