@@ -132,7 +132,8 @@ def test_tune_plot_in_a_missing_directory_is_refused_and_not_created(capsys, not
     assert f"argument --plot: directory '{missing}' does not exist" in line
     assert not (tmp_path / "no").exists()
     (tmp_path / "file").write_text("x")
-    line = _refused(capsys, ["tune", "--task", "poetry", "--plot", str(tmp_path / "file" / "q.png")])
+    line = _refused(capsys, ["tune", "--task", "poetry", "--plot",
+                             str(tmp_path / "file" / "q.png")])
     assert "is not a directory" in line
     assert "is a directory" in _refused(capsys, ["tune", "--task", "poetry", "--plot",
                                                  str(tmp_path)])

@@ -93,7 +93,8 @@ MANIFEST = {
     "size-nan": _edit(lambda d: _files(d)[_ST].update(size=math.nan)),
     "sha256-wrong-type": _edit(lambda d: _files(d)[_ST].update(sha256=12345)),
     "format-a-bool": _edit(lambda d: d.update(format=True)),
-    "name-outside-the-entry": _edit(lambda d: _files(d).update({"../x.safetensors": _files(d)[_ST]})),
+    "name-outside-the-entry": _edit(
+        lambda d: _files(d).update({"../x.safetensors": _files(d)[_ST]})),
 }
 
 

@@ -75,6 +75,7 @@ def test_a_continued_row_shows_its_history_to_the_constraints(tiny):
 def test_any_int_seeds_a_row(tiny):
     """Seeds derived as seed * 1000 + i can pass 2**64 (torch's limit): taken modulo
     2**64, as torch itself takes a negative seed."""
-    run = lambda seeds: generate(tiny, Tokenizer(), PROMPT, num_rows=2, max_new_tokens=4,  # noqa: E731
-                                 schedule=SCHEDULE, seeds=seeds).token_ids
+    def run(seeds):
+        return generate(tiny, Tokenizer(), PROMPT, num_rows=2, max_new_tokens=4,
+                        schedule=SCHEDULE, seeds=seeds).token_ids
     assert run([2**64 * 1000 + 5, -1]) == run([5, 2**64 - 1])

@@ -107,10 +107,10 @@ def check_text(text: object, name: str = "text") -> str:
     Example:
         >>> check_text("caf\u00e9")
         'café'
-        >>> check_text("a\\ud800b", "prompt")
+        >>> check_text("a\\ud800b", "prompt")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: prompt is not valid Unicode: it holds a lone surrogate U+D800 at index 1 (half of a UTF-16 pair, or an undecodable byte); decode the source as UTF-8 or drop the character, e.g. text.encode('utf-8', 'replace').decode()
+        ValueError: prompt is not valid Unicode: it holds a lone surrogate U+D800 at index 1 ...
     """
     if not isinstance(text, str):
         raise ValueError(f"{name} must be a str, got {type(text).__name__}: {text!r:.60}")
