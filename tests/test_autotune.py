@@ -219,6 +219,51 @@ def test_a_damaged_cache_file_is_measured_again(tmp_path, fake):
     assert _sweep(tmp_path).from_cache
 
 
+def _edit_cached(tmp_path, edit):
+    (path,) = (tmp_path / "autotune").glob("poetry-tune-*.json")
+    data = json.loads(path.read_text())
+    edit(data["result"])
+    path.write_text(json.dumps(data))
+    return path
+
+
+CACHED_DAMAGE = {
+    "s_star-out-of-range": (lambda r: r.update(s_star=7.5), "result.s_star = 7.5"),
+    "s_star-nan": (lambda r: r.update(s_star=math.nan), "result.s_star = nan"),
+    "s_star-string": (lambda r: r.update(s_star="0.4"), "result.s_star = '0.4', expected a number"),
+    "method-unknown": (lambda r: r.update(method="guess"), "result.method = 'guess'"),
+    "plan-not-an-object": (lambda r: r.update(plan=[8, 6]), "result.plan = [8, 6]"),
+    "seed-bool": (lambda r: r.update(seed=True), "result.seed = True"),
+    "ragged-measurements": (lambda r: r["measurements"]["novelty"][0].pop(),
+                            "result.measurements.novelty must be"),
+}
+
+
+@pytest.mark.parametrize("damage,reason", CACHED_DAMAGE.values(), ids=CACHED_DAMAGE.keys())
+def test_a_cached_result_of_the_wrong_shape_or_range_is_measured_again(tmp_path, fake, caplog,
+                                                                        damage, reason):
+    """Issue 21: valid JSON with s* = 7.5 or NaN was returned as is."""
+    first = _sweep(tmp_path)
+    path = _edit_cached(tmp_path, damage)
+    with caplog.at_level("WARNING", logger="creative_sparse.autotune"):
+        again = _sweep(tmp_path)
+    assert not again.from_cache and again.s_star == first.s_star
+    assert str(path) in caplog.text and reason in caplog.text
+    assert _sweep(tmp_path).from_cache                          # healed: written back
+
+
+def test_a_directory_in_place_of_the_cache_file_costs_only_the_cache(tmp_path, fake, caplog):
+    _sweep(tmp_path)
+    (path,) = (tmp_path / "autotune").glob("poetry-tune-*.json")
+    path.unlink()
+    path.mkdir()
+    with caplog.at_level("WARNING", logger="creative_sparse.autotune"):
+        result = _sweep(tmp_path)
+    assert not result.from_cache and path.is_dir()
+    assert "is a directory" in caplog.text and "not cached" in caplog.text
+    assert caplog.text.count(str(path)) >= 2                    # read and write both name it
+
+
 def test_result_round_trips_through_json(tmp_path, fake):
     result = _sweep(tmp_path)
     back = SweepResult.from_dict(json.loads(json.dumps(result.to_dict())))
@@ -260,6 +305,31 @@ def test_cli_tune_rejects_bad_arguments(fake, argv, match, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_cli_tune_takes_any_seed_torch_takes(tmp_path, fake, monkeypatch, capsys):
+    """Issue 21: --seed -1 failed in the bootstrap (numpy refuses negative seeds), after
+    the whole sweep had run; seeds beyond 2**64 / 1000 overflowed the derived ones."""
+    monkeypatch.setenv("CREATIVE_SPARSE_CACHE", str(tmp_path))
+    for seed in ("-1", str(2**64 - 1)):
+        assert main(["tune", "--task", "poetry", "--budget", "0.3", "--seed", seed,
+                     "--plot", str(tmp_path / "q.png"), "--json"]) == 0
+        assert 0 <= json.loads(capsys.readouterr().out)["s_star"] <= 1
+
+
+def test_cli_tune_plot_that_fails_after_the_sweep_is_one_line(tmp_path, fake, monkeypatch,
+                                                              capsys):
+    monkeypatch.setenv("CREATIVE_SPARSE_CACHE", str(tmp_path))
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(SweepResult, "plot", disk_full)
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "--task", "poetry", "--budget", "0.3", "--plot", str(tmp_path / "q.png")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"creative-sparse: error: [Errno 28] No space left on device: "
+                                    f"'{tmp_path / 'q.png'}'")
 
 
 # ---------------------------------------------------------------- the real model

@@ -62,8 +62,8 @@ def test_generate_json(smollm2, capsys):
     ("--schedule", "0.7", "argument --schedule: must be two numbers 'diverge,refine' in [0, 1]"),
     ("--schedule", "1.5,0.2", "argument --schedule: must be two numbers"),
     ("--sparsity", "nan", "argument --sparsity: must be a number in [0, 1], got 'nan'"),
-    ("--candidates", "0", "argument --candidates: must be an integer >= 1, got '0'"),
-    ("--max-tokens", "ten", "argument --max-tokens: must be an integer >= 1, got 'ten'"),
+    ("--candidates", "0", "argument --candidates: must be an integer in [1, 64], got '0'"),
+    ("--max-tokens", "ten", "argument --max-tokens: must be an integer in [1, 32768], got 'ten'"),
 ])
 def test_generate_rejects_bad_arguments_before_loading_the_model(capsys, monkeypatch, flag,
                                                                  value, message):
@@ -76,3 +76,98 @@ def test_generate_rejects_bad_arguments_before_loading_the_model(capsys, monkeyp
         main(["generate", "hi", flag, value])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """Fail loudly if a command gets as far as doing its work."""
+    import creative_sparse.autotune as autotune
+    import creative_sparse.cli as cli
+    import creative_sparse.generation as generation
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the work started before the arguments were checked")
+    for module, name in ((cli, "run_demo"), (cli, "run_creative_demo"),
+                         (generation, "CreativeSparseWrapper"), (autotune, "sweep_sparsity")):
+        monkeypatch.setattr(module, name, ran)
+
+
+def _refused(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("creative-sparse")
+    return err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--length", "100000000"], "argument --length: must be an integer in [1, 32768]"),
+    (["demo", "--heads", "100000"], "argument --heads: must be an integer in [1, 64]"),
+    (["demo", "--head-dim", "1"], "argument --head-dim: must be an integer in [2, 256]"),
+    (["demo", "--length", "32768", "--heads", "64"], "is more than 67108864 (2**26) elements"),
+    (["generate", "hi", "--candidates", "100000000"], "must be an integer in [1, 64]"),
+    (["generate", "hi", "--max-tokens", "100000000"], "must be an integer in [1, 32768]"),
+    (["generate", "hi", "--seed", str(2**64)],
+     "argument --seed: must be an integer in [-9223372036854775808, 18446744073709551615]"),
+    (["generate", "hi", "--seed", str(-2**63 - 1)], "argument --seed: must be an integer in"),
+    (["generate", "\udcff"], "argument prompt: the prompt is not valid Unicode: it holds a lone "
+                            "surrogate U+DCFF"),
+    (["generate", "  "], "argument prompt: must be a non-empty text"),
+    (["tune", "--task", "poetry", "--seed", str(10**30)], "argument --seed: must be an integer"),
+], ids=["demo-length", "demo-heads", "demo-head-dim", "demo-elements", "candidates",
+        "max-tokens", "seed-too-big", "seed-too-small", "surrogate-prompt", "blank-prompt",
+        "tune-seed"])
+def test_sizes_seeds_and_prompts_are_refused_before_any_work(capsys, nothing_runs, argv,
+                                                              message):
+    """Issue 21: `demo --length 100000000` ran out of memory, a huge --seed failed
+    only after the model had loaded, a lone surrogate reached the tokenizer."""
+    assert message in _refused(capsys, argv)
+
+
+def test_tune_plot_in_a_missing_directory_is_refused_and_not_created(capsys, nothing_runs,
+                                                                     tmp_path):
+    missing = tmp_path / "no" / "such"
+    line = _refused(capsys, ["tune", "--task", "poetry", "--plot", str(missing / "q.png")])
+    assert f"argument --plot: directory '{missing}' does not exist" in line
+    assert not (tmp_path / "no").exists()
+    (tmp_path / "file").write_text("x")
+    line = _refused(capsys, ["tune", "--task", "poetry", "--plot",
+                             str(tmp_path / "file" / "q.png")])
+    assert "is not a directory" in line
+    assert "is a directory" in _refused(capsys, ["tune", "--task", "poetry", "--plot",
+                                                 str(tmp_path)])
+    assert "must end in one of" in _refused(capsys, ["tune", "--task", "poetry", "--plot",
+                                                     str(tmp_path / "q.nope")])
+
+
+def _unwritable_dir(tmp_path):
+    import os
+    import tempfile
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    for candidate in (folder, "/sys"):     # root writes anywhere but in /sys
+        try:
+            tempfile.TemporaryFile(dir=candidate).close()
+        except OSError:
+            return str(candidate)
+    pytest.skip(f"no directory here refuses writes (uid {os.getuid()})")
+
+
+def test_tune_plot_in_an_unwritable_directory_is_refused_up_front(capsys, nothing_runs,
+                                                                  tmp_path):
+    folder = _unwritable_dir(tmp_path)
+    line = _refused(capsys, ["tune", "--task", "poetry", "--plot", f"{folder}/q.png"])
+    assert f"argument --plot: cannot write in directory '{folder}'" in line
+
+
+def test_late_errors_are_one_line_with_status_2(capsys, monkeypatch):
+    import creative_sparse.cli as cli
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory:\nyou tried to allocate 1 TB")
+    monkeypatch.setattr(cli, "run_demo", out_of_memory)
+    line = _refused(capsys, ["demo", "--no-model"])
+    assert line == ("creative-sparse: error: DefaultCPUAllocator: not enough memory: you tried "
+                    "to allocate 1 TB")

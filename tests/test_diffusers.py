@@ -194,6 +194,96 @@ def test_file_for_another_model_or_version_is_rejected(models, tmp_path):
         SparseParams.load(tmp_path / "bad.json")
 
 
+def _hand_made_params():
+    return SparseParams(family="wan", model_class="WanTransformer3DModel",
+                        fingerprint="0123456789abcdef",
+                        layers={"blocks.0.attn1": LayerThresholds.uniform(2)})
+
+
+def _layer(data, **changes):
+    data["layers"]["blocks.0.attn1"].update(changes)
+
+
+BAD_FIELDS = {
+    "sink-string": (lambda d: d.update(attention_sink="false"), "attention_sink = 'false'",
+                    "true or false"),
+    "sink-int": (lambda d: d.update(attention_sink=1), "attention_sink = 1", "true or false"),
+    "block-float": (lambda d: d.update(block_q=7.5), "block_q = 7.5", "an integer in [1, 4096]"),
+    "block-zero": (lambda d: d.update(block_k=0), "block_k = 0", "an integer in [1, 4096]"),
+    "block-huge": (lambda d: d.update(block_k=10**9), "block_k = 1000000000", "[1, 4096]"),
+    "block-bool": (lambda d: d.update(block_q=True), "block_q = True", "an integer"),
+    "l1-nan": (lambda d: d["targets"].update(l1=float("nan")), "targets.l1 = nan", "(0, 1)"),
+    "cdf-out-of-range": (lambda d: _layer(d, cdfthreshd=[0.9, 1.5]),
+                         "layers['blocks.0.attn1'].cdfthreshd[1] = 1.5", "in (0, 1]"),
+    "cdf-string": (lambda d: _layer(d, cdfthreshd=["0.9", 0.9]),
+                   "cdfthreshd[0] = '0.9'", "a finite number in (0, 1]"),
+    "sim-bool": (lambda d: _layer(d, simthreshd1=[True, 0.5]), "simthreshd1[0] = True",
+                 "[-1, 1]"),
+    "pv-nan": (lambda d: _layer(d, pvthreshd=[float("nan"), 15]), "pvthreshd[0] = nan",
+               "(0, inf)"),
+    "heads-disagree": (lambda d: _layer(d, pvthreshd=[15.0]), "pvthreshd = [15.0]",
+                       "one number per head (2, as in cdfthreshd)"),
+    "layer-a-list": (lambda d: d["layers"].update({"blocks.0.attn1": [0.6, 0.97, 15]}),
+                     "layers['blocks.0.attn1'] = [0.6, 0.97, 15]", "exactly cdfthreshd"),
+    "layers-a-list": (lambda d: d.update(layers=[]), "layers = []", "a JSON object"),
+    "no-layers": (lambda d: d.update(layers={}), "layers = {}", "not empty"),
+    "family-number": (lambda d: d.update(family=3), "family = 3", "one of flux, cogvideox"),
+    "report-a-number": (lambda d: d.update(report={"blocks.0.attn1": 0.5}),
+                        "report['blocks.0.attn1'] = 0.5", "an object"),
+    "missing-field": (lambda d: d.pop("block_q"), "field block_q is missing", ""),
+}
+
+
+@pytest.mark.parametrize("damage,shown,allowed", BAD_FIELDS.values(), ids=BAD_FIELDS.keys())
+def test_threshold_file_fields_are_type_and_range_checked(tmp_path, damage, shown, allowed):
+    """Issue 21: "attention_sink": "false" loaded as True, wrong shapes raised
+    AttributeError/TypeError; now a ValueError names the file, the field, the
+    value and what is allowed, and the user's file is left as it was."""
+    data = _hand_made_params().to_json()
+    damage(data)
+    path = tmp_path / "user.json"
+    path.write_text(json.dumps(data))
+    before = path.read_bytes()
+    with pytest.raises(ValueError) as info:
+        SparseParams.load(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and shown in message and allowed in message
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("content,shown", [
+    (b"\x89PNG\r\n\x1a\n\x00\xff", "not UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b"", "not valid JSON"),
+], ids=["binary", "deeply-nested", "empty"])
+def test_a_threshold_file_that_is_not_json_names_the_file(tmp_path, content, shown):
+    path = tmp_path / "user.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=shown) as info:
+        SparseParams.load(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(ValueError, match="is a directory"):
+        SparseParams.load(tmp_path)
+
+
+def test_a_failed_save_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    import os
+
+    from creative_sparse import jsonfile
+    params = _hand_made_params()
+    path = params.save(tmp_path / "t.json")
+    before = path.read_bytes()
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(jsonfile.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        params.save(path)
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
+    monkeypatch.setattr(jsonfile.os, "replace", os.replace)
+    assert SparseParams.load(path) == params
+
+
 def test_unsupported_family_lists_the_supported_ones():
     import diffusers
     unet = diffusers.UNet2DModel(sample_size=8, block_out_channels=(8, 8), layers_per_block=1,

@@ -70,3 +70,12 @@ def test_a_continued_row_shows_its_history_to_the_constraints(tiny):
     assert recorder.seen[-1] == [first.token_ids[2] + second.token_ids[0][:2],
                                  first.token_ids[0] + second.token_ids[1][:2]]
     assert [len(t) for t in second.token_ids] == [3, 3]     # the result holds new tokens only
+
+
+def test_any_int_seeds_a_row(tiny):
+    """Seeds derived as seed * 1000 + i can pass 2**64 (torch's limit): taken modulo
+    2**64, as torch itself takes a negative seed."""
+    def run(seeds):
+        return generate(tiny, Tokenizer(), PROMPT, num_rows=2, max_new_tokens=4,
+                        schedule=SCHEDULE, seeds=seeds).token_ids
+    assert run([2**64 * 1000 + 5, -1]) == run([5, 2**64 - 1])

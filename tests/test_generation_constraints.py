@@ -7,6 +7,8 @@ import pytest
 from creative_sparse.generation.constraints import (BannedPhrases, ConstraintSet, MinLength,
                                                     RequiredKeywords, abc_notation, python_syntax,
                                                     regex_validator)
+from creative_sparse.generation.validators import banned_phrases
+from creative_sparse.generation.wrapper import build_constraints
 
 GOOD_ABC = """X:1
 T:Morning Air
@@ -44,6 +46,81 @@ def test_constraint_set_counts_violations():
     assert constraints.violations("print(1)") == 0
     assert constraints.violations("print(") == 1
     assert constraints.violations("x = (") == 2
+
+
+def test_banned_phrases_are_counted_as_whole_words_in_any_case():
+    count = banned_phrases(["sea", "deep blue"])
+    assert count("The Sea, the sea; the DEEP BLUE sea!") == 4
+    assert count("seas, undersea, deep bluest") == 0
+    assert banned_phrases([])("the sea") == 0
+    with pytest.raises(ValueError, match="non-empty strings"):
+        banned_phrases("sea")
+
+
+@pytest.fixture(scope="module")
+def tiny_wrapper():
+    """The wrapper over a tiny random Llama with a word-level tokenizer, biased towards
+    "sea" (so an unconstrained draft nearly always says it) and away from the end."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from creative_sparse.generation.wrapper import CreativeSparseWrapper
+    from creative_sparse.quality import HiddenStateEmbedder, LikelihoodScorer, QualityFunctional
+    vocab = {w: i for i, w in enumerate("<unk> <s> </s> the sea is a vast blue and deep".split())}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>", pad_token="</s>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    bias = torch.zeros(len(vocab))
+    bias[vocab["sea"]], bias[vocab["</s>"]] = 4.0, -20.0
+    model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    wrapper = CreativeSparseWrapper(model=model, tokenizer=tok)
+    # The LM's own states as the embedder: no MiniLM to load for a tiny test.
+    wrapper.quality = QualityFunctional(wrapper.quality.weights,
+                                        embedder=HiddenStateEmbedder(model, tok),
+                                        scorer=LikelihoodScorer(model, tok))
+    return wrapper
+
+
+def test_banned_phrases_are_kept_out_of_the_drafts_and_counted_anywhere(tiny_wrapper):
+    """Issue 21: banned phrases were enforced only in refine, so the drafts (40% of
+    the tokens) carried them into the final texts while `violations` said 0."""
+    sea = re.compile(r"\bsea\b", re.I)
+    args = dict(max_length=10, num_candidates=3, seed=1)
+    free = tiny_wrapper.generate_candidates("the deep blue", **args)
+    assert sum(bool(sea.search(d)) for d in free.drafts) >= 4      # the bias works
+    result = tiny_wrapper.generate_candidates("the deep blue", constraints={"banned": ["sea"]},
+                                              **args)
+    assert not [d for d in result.drafts if sea.search(d)]
+    assert not [c.text for c in result.candidates if sea.search(c.text)]
+    assert all(c.quality.violations == 0 for c in result.candidates)
+    # A banned phrase that reaches the final text is a violation, wherever it came from.
+    constraints = build_constraints(tiny_wrapper.tokenizer, {"banned": ["sea"]}, 10, [2])
+    parts = tiny_wrapper.quality.breakdown(["the sea is a sea", "the deep blue"], ["a"],
+                                           "the deep blue", validators=constraints.validators)
+    assert [p.violations for p in parts] == [2.0, 0.0]
+
+
+@pytest.mark.parametrize("prompt", ["\ud800", "the sea \udcff is"], ids=["alone", "inside"])
+def test_a_lone_surrogate_in_the_prompt_is_a_value_error_that_says_so(tiny_wrapper, prompt):
+    """Issue 21: a prompt holding a lone surrogate gave the tokenizer's TypeError
+    ("TextEncodeInput must be Union[...]"); it is refused with the reason."""
+    from creative_sparse.generation.engine import generate
+    with pytest.raises(ValueError, match="prompt is not valid Unicode: it holds a lone "
+                                         "surrogate U\\+D[8C][0F]F?"):
+        tiny_wrapper.generate_creative(prompt, max_length=4, num_candidates=1)
+    with pytest.raises(ValueError, match="prompt is not valid Unicode"):
+        generate(tiny_wrapper.model, tiny_wrapper.tokenizer, prompt, max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt is not valid Unicode"):
+        tiny_wrapper.quality.breakdown(["the sea"], ["a"], prompt)
+    with pytest.raises(ValueError, match="banned phrase 0 is not valid Unicode"):
+        BannedPhrases(tiny_wrapper.tokenizer, [prompt])
 
 
 @pytest.mark.parametrize("bad", [[], [""], "robot", [3]])

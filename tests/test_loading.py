@@ -187,6 +187,65 @@ def test_checksums_catch_a_flipped_byte(root):
         verify_cache(path, checksums=True)
 
 
+def _overwrite_middle(file: Path, fill: bytes = b"\xff") -> None:
+    """Same size, valid header, the middle of the tensor data replaced (0xffffffff
+    is a float32 NaN): only the checksums can tell."""
+    size = file.stat().st_size
+    with open(file, "r+b") as f:
+        f.seek(size // 4)
+        f.write(fill * (size // 2))
+
+
+def test_damage_in_place_is_caught_by_the_checksums_and_rebuilt(root, tmp_path, monkeypatch,
+                                                                 caplog):
+    """Issue 21: the middle of the cached weights overwritten (same size) loaded
+    silently and gave NaN logits; the entry must be rebuilt, with a warning naming
+    the file."""
+    gguf = tmp_path / "tiny.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    build = Builder()
+    monkeypatch.setattr(loading, "dequantize_gguf", lambda path: build())
+    load_model(str(gguf))
+    entry = next((root / "models").iterdir())
+    _overwrite_middle(entry / "model.safetensors")
+    with caplog.at_level(logging.WARNING):
+        model, _ = load_model(str(gguf))
+    assert build.calls == 2
+    assert "model.safetensors does not match its sha256" in caplog.text
+    assert str(entry) in caplog.text
+    got = logits(model)
+    assert torch.isfinite(got).all() and torch.equal(got, logits(tiny_model_and_tokenizer()[0]))
+
+
+def test_damage_with_the_mtime_set_back_is_still_caught(root):
+    path = cached_model_dir("tiny", Builder())
+    f = path / "model.safetensors"
+    st = f.stat()
+    _overwrite_middle(f, b"\x00")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))   # ctime cannot be set back
+    build = Builder()
+    cached_model_dir("tiny", build)
+    assert build.calls == 1
+    verify_cache(path, checksums=True)
+
+
+def test_warm_loads_do_not_hash_the_weights_again(root, monkeypatch):
+    hashed = []
+    real = cache_mod._sha256
+    monkeypatch.setattr(cache_mod, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    path = cached_model_dir("tiny", Builder())
+    written = len(hashed)                      # the writer hashes once, for the manifest
+    assert "model.safetensors" in hashed
+    for _ in range(3):
+        cached_model_dir("tiny", Builder())
+    assert len(hashed) == written              # the stamp of the write is trusted
+    (path / cache_mod.STAMP_NAME).write_text("{garbage")    # a lost stamp: verify once more
+    cached_model_dir("tiny", Builder())
+    assert len(hashed) == 2 * written
+    cached_model_dir("tiny", Builder())
+    assert len(hashed) == 2 * written
+
+
 def test_concurrent_writer_that_won_the_race_is_kept(root):
     final = root / "models" / "tiny"
 
@@ -241,12 +300,12 @@ def test_local_gguf_path_is_converted_once_and_cached(root, tmp_path, monkeypatc
     assert build.calls == 1 and model.dtype == torch.bfloat16 and not model.training
     load_model(str(gguf))
     assert build.calls == 1
-    # Damage that keeps sizes and headers (so only loading notices): rebuilt once.
+    # Damage that keeps sizes and headers (so only the checksums notice): rebuilt once.
     config = next((root / "models").iterdir()) / "config.json"
     config.write_text("x" * config.stat().st_size)
-    with caplog.at_level(logging.WARNING, logger="creative_sparse.models.loading"):
+    with caplog.at_level(logging.WARNING):
         model, _ = load_model(str(gguf))
-    assert build.calls == 2 and "failed to load" in caplog.text
+    assert build.calls == 2 and "config.json does not match its sha256" in caplog.text
     assert torch.equal(logits(model), logits(tiny_model_and_tokenizer()[0]))
 
 

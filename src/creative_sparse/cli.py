@@ -10,20 +10,40 @@ Subcommands:
 * ``backends``: which attention backends can run here.
 * ``tune``: the sparsity s* that maximises Q on a task (``find_optimal_sparsity``):
   the table of Q(s), the Goldilocks fit, its bounds and a plot.
+
+Every argument is checked before a model is loaded or a sweep runs: sizes against
+the documented maxima below, seeds against torch's seed range, the prompt for valid
+Unicode, the plot's directory for existence and write access (it is not created).
+Any error, then or later, exits with status 2 and one line ``error: ...`` after the
+usage, as argparse does; a sweep in which every point failed exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["main", "structured_qkv"]
+
+# Documented maxima, checked before anything is loaded. The demo's inputs: q, k, v
+# and two outputs of at most DEMO_MAX_ELEMENTS float32 each stay near 1.3 GB.
+DEMO_MAX_LENGTH = 32768
+DEMO_MAX_HEADS = 64
+DEMO_MAX_HEAD_DIM = 256
+DEMO_MAX_ELEMENTS = 2**26          # heads x length x head_dim
+MAX_NEW_TOKENS = 32768             # also bounded by the model's context, once it is loaded
+MAX_CANDIDATES = 64                # 2 x as many drafts share one batch
+SEED_RANGE = (-(2**63), 2**64 - 1)     # what torch.manual_seed accepts
 
 
 def structured_qkv(batch: int, heads: int, length: int, head_dim: int, *,
@@ -171,15 +191,56 @@ def _level(text: str) -> float:
     return level
 
 
-def _count(text: str) -> int:
-    """A count >= 1, checked before the model loads (seconds) rather than after."""
+def _integer(low: int, high: int):
+    """An argparse type: an integer in [low, high], checked before anything loads."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text!r}")
+        return value
+    return parse
+
+
+def _prompt(text: str) -> str:
+    from .quality.metrics import check_text
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a non-empty text")
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+        return check_text(text, "the prompt")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _plot_path(text: str) -> Path:
+    """A plot file in an existing directory we can write to (never created for you)."""
+    path = Path(text).expanduser()
+    folder = path.parent
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name, e.g. "
+                                         f"{os.path.join(text, 'tune.png')!r}")
+    if not folder.is_dir():
+        what = "is not a directory" if folder.exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"directory {str(folder)!r} {what} (it is not created "
+                                         "for you)")
+    try:   # the one reliable test of write access (root, ACLs, read-only mounts)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write in directory {str(folder)!r}: "
+                                         f"{exc.strerror or exc}") from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise argparse.ArgumentTypeError("plotting needs matplotlib: pip install "
+                                         "'creative-sparse[plots]'")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise argparse.ArgumentTypeError(f"{text!r}: the file name must end in one of "
+                                         f"{', '.join('.' + f for f in sorted(formats))}")
+    return path
 
 
 def run_generate(args) -> None:
@@ -251,7 +312,7 @@ def run_tune(args) -> None:
             levels = sorted({row.s for row in result.table} | {round(result.s_star, 4)})
             held = sweep_sparsity(args.model, args.task, args.budget, split="held_out",
                                   levels=levels, **common)
-    plot = result.plot(args.plot or f"tune_{args.task}.png")
+    plot = result.plot(args.plot)
     held_plot = held.plot(plot.with_name(f"{plot.stem}_held_out{plot.suffix}")) if held else None
     if args.json:
         print(json.dumps(_no_nan({"s_star": result.s_star, "tune": result.to_dict(),
@@ -272,27 +333,39 @@ def run_tune(args) -> None:
               f"{held.s_star:.3f} ({held.method})")
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="creative-sparse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="sparse attention vs dense: accuracy and speed")
-    demo.add_argument("--length", type=int, default=4096)
-    demo.add_argument("--heads", type=int, default=9)
-    demo.add_argument("--head-dim", type=int, default=64)
+    demo.add_argument("--length", type=_integer(1, DEMO_MAX_LENGTH), default=4096,
+                      help=f"sequence length, at most {DEMO_MAX_LENGTH}")
+    demo.add_argument("--heads", type=_integer(1, DEMO_MAX_HEADS), default=9,
+                      help=f"at most {DEMO_MAX_HEADS}")
+    demo.add_argument("--head-dim", type=_integer(2, DEMO_MAX_HEAD_DIM), default=64,
+                      help=f"at most {DEMO_MAX_HEAD_DIM}; heads x length x head-dim at most "
+                           f"{DEMO_MAX_ELEMENTS} (2**26)")
     demo.add_argument("--no-model", action="store_true",
                       help="skip the SmolLM2 part (attention kernels only)")
     sub.add_parser("backends", help="list the attention backends available here")
     gen = sub.add_parser("generate", help="Creative-Sparse generation: diverge -> refine")
-    gen.add_argument("prompt")
-    gen.add_argument("--candidates", type=_count, default=5,
+    gen.add_argument("prompt", type=_prompt)
+    gen.add_argument("--candidates", type=_integer(1, MAX_CANDIDATES), default=5,
                      help="candidates returned (the diverge stage drafts candidates / "
-                     "keep_fraction of them and keeps this many, chosen as a set)")
+                     f"keep_fraction of them and keeps this many, chosen as a set); at most "
+                     f"{MAX_CANDIDATES}")
     gen.add_argument("--sparsity", type=_level, default=None,
                      help="divergence level s (overrides the schedule's first number)")
     gen.add_argument("--schedule", type=_schedule, default=(0.7, 0.3),
                      help="diverge,refine levels, e.g. 0.7,0.3")
-    gen.add_argument("--max-tokens", type=_count, default=120)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-tokens", type=_integer(1, MAX_NEW_TOKENS), default=120,
+                     help=f"new tokens per candidate, at most {MAX_NEW_TOKENS} and the model's "
+                          "context")
+    gen.add_argument("--seed", type=_integer(*SEED_RANGE), default=0,
+                     help="any integer torch accepts as a seed: [-2**63, 2**64 - 1]")
     gen.add_argument("--model", default="smollm2-135m")
     gen.add_argument("--json", action="store_true", help="machine-readable output")
     tune = sub.add_parser("tune", help="find the sparsity s* that maximises Q on a task")
@@ -301,43 +374,53 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--budget", type=float, default=1.0,
                       help="fraction of the reference cost (8 prompts x 6 samples x 7 levels x "
                            "64 tokens); default 1.0")
-    tune.add_argument("--plot", default=None, help="PNG path (default tune_<task>.png)")
+    tune.add_argument("--plot", type=_plot_path, default=None,
+                      help="PNG path (default tune_<task>.png) in an existing, writable "
+                           "directory")
     tune.add_argument("--held-out", action="store_true",
                       help="also measure the held-back prompts at the tuning levels and s*")
     tune.add_argument("--model", default="smollm2-135m")
-    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--seed", type=_integer(*SEED_RANGE), default=0,
+                      help="any integer torch accepts as a seed: [-2**63, 2**64 - 1]")
     tune.add_argument("--no-cache", action="store_true",
                       help="measure again and replace the cached answer")
     tune.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
+
+    if args.command == "demo" and args.heads * args.length * args.head_dim > DEMO_MAX_ELEMENTS:
+        parser.error(f"--heads x --length x --head-dim = {args.heads} x {args.length} x "
+                     f"{args.head_dim} = {args.heads * args.length * args.head_dim} is more than "
+                     f"{DEMO_MAX_ELEMENTS} (2**26) elements per tensor")
+    if args.command == "tune" and args.plot is None:
+        try:
+            args.plot = _plot_path(f"tune_{args.task}.png")
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --plot: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    if args.command == "demo":
-        if args.length < 1 or args.heads < 1 or args.head_dim < 2:
-            parser.error(f"--length and --heads must be >= 1 and --head-dim >= 2, got "
-                         f"{args.length}, {args.heads}, {args.head_dim}")
-        run_demo(args.length, args.heads, args.head_dim)
-        if not args.no_model:
-            run_creative_demo()
-    elif args.command == "generate":
-        try:
+    from .autotune import SweepFailedError
+
+    try:
+        if args.command == "demo":
+            run_demo(args.length, args.heads, args.head_dim)
+            if not args.no_model:
+                run_creative_demo()
+        elif args.command == "generate":
             run_generate(args)
-        except ValueError as exc:
-            parser.error(str(exc))
-    elif args.command == "tune":
-        from .autotune import SweepFailedError
-        try:
+        elif args.command == "tune":
             run_tune(args)
-        except ValueError as exc:
-            parser.error(str(exc))
-        except SweepFailedError as exc:
-            parser.exit(1, f"creative-sparse tune: {exc}\n")
-    elif args.command == "backends":
-        from .attention.dispatch import available_backends, select_backend
-        print("available on cpu:", ", ".join(available_backends("cpu")))
-        print("default on cpu:", select_backend("cpu"))
-        if torch.cuda.is_available():
-            print("available on cuda:", ", ".join(available_backends("cuda")))
+        elif args.command == "backends":
+            from .attention.dispatch import available_backends, select_backend
+            print("available on cpu:", ", ".join(available_backends("cpu")))
+            print("default on cpu:", select_backend("cpu"))
+            if torch.cuda.is_available():
+                print("available on cuda:", ", ".join(available_backends("cuda")))
+    except SweepFailedError as exc:
+        parser.exit(1, f"creative-sparse tune: {_one_line(exc)}\n")
+    except (ValueError, OSError, ImportError, MemoryError, RuntimeError) as exc:
+        # A bad value found late (a model name, the model's context), a file that cannot
+        # be written, a missing extra, no memory: one line, no traceback.
+        parser.error(_one_line(exc))
     return 0
 
 

@@ -6,12 +6,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..jsonfile import JsonFileError, read_json, write_text_atomic
 from .results import SweepResult
 
 logger = logging.getLogger("creative_sparse.autotune")
@@ -56,16 +55,31 @@ def _cache_file(cache_dir, task: str, split: str, key: Mapping[str, Any]) -> Pat
 
 
 def _read_cache(path: Path, key: Mapping[str, Any]) -> SweepResult | None:
+    """The cached result for ``key`` at ``path``, or None (absent, or another key).
+
+    The cache heals: a file that cannot be read or whose content is not a valid
+    result (wrong shape, types or ranges) is logged as a warning naming it and
+    treated as absent, so the sweep runs again and :func:`_write_cache` replaces it.
+    """
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("key") != json.loads(json.dumps(key)):
-            return None
-        return dataclasses.replace(SweepResult.from_dict(data["result"]), from_cache=True)
+        data = read_json(path)
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError) as err:
-        logger.warning("ignoring unreadable autotune cache %s (%s)", path, err)
+    except (JsonFileError, OSError) as err:
+        logger.warning("ignoring unreadable autotune cache %s (%s); measuring again", path, err)
         return None
+    if not isinstance(data, dict) or "key" not in data or "result" not in data:
+        logger.warning("ignoring autotune cache %s: expected an object with 'key' and 'result', "
+                       "got %.60r; measuring again", path, data)
+        return None
+    if data["key"] != json.loads(json.dumps(key)):
+        return None
+    try:
+        result = SweepResult.from_dict(data["result"])
+    except ValueError as err:
+        logger.warning("ignoring autotune cache %s: %s; measuring again", path, err)
+        return None
+    return dataclasses.replace(result, from_cache=True)
 
 
 # Measurements that ship with the library (scripts/ship_autotune_results.py) are keyed
@@ -80,29 +94,38 @@ def _read_shipped(key: Mapping[str, Any]) -> SweepResult | None:
               if k not in UNSTABLE_KEY_FIELDS}
     for path in sorted(_SHIPPED.glob("*.json")):
         try:
-            entries = json.loads(path.read_text(encoding="utf-8"))["entries"]
-        except (ValueError, KeyError) as err:
+            entries = read_json(path)["entries"]
+            if not isinstance(entries, list):
+                raise TypeError(f"entries is a {type(entries).__name__}, expected a list")
+        except (ValueError, OSError, KeyError, TypeError) as err:
             logger.warning("ignoring unreadable shipped autotune results %s (%s)", path, err)
             continue
-        for entry in entries:
-            if entry.get("key") == stable:
-                return dataclasses.replace(SweepResult.from_dict(entry["result"]),
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or entry.get("key") != stable:
+                continue
+            try:
+                return dataclasses.replace(SweepResult.from_dict(entry.get("result")),
                                            from_cache=True)
+            except ValueError as err:
+                logger.warning("ignoring shipped autotune result %s entries[%d]: %s", path, i,
+                               err)
     return None
 
 
 def _write_cache(path: Path, key: Mapping[str, Any], result: SweepResult) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"key": key, "result": result.to_dict()}, f)
-        os.chmod(tmp, 0o644)    # mkstemp makes it private; the cache is as shareable as its folder
-        os.replace(tmp, path)   # readers see the old file or the whole new one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Store ``result`` atomically (readers see the old file or the whole new one).
 
+    A cache that cannot be written (read-only, full, a directory in the file's
+    place) costs the next call a new sweep, not this one its result: warn, go on.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory")
+        write_text_atomic(path, json.dumps({"key": key, "result": result.to_dict()}))
+    except OSError as err:
+        logger.warning("could not write the autotune cache %s (%s); the result is not cached",
+                       path, err)
 
 
 def _version(package: str) -> str:

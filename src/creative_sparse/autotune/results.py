@@ -217,27 +217,104 @@ class SweepResult:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SweepResult":
-        """Inverse of :meth:`to_dict`."""
-        return _revive(cls, data)
+        """Inverse of :meth:`to_dict`, type- and range-checked: ``ValueError`` naming
+        the field, its value and what is allowed (a cache file may be damaged)."""
+        result = _revive(cls, data, "result")
+        _check_result(result)
+        return result
 
 
-def _revive(tp: Any, value: Any) -> Any:
-    """Rebuild a (nested, frozen) dataclass value from its ``asdict`` form."""
-    if value is None:
-        return None
+_METHODS = ("fit", "measured", "argmax")
+
+
+def _revive(tp: Any, value: Any, where: str) -> Any:
+    """Rebuild a (nested, frozen) dataclass value from its ``asdict`` form, checking
+    every value against its annotation (bools are only bools, ints not bools, a
+    fixed-length tuple has its length). ``where`` names the field in errors."""
     if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where} = {_short(value)}, expected an object ({tp.__name__})")
         hints = typing.get_type_hints(tp)
-        return tp(**{f.name: _revive(hints[f.name], value[f.name])
-                     for f in dataclasses.fields(tp) if f.name in value})
+        fields = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                fields[f.name] = _revive(hints[f.name], value[f.name], f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where}.{f.name} is missing")
+        try:
+            return tp(**fields)
+        except (TypeError, ValueError) as err:   # the dataclass's own checks
+            raise ValueError(f"{where}: {err}") from None
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
-        return _revive(inner[0], value) if len(inner) == 1 else value
+        return _revive(inner[0], value, where) if len(inner) == 1 else value
     if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} = {_short(value)}, expected a list")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_revive(args[0], v) for v in value)
-        return tuple(_revive(a, v) for a, v in zip(args, value))
+            return tuple(_revive(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{where} = {_short(value)}, expected a list of {len(args)}")
+        return tuple(_revive(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if tp is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{where} = {_short(value)}, expected a number")
         return float(value)
+    if tp in (int, bool, str):
+        if type(value) is not tp:
+            raise ValueError(f"{where} = {_short(value)}, expected a JSON "
+                             f"{ {int: 'integer', bool: 'boolean', str: 'string'}[tp]}")
+        return value
     return value
 
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_result(r: SweepResult) -> None:
+    """The ranges a consumer of a :class:`SweepResult` relies on (``ValueError``)."""
+    def unit(name: str, value: float) -> None:
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"result.{name} = {value!r}, expected a finite number in [0, 1]")
+
+    unit("s_star", r.s_star)
+    unit("s_star_measured", r.s_star_measured)
+    if r.s_star_ci is not None:
+        unit("s_star_ci[0]", r.s_star_ci[0])
+        unit("s_star_ci[1]", r.s_star_ci[1])
+        if r.s_star_ci[0] > r.s_star_ci[1]:
+            raise ValueError(f"result.s_star_ci = {r.s_star_ci}, expected lo <= hi")
+    if r.method not in _METHODS:
+        raise ValueError(f"result.method = {r.method!r}, expected one of {', '.join(_METHODS)}")
+    if not (math.isfinite(r.runtime_s) and r.runtime_s >= 0):
+        raise ValueError(f"result.runtime_s = {r.runtime_s!r}, expected a finite number >= 0")
+    plan = r.plan
+    for name in ("prompts", "samples", "levels", "coarse", "max_new_tokens"):
+        if getattr(plan, name) < 1:
+            raise ValueError(f"result.plan.{name} = {getattr(plan, name)!r}, expected >= 1")
+    if not (math.isfinite(plan.budget) and plan.budget > 0):
+        raise ValueError(f"result.plan.budget = {plan.budget!r}, expected a finite number > 0")
+    m = r.measurements
+    if not m.levels:
+        raise ValueError("result.measurements.levels is empty")
+    for i, s in enumerate(m.levels):
+        unit(f"measurements.levels[{i}]", s)
+    for name, low in (("novelty", -math.inf), ("diversity", -math.inf),
+                      ("incoherence", -math.inf), ("violations", 0.0)):
+        rows = getattr(m, name)
+        if not rows or any(len(row) != len(m.levels) for row in rows):
+            raise ValueError(f"result.measurements.{name} must be [prompts][{len(m.levels)} "
+                             f"levels], got {[len(row) for row in rows]} levels per prompt")
+        allowed = "a finite number" + ("" if low == -math.inf else f" >= {low:g}")
+        for i, row in enumerate(rows):
+            for g, v in enumerate(row):   # NaN marks a failed point
+                if not math.isnan(v) and not (math.isfinite(v) and v >= low):
+                    raise ValueError(f"result.measurements.{name}[{i}][{g}] = {v!r}, expected "
+                                     f"NaN (a failed point) or {allowed}")
+    if r.fit is not None:
+        unit("fit.s_star", r.fit.s_star)

@@ -1,4 +1,7 @@
-"""Constraint-aware decoding (the refine stage) and validators.
+"""Constraint-aware decoding and validators.
+
+The wrapper applies :class:`BannedPhrases` to the drafts too (they open the final
+texts); the other constraints steer the refine stage.
 
 Decoding-time constraints are logit processors for :func:`~creative_sparse.generation.engine.generate`
 (``logit_processor=``), applied before temperature:
@@ -34,6 +37,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..quality.metrics import check_text
 from .validators import abc_notation, python_syntax, regex_validator
 
 __all__ = ["BannedPhrases", "ConstraintSet", "MinLength", "RequiredKeywords", "ValidatorGuard",
@@ -74,6 +78,8 @@ class BannedPhrases:
         if isinstance(phrases, str) or not all(isinstance(p, str) and p.strip()
                                                for p in phrases):
             raise ValueError(f"phrases must be a list of non-empty strings, got {phrases!r}")
+        for i, phrase in enumerate(phrases):
+            check_text(phrase, f"banned phrase {i}")
         self.phrases = list(phrases)
         self.tokenizer = tokenizer
         self.sequences = [s for p in phrases for s in _token_sequences(tokenizer, p)]
@@ -118,6 +124,8 @@ class RequiredKeywords:
         if isinstance(keywords, str) or not all(isinstance(k, str) and k.strip()
                                                 for k in keywords):
             raise ValueError(f"keywords must be a list of non-empty strings, got {keywords!r}")
+        for i, keyword in enumerate(keywords):
+            check_text(keyword, f"required keyword {i}")
         if budget < 1 or not 0.0 <= steer_from <= 1.0:
             raise ValueError(f"budget must be >= 1 and steer_from in [0, 1], got {budget}, "
                              f"{steer_from}")

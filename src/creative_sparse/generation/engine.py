@@ -29,6 +29,7 @@ from torch import Tensor
 from ..models.fast_linear import fast_linears
 from ..models.kv_cache import CachePositions, cache_bytes, cache_kwargs, prefill, prune_cache
 from ..models.transformers import AttentionKnobs, set_knobs, sparsity
+from ..quality.metrics import check_text
 from .knobs import SamplingParams, sample
 
 __all__ = ["DecodeState", "GenerationResult", "GenerationStats", "StepKnobs", "generate"]
@@ -187,7 +188,10 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
             Default: plain sampling at T = 1, dense attention. Attention knobs with
             ``noise > 0`` get each row's seed as its sub-network seed.
         seeds: one int per row: its sampling generator and sub-network seed. Same
-            seeds, same outputs. Default ``0 .. num_rows-1``.
+            seeds, same outputs. Default ``0 .. num_rows-1``. Any int: torch takes
+            seeds in [-2**63, 2**64 - 1], and a seed outside is taken modulo 2**64
+            (inside, that is what torch does with a negative seed), so derived seeds
+            such as ``seed * 1000 + i`` never overflow.
         stop_strings: a row ends when its text contains one (the text is cut there).
         logit_processor: ``(step, generated ids per running row, logits) -> logits``
             (the ids of a row resumed from a :class:`DecodeState` start with its history),
@@ -218,7 +222,7 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty; give at least one character")
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            ids = tokenizer(check_text(prompt, "prompt"), return_tensors="pt").input_ids
         else:
             ids = prompt
         ids = ids.to(model.device)
@@ -250,7 +254,7 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
 
     start = time.perf_counter()
     eos = _eos_ids(model, tokenizer)
-    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    generators = [torch.Generator(device="cpu").manual_seed(s % 2**64) for s in seeds]
     alive = list(range(num_rows))                  # original row index of each batch row
     generated: list[list[int]] = [[] for _ in range(num_rows)]
     prior = resume.history if resume is not None and resume.history else [[]] * num_rows

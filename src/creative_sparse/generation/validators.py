@@ -17,6 +17,9 @@ violations are prevented instead of only counted.
   header, a body of notes with bar lines, balanced brackets). Prefix: the text
   must start with ``X:``, header lines are ``<letter>:``, ``K:`` comes after
   ``T:``, a finished body line has notes and a bar line, brackets close in order.
+* :func:`banned_phrases`: how often any of the phrases occurs as a word or words
+  (case-insensitive) anywhere in the text; the decoding side is
+  :class:`~creative_sparse.generation.constraints.BannedPhrases`.
 * :func:`regex_validator`: 0 if the whole (stripped) text matches. Prefix: the
   `regex <https://pypi.org/project/regex/>`_ library's partial matching says
   whether some continuation can still match, so the regex is enforced token by
@@ -38,7 +41,7 @@ import warnings
 
 import regex
 
-__all__ = ["abc_notation", "python_syntax", "regex_validator"]
+__all__ = ["abc_notation", "banned_phrases", "python_syntax", "regex_validator"]
 
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
 
@@ -212,3 +215,37 @@ def regex_validator(pattern: str, flags: int = 0) -> _RegexValidator:
         (0, 1, False, True)
     """
     return _RegexValidator(pattern, flags)
+
+
+class _BannedPhrases:
+    def __init__(self, phrases):
+        if isinstance(phrases, str) or not all(isinstance(p, str) and p.strip() for p in phrases):
+            raise ValueError(f"phrases must be a list of non-empty strings, got {phrases!r}")
+        # A phrase counts where it is a whole word (or words): not inside another word.
+        # "[^\\W_]" is a letter or digit, the same test as BannedPhrases.rejects (isalnum).
+        parts = [("(?<![^\\W_])" if p.strip()[0].isalnum() else "") + re.escape(p.strip())
+                 + ("(?![^\\W_])" if p.strip()[-1].isalnum() else "") for p in phrases]
+        self.pattern = re.compile("|".join(parts), re.IGNORECASE) if parts else None
+        self.phrases = list(phrases)
+        self.__name__ = f"banned_phrases({', '.join(map(repr, self.phrases))})"
+
+    def __call__(self, text: str) -> int:
+        """Occurrences of the banned phrases in ``text`` (whole words, any case)."""
+        return len(self.pattern.findall(text)) if self.pattern is not None else 0
+
+
+def banned_phrases(phrases) -> _BannedPhrases:
+    """A validator: the number of times any of ``phrases`` occurs in the text, as a
+    whole word or words and in any case ("Robot" counts for "robot", "robots" and
+    "carrobot" do not).
+
+    Counted over the whole finished text, wherever a phrase came from: the decoding
+    constraint keeps phrases out of the drafts and the refinement, this counts what
+    got through anyway (e.g. a draft passed in from elsewhere).
+
+    Example:
+        >>> count = banned_phrases(["robot", "paint brush"])
+        >>> count("The Robot held a paint brush. A robot's paint brushes; robots.")
+        3
+    """
+    return _BannedPhrases(phrases)

@@ -7,12 +7,14 @@
 2. **Diverge**: ``num_candidates / keep_fraction`` short drafts (``draft_fraction``
    of the length budget) in one batch at the divergence level: temperature,
    nucleus, attention key budget, MoE experts and kernel thresholds all from the
-   controller, and a different sub-network seed per draft.
+   controller, and a different sub-network seed per draft. Banned phrases are
+   enforced here already: a draft is part of the final text.
 3. **Select** ``num_candidates`` drafts as a set, for Q and mutual diversity
    together (`QualityFunctional.select`), not the top drafts by their own Q.
 4. **Refine**: continue each chosen draft to the length budget at the refinement
    level, under the constraints (banned phrases, required keywords, minimum
-   length, validators: enforced while decoding, and counted as violations).
+   length, validators: enforced while decoding, and counted as violations; a
+   banned phrase anywhere in the final text, draft included, is a violation).
 5. **Rank** the finished candidates by Q given the prompt (novelty and diversity
    as far as on task, incoherence with degeneration and violations; a candidate
    with a violation after every one without) and return the best, or all
@@ -43,8 +45,10 @@ from ..control import SparsityController, check_level
 from ..models.moe import find_routers
 from ..models.transformers import AttentionKnobs
 from ..quality import LikelihoodScorer, OutputQuality, QualityFunctional
+from ..quality.metrics import check_text
 from .constraints import (BannedPhrases, ConstraintSet, MinLength, RequiredKeywords,
                           ValidatorGuard, abc_notation, python_syntax, regex_validator)
+from .validators import banned_phrases
 from .engine import GenerationStats, generate
 from .knobs import SamplingParams
 
@@ -95,6 +99,8 @@ def build_constraints(tokenizer, spec: Mapping[str, Any] | ConstraintSet | None,
     ``validators`` (``"python"``, ``"abc"``, ``"regex:<pattern>"`` or callables):
     counted as violations in the finished texts, and enforced while decoding
     when they can judge a prefix (ours can; see :class:`ValidatorGuard`).
+    Banned phrases are both: masked while decoding (:class:`BannedPhrases`) and
+    counted in the finished texts (:func:`~creative_sparse.generation.validators.banned_phrases`).
     """
     if spec is None:
         return ConstraintSet()
@@ -110,6 +116,7 @@ def build_constraints(tokenizer, spec: Mapping[str, Any] | ConstraintSet | None,
     processors, validators = [], []
     if spec.get("banned"):
         processors.append(BannedPhrases(tokenizer, spec["banned"]))
+        validators.append(banned_phrases(spec["banned"]))
     if spec.get("required"):
         processors.append(RequiredKeywords(tokenizer, spec["required"], budget))
     if spec.get("min_tokens"):
@@ -196,9 +203,13 @@ class CreativeSparseWrapper:
 
     # ------------------------------------------------------------ helpers
     def prompt_ids(self, prompt: str) -> torch.Tensor:
-        """``[1, L]`` ids: the chat template for chat models, the raw prompt otherwise."""
+        """``[1, L]`` ids: the chat template for chat models, the raw prompt otherwise.
+
+        ``ValueError`` for an empty prompt or one that is not valid Unicode (a lone
+        surrogate such as ``"\\ud800"``: refused, not replaced; see `check_text`)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+        check_text(prompt, "prompt")
         if getattr(self.tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": prompt}]
             return self.tokenizer.apply_chat_template(
@@ -240,11 +251,15 @@ class CreativeSparseWrapper:
         num_drafts = max(num_candidates, math.ceil(num_candidates / self.keep_fraction - 1e-9))
 
         # Row 0 is the reference (greedy, exact attention), decoded in the same batch
-        # as the drafts (rows 1..N), so it costs a row, not a pass of its own.
+        # as the drafts (rows 1..N), so it costs a row, not a pass of its own. The
+        # drafts open the final texts, so banned phrases are kept out of them already;
+        # the other constraints are about the whole answer and steer the refinement.
         seeds = [seed * 1000 + i for i in range(num_drafts)]
+        banned = [p for p in constraint_set.processors if isinstance(p, BannedPhrases)]
         batch = generate(model, tok, ids, num_rows=num_drafts + 1, max_new_tokens=draft_len,
                          schedule=self.knobs(diverge, [seed * 1000 - 1] + seeds),
-                         seeds=[seed * 1000 - 1] + seeds, keep_state=True, reference_rows=[0])
+                         seeds=[seed * 1000 - 1] + seeds, keep_state=True, reference_rows=[0],
+                         logit_processor=ConstraintSet(banned) if banned else None)
         reference_text = batch.texts[0]
         drafts = _without_first_row(batch)
         ref_texts = [reference_text or " "]

@@ -28,12 +28,13 @@ from typing import Any, Mapping
 
 import torch
 
-from ..attention.blockmap import check_selection, per_head_param
+from ..attention.blockmap import SELECTIONS, check_selection, per_head_param
+from ..jsonfile import read_json, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DENSE_PVTHRESHD", "FAMILIES", "FORMAT_VERSION", "LayerThresholds", "SparseParams",
-           "attention_layers", "check_target", "detect_family"]
+__all__ = ["DENSE_PVTHRESHD", "FAMILIES", "FORMAT_VERSION", "MAX_BLOCK_SIZE", "LayerThresholds",
+           "SparseParams", "attention_layers", "check_block_size", "check_target", "detect_family"]
 
 FORMAT = "creative-sparse/diffusers-thresholds"
 FORMAT_VERSION = 1
@@ -51,6 +52,7 @@ FAMILIES: Mapping[str, tuple[tuple[str, ...], str]] = MappingProxyType({
 })
 
 DENSE_PVTHRESHD = 50.0  # 2**-50: a PV-skip threshold that skips nothing measurable
+MAX_BLOCK_SIZE = 4096   # far above any kernel's tile (64-128); a larger value is a typo
 
 
 def _require_diffusers():
@@ -65,6 +67,13 @@ def _require_diffusers():
 def _library_version() -> str:
     from .. import __version__
     return __version__
+
+
+def check_block_size(value: int, name: str) -> int:
+    """Validate a prediction block size: an int in [1, MAX_BLOCK_SIZE] (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BLOCK_SIZE:
+        raise ValueError(f"{name} must be an int in [1, {MAX_BLOCK_SIZE}], got {value!r}")
+    return value
 
 
 def check_target(value: float, name: str) -> float:
@@ -219,9 +228,10 @@ class SparseParams:
             if getattr(self, name) is not None:
                 check_target(getattr(self, name), name)
         for name in ("block_q", "block_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SparseParams.{name} must be a positive int, got {value!r}")
+            check_block_size(getattr(self, name), f"SparseParams.{name}")
+        if not isinstance(self.attention_sink, bool):
+            raise ValueError(f"SparseParams.attention_sink must be a bool, got "
+                             f"{self.attention_sink!r}")
         check_selection(self.selection)
         if not self.layers:
             raise ValueError("SparseParams: no layers")
@@ -324,33 +334,44 @@ class SparseParams:
         # one line per per-head list keeps a 57-layer x 24-head file readable
         text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m[1].split()) + "]",
                       text)
-        path.write_text(text + "\n")
+        # Atomic: a failed save leaves the previous file whole, never half of either.
+        mode = path.stat().st_mode & 0o777 if path.is_file() else 0o644
+        write_text_atomic(path, text + "\n", mode=mode)
         return path
 
     @classmethod
     def from_json(cls, data: Mapping, *, source: str = "<dict>") -> "SparseParams":
+        """Parameters from the JSON form of :meth:`to_json`, every field type- and
+        range-checked: ``ValueError`` naming ``source``, the field, its value and
+        what is allowed."""
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
             raise ValueError(f"{source} is not a creative-sparse diffusers threshold file")
-        if data.get("format_version") != FORMAT_VERSION:
+        version = data.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:
             raise ValueError(f"{source} has format version {data.get('format_version')!r}; this "
                              f"creative-sparse reads version {FORMAT_VERSION}; re-tune")
-        theirs, ours = str(data.get("library_version", "")), _library_version()
+        field_ = _FieldReader(data, source)
+        theirs, ours = field_.text("library_version"), _library_version()
         if theirs.split(".")[:2] != ours.split(".")[:2]:
             raise ValueError(f"{source} was tuned with creative-sparse {theirs}; this is {ours} "
                              f"and the block prediction may differ between minor versions; re-tune")
-        try:
-            layers = {name: LayerThresholds(**values) for name, values in data["layers"].items()}
-            targets = data.get("targets", {})
-            return cls(family=data["family"], model_class=data["model_class"],
-                       fingerprint=data["fingerprint"], layers=layers,
-                       model_name=data.get("model_name", ""), l1=targets.get("l1"),
-                       pv_l1=targets.get("pv_l1"), block_q=data["block_q"],
-                       block_k=data["block_k"], attention_sink=bool(data["attention_sink"]),
-                       report=data.get("report", {}), library_version=theirs,
-                       diffusers_version=data.get("diffusers_version", ""),
-                       selection=data.get("selection", "mass"))
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{source}: malformed threshold file ({err!r})") from None
+        targets = field_.mapping("targets", optional=True)
+        layers = field_.mapping("layers")
+        if not layers:
+            field_.fail("layers", layers, "an object of layer name -> thresholds, not empty")
+        return cls(family=field_.choice("family", tuple(FAMILIES)),
+                   model_class=field_.text("model_class"),
+                   fingerprint=field_.text("fingerprint"),
+                   layers={name: field_.layer(name, values) for name, values in layers.items()},
+                   model_name=field_.text("model_name", optional=True),
+                   l1=field_.target("targets.l1", targets.get("l1")),
+                   pv_l1=field_.target("targets.pv_l1", targets.get("pv_l1")),
+                   block_q=field_.block_size("block_q"), block_k=field_.block_size("block_k"),
+                   attention_sink=field_.flag("attention_sink"),
+                   report=field_.report(), library_version=theirs,
+                   diffusers_version=field_.text("diffusers_version", optional=True),
+                   # files written before the field existed were tuned for "mass"
+                   selection=field_.choice("selection", SELECTIONS, default="mass"))
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> "SparseParams":
@@ -369,11 +390,104 @@ class SparseParams:
                                  "dict of per-head tensors); pass the model they are for: "
                                  "SparseParams.load(path, model)")
             return load_sparge_params(path, model)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        data = read_json(path)   # ValueError naming the file: a directory, binary, not JSON
         params = cls.from_json(data, source=str(path))
         if model is not None:
             params.check_model(model)
         return params
+
+
+# cdfthreshd first: its length is the head count the other two are held to.
+_LAYER_FIELDS = {"cdfthreshd": ("(0, 1]", lambda x: 0.0 < x <= 1.0),
+                 "simthreshd1": ("[-1, 1]", lambda x: -1.0 <= x <= 1.0),
+                 "pvthreshd": ("(0, inf)", lambda x: 0.0 < x)}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+class _FieldReader:
+    """Reads one field of a threshold file at a time; every error names the file,
+    the field, the value and what is allowed (the file is the user's: never fixed up)."""
+
+    def __init__(self, data: Mapping, source: str):
+        self.data, self.source = data, source
+
+    def fail(self, name: str, value: Any, allowed: str):
+        text = repr(value)
+        text = text if len(text) <= 80 else text[:77] + "..."
+        raise ValueError(f"{self.source}: field {name} = {text} is not allowed; expected {allowed}")
+
+    def get(self, name: str, optional: bool, default: Any) -> Any:
+        if name not in self.data:
+            if optional:
+                return default
+            raise ValueError(f"{self.source}: field {name} is missing")
+        return self.data[name]
+
+    def text(self, name: str, optional: bool = False) -> str:
+        value = self.get(name, optional, "")
+        if not isinstance(value, str) or (not optional and not value):
+            self.fail(name, value, "a string" if optional else "a non-empty string")
+        return value
+
+    def choice(self, name: str, allowed: tuple[str, ...], default: str | None = None) -> str:
+        value = self.get(name, default is not None, default)
+        if value not in allowed or not isinstance(value, str):
+            self.fail(name, value, "one of " + ", ".join(allowed))
+        return value
+
+    def mapping(self, name: str, optional: bool = False) -> Mapping:
+        value = self.get(name, optional, {})
+        if not isinstance(value, Mapping):
+            self.fail(name, value, "a JSON object")
+        return value
+
+    def flag(self, name: str) -> bool:
+        value = self.get(name, False, None)
+        if not isinstance(value, bool):
+            self.fail(name, value, "true or false (a JSON boolean, not a string or number)")
+        return value
+
+    def block_size(self, name: str) -> int:
+        value = self.get(name, False, None)
+        try:
+            return check_block_size(value, name)
+        except ValueError:
+            self.fail(name, value, f"an integer in [1, {MAX_BLOCK_SIZE}]")
+
+    def target(self, name: str, value: Any) -> float | None:
+        if value is not None and not (_is_number(value) and 0.0 < value < 1.0):
+            self.fail(name, value, "null or a relative L1 error in (0, 1)")
+        return value
+
+    def layer(self, name: Any, values: Any) -> LayerThresholds:
+        where = f"layers[{name!r}]"
+        if not isinstance(name, str) or not name:
+            self.fail("layers", name, "layer names that are non-empty strings")
+        if not isinstance(values, Mapping) or set(values) != set(_LAYER_FIELDS):
+            self.fail(where, values, "an object with exactly " + ", ".join(_LAYER_FIELDS))
+        heads = values["cdfthreshd"]
+        heads = len(heads) if isinstance(heads, list) else 0
+        for key, (interval, ok) in _LAYER_FIELDS.items():
+            per_head = values[key]
+            if not isinstance(per_head, list) or not per_head or len(per_head) != heads:
+                self.fail(f"{where}.{key}", per_head, "a non-empty list of one number per head"
+                          + (f" ({heads}, as in cdfthreshd)" if key != "cdfthreshd" else ""))
+            for i, x in enumerate(per_head):
+                if not _is_number(x) or not ok(x):
+                    self.fail(f"{where}.{key}[{i}]", x, f"a finite number in {interval}")
+        return LayerThresholds(**{key: tuple(values[key]) for key in _LAYER_FIELDS})
+
+    def report(self) -> Mapping:
+        report = self.mapping("report", optional=True)
+        for name, entry in report.items():
+            if not isinstance(entry, Mapping):
+                self.fail(f"report[{name!r}]", entry, "an object (the layer's tuning report)")
+            if "sparsity" in entry and not (_is_number(entry["sparsity"])
+                                            and 0.0 <= entry["sparsity"] <= 1.0):
+                self.fail(f"report[{name!r}].sparsity", entry["sparsity"],
+                          "a finite number in [0, 1]")
+        return report

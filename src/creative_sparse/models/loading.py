@@ -221,8 +221,9 @@ def _load_gguf_cached(path: Path, dtype: torch.dtype, device: torch.device) -> t
             model, tokenizer = _from_pretrained(entry, dtype, torch.device("cpu"), local_files_only=True)
             return model.to(device), tokenizer
         except (OSError, ValueError, RuntimeError) as err:
-            # verify_cache checked sizes and headers, not every byte: a damaged
-            # JSON or tensor shows up here. Rebuild once; a second failure is real.
+            # cached_model_dir checked every file against its sha256; what still
+            # fails here was written that way (e.g. by another transformers).
+            # Rebuild once; a second failure is real.
             if attempt:
                 raise
             logger.warning("Cached model %s failed to load (%s); rebuilding it", entry, err)

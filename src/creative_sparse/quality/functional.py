@@ -259,6 +259,7 @@ class QualityFunctional:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str or None, got {type(prompt).__name__}: "
                              f"{prompt!r:.60}")
+        metrics.check_text(prompt, "prompt")
         return prompt if prompt.strip() else None
 
     # ------------------------------------------------------------ terms (overridable)

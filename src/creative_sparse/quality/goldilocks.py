@@ -433,7 +433,8 @@ def bootstrap_fit(s: Sequence[float], novelty, diversity, incoherence,
         s: levels ``[G]``.
         novelty, diversity, incoherence: per-prompt means ``[P, G]`` (NaN where a
             measurement failed).
-        n_boot: resamples; level: interval coverage; seed: the generator's seed.
+        n_boot: resamples; level: interval coverage; seed: the generator's seed (any
+            int; taken modulo 2**64).
         refit: also refit the model on each resample (for ``s_star_fit``).
     """
     if not 0 < level < 1:
@@ -448,7 +449,7 @@ def bootstrap_fit(s: Sequence[float], novelty, diversity, incoherence,
                          f"{curves.shape[1:]}")
     w = weights
     coef = np.array([w.alpha, w.beta, -w.gamma])
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(int(seed) % 2**64)   # numpy refuses negative seeds
     n_prompts = curves.shape[1]
     means = np.empty((n_boot, 4, s.size))
     stars_fit, stars_meas, bad = [], [], 0

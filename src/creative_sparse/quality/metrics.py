@@ -54,6 +54,7 @@ __all__ = [
     "NLL_SCALE",
     "VIOLATION_WEIGHT",
     "Validator",
+    "check_text",
     "check_texts",
     "compression_diversity",
     "count_violations",
@@ -95,11 +96,41 @@ Validator = Callable[[str], "int | float | bool"]
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
+def check_text(text: object, name: str = "text") -> str:
+    """Validate one string: a ``str`` that is valid Unicode (encodable as UTF-8).
+
+    A lone surrogate (``"\\ud800"``: half of a UTF-16 pair, or a byte that
+    ``errors="surrogateescape"`` could not decode) cannot be tokenized; the
+    tokenizers library would raise a ``TypeError`` that does not say why. It is
+    refused, not replaced: silently changing a user's text would change the answer.
+
+    Example:
+        >>> check_text("caf\u00e9")
+        'café'
+        >>> check_text("a\\ud800b", "prompt")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: prompt is not valid Unicode: it holds a lone surrogate U+D800 at index 1 ...
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be a str, got {type(text).__name__}: {text!r:.60}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(
+                f"{name} is not valid Unicode: it holds a lone surrogate "
+                f"U+{ord(text[err.start]):04X} at index {err.start} (half of a UTF-16 pair, or "
+                "an undecodable byte); decode the source as UTF-8 or drop the character, e.g. "
+                "text.encode('utf-8', 'replace').decode()") from None
+    return text
+
+
 def check_texts(texts: object, name: str = "outputs") -> list[str]:
     """Validate a list of strings and return it as a list.
 
-    Raises ``ValueError`` naming the argument for a bare string, a non-sequence or a
-    non-string item. An empty list is allowed (callers decide what it means).
+    Raises ``ValueError`` naming the argument for a bare string, a non-sequence or an
+    item that fails `check_text`. An empty list is allowed (callers decide what it means).
 
     Example:
         >>> check_texts(("a", "b"))
@@ -109,9 +140,7 @@ def check_texts(texts: object, name: str = "outputs") -> list[str]:
         raise ValueError(
             f"{name} must be a list of strings, got {type(texts).__name__}: {texts!r:.60}")
     for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise ValueError(
-                f"{name}[{i}] must be a str, got {type(t).__name__}: {t!r:.60}")
+        check_text(t, f"{name}[{i}]")
     return list(texts)
 
 
