@@ -243,3 +243,26 @@ def test_module_errors():
     with pytest.raises(ValueError, match=r"'other\.cdfthreshd' belongs to no"):
         load_sparse_attention_state_dict(holder, {"other.cdfthreshd": torch.ones(2)})
     assert holder.inner.cdfthreshd is None          # nothing was loaded by a failed call
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "directory", "flipped"])
+def test_a_damaged_pt_file_is_an_error_naming_it(cogvideo, tmp_path, damage):
+    """The corruption matrix for the original's format: never a wrong result."""
+    path = tmp_path / "damaged.pt"
+    data = FIXTURE.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "directory":
+        path.mkdir()
+    else:                      # bytes flipped inside the zip: its CRC catches them
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64])
+                         + data[middle + 64:])
+    try:
+        params = SparseParams.load(path, cogvideo)
+    except ValueError as err:
+        assert "damaged.pt" in str(err)
+    else:                      # a flip that torch cannot notice must leave the values intact
+        assert params.layers == SparseParams.load(FIXTURE, cogvideo).layers

@@ -77,7 +77,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError,
             AttributeError, ValueError, TypeError) as err:
         raise ValueError(f"{path} is not a readable torch state dict of SpargeAttn tuned "
-                         f"parameters: {str(err).splitlines()[0][:200]}") from None
+                         f"parameters: {(str(err).splitlines() or [repr(err)])[0][:200]}"
+                         ) from None
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), "
                          f"got {type(data).__name__}")
