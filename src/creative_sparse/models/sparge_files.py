@@ -74,7 +74,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
                          "torch state dict)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError,
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError,
             AttributeError, ValueError, TypeError) as err:
         raise ValueError(f"{path} is not a readable torch state dict of SpargeAttn tuned "
                          f"parameters: {(str(err).splitlines() or [repr(err)])[0][:200]}"
