@@ -251,18 +251,27 @@ class CreativeSparse:
     def name(self) -> str:
         return f"CreativeSparse{tuple(self.schedule)}"
 
-    def generate(self, model, tokenizer, prompt, *, num_candidates: int = 5,
-                 max_new_tokens: int = 120, seed: int = 0) -> StrategyResult:
-        wrapper = self._wrappers.get(id(model))
-        if wrapper is None:
-            wrapper = self._wrappers[id(model)] = CreativeSparseWrapper(
+    def wrapper(self, model, tokenizer) -> CreativeSparseWrapper:
+        """The wrapper this strategy uses for ``model`` (built once: its quality
+        functional loads an embedder); callers may score with its ``quality``."""
+        if id(model) not in self._wrappers:
+            self._wrappers[id(model)] = CreativeSparseWrapper(
                 model=model, tokenizer=tokenizer, sparsity_schedule=self.schedule,
                 sparsity_config=self.config)
+        return self._wrappers[id(model)]
+
+    def generate(self, model, tokenizer, prompt, *, num_candidates: int = 5,
+                 max_new_tokens: int = 120, seed: int = 0,
+                 sparsity_level: float | None = None) -> StrategyResult:
+        """As :meth:`CreativeSparseWrapper.generate_candidates`; ``sparsity_level``
+        replaces the diverge level of ``schedule`` (refine = min(refine, diverge))."""
+        wrapper = self.wrapper(model, tokenizer)
         if isinstance(prompt, torch.Tensor):
             prompt = tokenizer.decode(prompt[0], skip_special_tokens=True)
         start = time.perf_counter()
         result = wrapper.generate_candidates(prompt, max_length=max_new_tokens,
-                                             num_candidates=num_candidates, seed=seed)
+                                             num_candidates=num_candidates, seed=seed,
+                                             sparsity_level=sparsity_level)
         parts = [result.diverge_stats] + list(result.refine_stats)
         stats = replace(parts[0], generated_tokens=sum(p.generated_tokens for p in parts),
                         steps=sum(p.steps for p in parts),

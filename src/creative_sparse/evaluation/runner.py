@@ -1,0 +1,386 @@
+"""The evaluation runner: tasks x methods x settings x seeds, every unit scored and costed.
+
+A *unit* is one method at one setting of its knob, on one prompt, with one seed: it
+makes ``num_outputs`` outputs and appends one record to the results file
+(:mod:`creative_sparse.evaluation.records`), flushed before the next unit starts. A
+run that is killed resumes where it stopped: units already in the file are skipped,
+so the finished file equals an uninterrupted run's (wall times aside).
+
+Methods (:data:`METHODS`), each swept over its own knob with the same number of
+settings, so that every method gets the same tuning budget and is judged as a
+frontier, not at one operating point:
+
+=================  ==============  ==============================================
+id                 knob            strategy
+=================  ==============  ==============================================
+``top_p``          temperature     :class:`~creative_sparse.generation.strategies.DenseTopP` (top-p 0.9)
+``min_p``          temperature     :class:`~creative_sparse.generation.strategies.MinP` (min-p 0.1)
+``fixed``          level s         :class:`~creative_sparse.generation.strategies.Fixed`
+``progressive``    level s         :class:`~creative_sparse.generation.strategies.Progressive` (s -> s/2)
+``adaptive``       level s         :class:`~creative_sparse.generation.strategies.Adaptive` (base s)
+``moe_only``       level s         :class:`~creative_sparse.generation.strategies.MoEOnly`
+``creative_sparse`` level s        :class:`~creative_sparse.generation.strategies.CreativeSparse` (diverge s)
+=================  ==============  ==============================================
+
+Per output the record holds Q and its terms given the prompt (novelty against the
+dense greedy answer, diversity within the unit's outputs, both as Q uses them, i.e.
+multiplied by relevance, and raw), the NLL per token under the dense model given the
+prompt, the repeated-trigram rate, validator violations, for code whether the task's
+tests pass (run in a subprocess with a time limit, in a temporary directory, with
+sockets disabled) and where a validator applies whether the output is valid. Per set:
+mean pairwise embedding distance, distinct answers, pass@k and pass rate, valid rate.
+Cost: FLOPs (attention actually computed included), wall time, peak KV-cache bytes,
+tokens.
+
+Under ``torchrun`` (``torch.distributed``, gloo on CPU) each rank takes every
+``world``-th unit and writes its own shard ``<out>.rank<r>.jsonl``; rank 0 merges the
+shards into ``<out>`` once all ranks are done. The same command runs unchanged on
+one process, a multi-core machine or a multi-GPU node.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from .records import FORMAT, FORMAT_VERSION, ResultsWriter, merge_shards, read_results, unit_id
+from .tasks import load_task, list_tasks
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "Method", "Unit", "evaluate", "plan_units", "run_code_tests"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method of the comparison: its knob and the default settings swept."""
+
+    id: str
+    knob: str
+    settings: tuple[float, ...]
+    label: str
+
+
+METHODS: Mapping[str, Method] = {m.id: m for m in (
+    Method("top_p", "temperature", (0.7, 1.0, 1.3), "Dense top-p"),
+    Method("min_p", "temperature", (0.7, 1.0, 1.5), "Min-p"),
+    Method("fixed", "level", (0.3, 0.6, 0.9), "Fixed Sparse"),
+    Method("progressive", "level", (0.3, 0.6, 0.9), "Progressive"),
+    Method("adaptive", "level", (0.3, 0.6, 0.9), "Adaptive"),
+    Method("moe_only", "level", (0.3, 0.6, 0.9), "MoE-Only"),
+    Method("creative_sparse", "level", (0.3, 0.6, 0.9), "Creative-Sparse"),
+)}
+
+
+@dataclass(frozen=True)
+class Unit:
+    task: str
+    prompt_index: int
+    prompt: str
+    method: str
+    setting: float
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return unit_id(self.task, self.prompt_index, self.method, self.setting, self.seed)
+
+
+def _check_names(values, allowed, what: str) -> list[str]:
+    values = list(values)
+    if not values:
+        raise ValueError(f"give at least one {what}; known: {', '.join(allowed)}")
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown[0]!r}; known: {', '.join(allowed)}")
+    return values
+
+
+def plan_units(tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int], *,
+               split: str = "evaluation", prompts: int | None = None,
+               settings: Mapping[str, Sequence[float]] | None = None) -> list[Unit]:
+    """Every unit of a run, in a fixed order (task, prompt, method, setting, seed)."""
+    tasks = _check_names(tasks, list_tasks(), "task")
+    methods = _check_names(methods, list(METHODS), "method")
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be non-negative ints, at least one; got {seeds!r}")
+    if prompts is not None and (isinstance(prompts, bool) or not isinstance(prompts, int)
+                                or prompts < 1):
+        raise ValueError(f"prompts must be None or an int >= 1, got {prompts!r}")
+    settings = dict(settings or {})
+    for name, values in settings.items():
+        _check_names([name], list(METHODS), "method")
+        values = tuple(float(v) for v in values)
+        knob = METHODS[name].knob
+        ok = (lambda v: 0.0 <= v <= 1.0) if knob == "level" else (lambda v: 0.0 < v <= 5.0)
+        if not values or not all(math.isfinite(v) and ok(v) for v in values):
+            raise ValueError(f"settings of {name} ({knob}) must be "
+                             f"{'in [0, 1]' if knob == 'level' else 'in (0, 5]'}, got {values}")
+        settings[name] = values
+    units = []
+    for task in tasks:
+        texts = load_task(task).prompts(split)
+        for index, prompt in enumerate(texts[:prompts]):
+            for method in methods:
+                for setting in settings.get(method, METHODS[method].settings):
+                    for seed in seeds:
+                        units.append(Unit(task, index, prompt, method, float(setting), seed))
+    return units
+
+
+# --------------------------------------------------------------------------- code tests
+
+_FENCE = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)(?:```|\Z)", re.S)
+_NO_NETWORK = ("import socket as _s\n"
+               "def _refuse(*a, **k):\n    raise OSError('network disabled in tests')\n"
+               "_s.socket = _s.create_connection = _refuse\n")
+
+
+def extract_code(text: str) -> str:
+    """The first fenced code block of ``text``, else ``text`` itself."""
+    match = _FENCE.search(text)
+    return match.group(1) if match else text
+
+
+def run_code_tests(output: str, tests: str, *, timeout: float = 5.0) -> bool:
+    """Whether ``tests`` (assert statements) pass against the code in ``output``.
+
+    Runs ``python -I`` in a fresh temporary directory with an empty environment,
+    sockets replaced by a function that raises, and ``timeout`` seconds; any failure,
+    error or timeout is ``False``.
+    """
+    program = _NO_NETWORK + extract_code(output) + "\n\n" + tests + "\n"
+    with tempfile.TemporaryDirectory(prefix="cs-code-") as tmp:
+        path = Path(tmp) / "candidate.py"
+        path.write_text(program, encoding="utf-8")
+        try:
+            done = subprocess.run([sys.executable, "-I", str(path)], cwd=tmp, env={},
+                                  capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+    return done.returncode == 0
+
+
+# --------------------------------------------------------------------------- one unit
+
+class _Scorer:
+    """Generates and scores units; owns the strategies, the quality functional and the
+    novelty references."""
+
+    def __init__(self, model, tokenizer, num_outputs: int, max_new_tokens: Mapping[str, int],
+                 references: dict):
+        from ..generation import strategies
+        from ..generation.wrapper import build_constraints
+
+        self.model, self.tokenizer = model, tokenizer
+        self.num_outputs, self.max_new_tokens = num_outputs, max_new_tokens
+        self.references = references
+        self._cs = strategies.CreativeSparse()
+        self.quality = self._cs.wrapper(model, tokenizer).quality
+        self._validators = {
+            t: list(build_constraints(tokenizer, {"validators": list(load_task(t).validators)},
+                                      1, []).validators) for t in max_new_tokens}
+        self._strategies = strategies
+
+    def strategy(self, method: str, setting: float):
+        s = self._strategies
+        return {"top_p": lambda: s.DenseTopP(temperature=setting),
+                "min_p": lambda: s.MinP(temperature=setting),
+                "fixed": lambda: s.Fixed(setting),
+                "progressive": lambda: s.Progressive(start=setting, end=round(setting / 2, 4)),
+                "adaptive": lambda: s.Adaptive(base=setting),
+                "moe_only": lambda: s.MoEOnly(setting)}[method]()
+
+    def reference(self, task: str, index: int, prompt: str) -> tuple[str, bool]:
+        """The dense greedy answer; ``(text, new)``."""
+        key = (task, index)
+        if key in self.references:
+            return self.references[key], False
+        from ..generation import SamplingParams, generate
+        from ..models.transformers import AttentionKnobs
+
+        ids = self._cs.wrapper(self.model, self.tokenizer).prompt_ids(prompt)
+        out = generate(self.model, self.tokenizer, ids, max_new_tokens=self.max_new_tokens[task],
+                       schedule=(SamplingParams(temperature=0), AttentionKnobs()))
+        self.references[key] = out.texts[0] or " "
+        return self.references[key], True
+
+    def run(self, unit: Unit, reference: str) -> dict:
+        budget = self.max_new_tokens[unit.task]
+        if unit.method == "creative_sparse":
+            result = self._cs.generate(self.model, self.tokenizer, unit.prompt,
+                                       num_candidates=self.num_outputs, max_new_tokens=budget,
+                                       seed=unit.seed, sparsity_level=unit.setting)
+        else:
+            result = self.strategy(unit.method, unit.setting).generate(
+                self.model, self.tokenizer, unit.prompt, num_candidates=self.num_outputs,
+                max_new_tokens=budget, seed=unit.seed)
+        texts = [t or " " for t in result.texts]
+        return {"type": "unit", "id": unit.id, "task": unit.task,
+                "prompt_index": unit.prompt_index, "method": unit.method,
+                "knob": METHODS[unit.method].knob, "setting": unit.setting, "seed": unit.seed,
+                **self.score(unit, texts, reference), "cost": _cost(result.stats)}
+
+    def score(self, unit: Unit, texts: list[str], reference: str) -> dict:
+        from ..quality import metrics
+        from ..quality.degeneration import repeated_ngram_rate
+
+        task = load_task(unit.task)
+        validators = self._validators[unit.task]
+        q = self.quality
+        with q._one_pass():
+            parts = q.breakdown(texts, [reference], unit.prompt, validators=validators)
+            novelty_raw = q.compute_novelty(texts, [reference])
+            diversity_raw = q.compute_diversity(texts)
+            distinct = q.distinct_answers(texts)
+        tests = _code_test(task, unit.prompt)
+        outputs = []
+        for text, b, nov, div in zip(texts, parts, novelty_raw, diversity_raw):
+            outputs.append({
+                "text": text, "q": b.q, "novelty": b.novelty, "diversity": b.diversity,
+                "novelty_raw": float(nov), "diversity_raw": float(div),
+                "incoherence": b.incoherence, "relevance": b.relevance,
+                "degeneration": b.degeneration, "nll": b.nll,
+                "rep3": repeated_ngram_rate(text, 3), "violations": int(b.violations),
+                "passed": None if tests is None else run_code_tests(text, tests),
+                "valid": None if not validators else b.violations == 0})
+        passed = [o["passed"] for o in outputs if o["passed"] is not None]
+        valid = [o["valid"] for o in outputs if o["valid"] is not None]
+        return {"outputs": outputs, "set": {
+            "diversity": sum(o["diversity_raw"] for o in outputs) / len(outputs),
+            "distinct": distinct,
+            "q_mean": sum(o["q"] for o in outputs) / len(outputs),
+            "pass_at_k": (any(passed) if passed else None),
+            "pass_rate": (sum(passed) / len(passed) if passed else None),
+            "valid_rate": (sum(valid) / len(valid) if valid else None)}}
+
+
+def _code_test(task, prompt: str) -> str | None:
+    """The tests of a code prompt of the evaluation split, if the task has them."""
+    items = getattr(task, "evaluation_tests", ()) or ()
+    prompts = getattr(task, "evaluation", ()) or ()
+    for text, item in zip(prompts, items):
+        if text == prompt:
+            return item.tests
+    return None
+
+
+def _cost(stats) -> dict:
+    return {"flops": float(stats.flops), "wall_time": float(stats.wall_time),
+            "peak_kv_bytes": int(stats.peak_cache_bytes),
+            "generated_tokens": int(stats.generated_tokens),
+            "prompt_tokens": int(stats.prompt_tokens),
+            "attended_fraction": float(stats.attended_fraction)}
+
+
+# --------------------------------------------------------------------------- the run
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world)`` under torchrun (initialising gloo/nccl once), else ``(0, 1)``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shard_path(out: Path, rank: int) -> Path:
+    return out.with_name(f"{out.stem}.rank{rank}{out.suffix or '.jsonl'}")
+
+
+def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
+             seeds: Sequence[int] = (0,), out: str | Path, split: str = "evaluation",
+             prompts: int | None = None, num_outputs: int = 5,
+             settings: Mapping[str, Sequence[float]] | None = None,
+             max_new_tokens: int | None = None, model_name: str = "",
+             progress: bool = True, on_unit: Callable[[dict], None] | None = None) -> Path:
+    """Run (or resume) an evaluation; returns the path of the results file.
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer (e.g. ``load_model()``).
+        tasks, methods: names from :func:`~creative_sparse.evaluation.tasks.list_tasks`
+            and :data:`METHODS`.
+        seeds: one unit per seed (outputs of a unit use seeds derived from it).
+        out: the results file (JSON lines); an existing one is resumed if it belongs
+            to the same run (same model, split, outputs and budgets), else refused.
+        split: the task split (``"evaluation"``: prompts no tuning has seen).
+        prompts: the first ``prompts`` prompts of each task (default all).
+        num_outputs: outputs per unit (every method returns this many).
+        settings: per method, the knob values to sweep instead of the defaults.
+        max_new_tokens: one length budget for every task instead of each task's own.
+        model_name: recorded in the header (two runs of different models never mix).
+        on_unit: called with each new unit record (tests use it to interrupt a run).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .. import __version__
+
+    if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 2:
+        raise ValueError(f"num_outputs must be an int >= 2 (diversity needs two), got "
+                         f"{num_outputs!r}")
+    units = plan_units(tasks, methods, seeds, split=split, prompts=prompts, settings=settings)
+    budgets = {t: (max_new_tokens or load_task(t).max_new_tokens) for t in dict.fromkeys(tasks)}
+    header = {"type": "header", "format": FORMAT, "format_version": FORMAT_VERSION,
+              "library_version": __version__, "model": model_name, "split": split,
+              "num_outputs": num_outputs, "max_new_tokens": budgets,
+              "tasks": list(budgets), "methods": list(dict.fromkeys(methods)),
+              "seeds": list(seeds), "torch": torch.__version__}
+    out = Path(out)
+    rank, world = _distributed()
+    mine = units[rank::world]
+    path = out if world == 1 else shard_path(out, rank)
+    with ResultsWriter(path, header) as writer:
+        done = set(writer.results.units)
+        todo = [u for u in mine if u.id not in done]
+        scorer = _Scorer(model, tokenizer, num_outputs, budgets, writer.results.references)
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="unit",
+                   desc=f"evaluate{f' rank {rank}' if world > 1 else ''}", disable=not progress)
+        try:
+            for unit in todo:
+                bar.set_postfix_str(f"{unit.task} {unit.method}={unit.setting:g}", refresh=False)
+                reference, new = scorer.reference(unit.task, unit.prompt_index, unit.prompt)
+                if new:
+                    writer.write({"type": "reference", "task": unit.task,
+                                  "prompt_index": unit.prompt_index, "text": reference})
+                start = time.perf_counter()
+                record = scorer.run(unit, reference)
+                record["cost"]["unit_seconds"] = round(time.perf_counter() - start, 3)
+                writer.write(record)
+                bar.update(1)
+                if on_unit is not None:
+                    on_unit(record)
+        finally:
+            bar.close()
+    if world > 1:
+        _barrier()
+        if rank == 0:
+            merge_shards([shard_path(out, r) for r in range(world)], out)
+        _barrier()
+    return out
+
+
+def load(path: str | Path) -> list[dict]:
+    """The records of a results file (header, references, units), for the report."""
+    return read_results(path).records()
