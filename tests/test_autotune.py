@@ -179,6 +179,22 @@ def test_fixed_levels_are_measured_as_given(tmp_path, fake):
     assert result.split == "held_out" and fake["plan"].prompts <= 8
 
 
+def test_the_evaluation_split_is_cached_by_its_own_prompts(tmp_path, fake, monkeypatch):
+    """Task.fingerprint leaves the evaluation split out, so its cache key must not rely on it."""
+    import dataclasses
+
+    from creative_sparse.evaluation import load_task
+
+    levels = dict(split="evaluation", levels=[0.0, 0.5, 1.0])
+    task = load_task("poetry")
+    assert not _sweep(tmp_path, **levels).from_cache
+    assert _sweep(tmp_path, **levels).from_cache
+    edited = dataclasses.replace(task, evaluation=task.evaluation[:-1] + ("A new poem.",))
+    monkeypatch.setattr(autotune, "load_task", lambda name: edited)
+    assert edited.fingerprint == task.fingerprint
+    assert not _sweep(tmp_path, **levels).from_cache
+
+
 def test_quality_weights_move_the_optimum(tmp_path, fake):
     heavy = QualityWeights(0.4, 0.3, 0.9)
     s_default = find_optimal_sparsity("fake-model", "poetry", 1.0, cache_dir=tmp_path,

@@ -82,7 +82,8 @@ def sweep_sparsity(model_name: str = "smollm2-135m", task_type: str = "creative_
         compute_budget: fraction of the reference cost (module doc); 1.0 by default.
         quality_weights: `QualityWeights`, a dict or ``(alpha, beta, gamma)``.
         model, tokenizer: an already loaded pair.
-        split: ``"tune"``, or ``"held_out"`` to report on prompts tuning never saw.
+        split: ``"tune"``, or ``"held_out"`` to report on prompts tuning never saw, or
+            ``"evaluation"``: the evaluation protocol's held-back prompts (never tune on them).
         levels: measure exactly these levels (no refinement), e.g. a tuning sweep's
             levels plus its s* on the held-out split.
         seed: base seed of the samples; max_new_tokens: override the task's length.
@@ -120,7 +121,10 @@ def sweep_sparsity(model_name: str = "smollm2-135m", task_type: str = "creative_
     key = {"format": _CACHE_FORMAT, "version": metadata.version("creative-sparse"),
            "transformers": _version("transformers"), "torch": _version("torch"),
            "model": _model_identity(model_name, model), "task": task.name,
-           "prompts": task.fingerprint, "split": split, "plan": asdict(plan), "levels": levels,
+           # Task.fingerprint leaves the evaluation split out (so the keys of the
+           # tune/held_out results already shipped stay the same); that split has its own
+           "prompts": task.evaluation_fingerprint if split == "evaluation" else task.fingerprint,
+           "split": split, "plan": asdict(plan), "levels": levels,
            "weights": asdict(weights), "seed": int(seed),
            "sparsity_config": asdict(sparsity_config or SparsityConfig()),
            "quality": _quality_identity(), "n_bootstrap": n_bootstrap}
