@@ -78,7 +78,11 @@ _DELTAS = ("q", "novelty", "diversity", "incoherence", "nll")
 
 @dataclass(frozen=True)
 class Estimate:
-    """A mean over prompts and its bootstrap interval ``[lo, hi]`` (NaN with one prompt)."""
+    """A mean over prompts and its bootstrap interval ``[lo, hi]`` (NaN with one prompt).
+
+        >>> str(Estimate(0.412, 0.38, 0.445)), str(Estimate(0.5, math.nan, math.nan))
+        ('0.412 [0.380, 0.445]', '0.500')
+    """
 
     mean: float
     lo: float
