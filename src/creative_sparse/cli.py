@@ -333,6 +333,64 @@ def run_tune(args) -> None:
               f"{held.s_star:.3f} ({held.method})")
 
 
+def _settings(items: list[str]) -> dict[str, list[float]]:
+    """``["top_p=0.7,1.0", ...]`` -> ``{"top_p": [0.7, 1.0]}`` (values checked by the runner)."""
+    out: dict[str, list[float]] = {}
+    for item in items:
+        method, sep, values = item.partition("=")
+        try:
+            numbers = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            numbers = []
+        if not sep or not numbers:
+            raise ValueError(f"expected METHOD=V1,V2,... with numbers, got {item!r}")
+        out[method.strip()] = numbers
+    return out
+
+
+def run_evaluate(args) -> None:
+    from .evaluation.runner import evaluate, plan_units
+    from .models import load_model
+
+    units = plan_units(args.tasks, args.methods, args.seeds, split=args.split,
+                       prompts=args.prompts, settings=args.settings)   # checked before loading
+    print(f"{len(units)} units ({len(args.tasks)} tasks x prompts x methods x settings x "
+          f"{len(args.seeds)} seeds) -> {args.out}", file=sys.stderr)
+    model, tokenizer = load_model(args.model)
+    start = time.perf_counter()
+    path = evaluate(model, tokenizer, tasks=args.tasks, methods=args.methods, seeds=args.seeds,
+                    out=args.out, split=args.split, prompts=args.prompts,
+                    num_outputs=args.outputs, settings=args.settings,
+                    max_new_tokens=args.max_tokens, model_name=args.model,
+                    progress=not args.quiet)
+    print(f"results: {path} ({time.perf_counter() - start:.0f} s); tables and plots: "
+          f"creative-sparse report {path}", file=sys.stderr)
+
+
+def run_report(args) -> None:
+    from .evaluation.records import read_results
+    from .evaluation.tables import aggregate, format_markdown, plot_frontiers, write_csv
+
+    results = read_results(args.results)
+    if results.header is None:
+        raise ValueError(f"{args.results}: no such results file")
+    rows = aggregate(results.records())
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    h = results.header
+    title = (f"Evaluation of {h.get('model') or 'the model'} on the {h.get('split')} split "
+             f"({len(results.units)} units, {h.get('num_outputs')} outputs each)")
+    (out / "report.md").write_text(format_markdown(rows, title=title) + "\n", encoding="utf-8")
+    write_csv(rows, out / "report.csv")
+    written = [out / "report.md", out / "report.csv"]
+    if not args.no_plots:
+        written += plot_frontiers(rows, out)
+    if results.skipped:
+        print(f"skipped {len(results.skipped)} corrupt line(s): {results.skipped[:10]}",
+              file=sys.stderr)
+    print("\n".join(map(str, written)))
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -385,7 +443,42 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--no-cache", action="store_true",
                       help="measure again and replace the cached answer")
     tune.add_argument("--json", action="store_true", help="machine-readable output")
+    from .evaluation.runner import METHODS
+    from .evaluation.tasks import list_tasks
+    ev = sub.add_parser(
+        "evaluate", help="compare methods as frontiers on held-back prompts (JSONL results)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("--tasks", nargs="+", choices=list_tasks(), default=list(list_tasks()),
+                    metavar="TASK", help=f"tasks: {', '.join(list_tasks())}")
+    ev.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                    metavar="METHOD", help=f"methods: {', '.join(METHODS)}")
+    ev.add_argument("--seeds", nargs="+", type=_integer(0, 2**31 - 1), default=[0, 1, 2])
+    ev.add_argument("--prompts", type=_integer(1, 10_000), default=None,
+                    help="first N prompts of each task (default: all of the split)")
+    ev.add_argument("--outputs", type=_integer(2, MAX_CANDIDATES), default=5,
+                    help="outputs per unit (every method returns this many)")
+    ev.add_argument("--setting", action="append", default=[], metavar="METHOD=V1,V2,...",
+                    help="knob values to sweep for a method instead of its defaults "
+                         "(temperature for top_p/min_p, level for the others); repeatable")
+    ev.add_argument("--split", default="evaluation", choices=("evaluation", "held_out", "tune"))
+    ev.add_argument("--max-tokens", type=_integer(1, MAX_NEW_TOKENS), default=None,
+                    help="one length budget for every task (default: each task's own)")
+    ev.add_argument("--out", default="results.jsonl",
+                    help="results file; an existing one of the same run is resumed")
+    ev.add_argument("--model", default="smollm2-135m")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep = sub.add_parser("report", help="tables (Markdown, CSV) and frontier plots of results",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    rep.add_argument("results", help="a results file written by `creative-sparse evaluate`")
+    rep.add_argument("--out-dir", default="report", help="where report.md, report.csv and "
+                     "the frontier PNGs go (created if missing)")
+    rep.add_argument("--no-plots", action="store_true", help="tables only")
     args = parser.parse_args(argv)
+    if args.command == "evaluate":
+        try:
+            args.settings = _settings(args.setting)
+        except ValueError as exc:
+            parser.error(f"argument --setting: {exc}")
 
     if args.command == "demo" and args.heads * args.length * args.head_dim > DEMO_MAX_ELEMENTS:
         parser.error(f"--heads x --length x --head-dim = {args.heads} x {args.length} x "
@@ -409,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
             run_generate(args)
         elif args.command == "tune":
             run_tune(args)
+        elif args.command == "evaluate":
+            run_evaluate(args)
+        elif args.command == "report":
+            run_report(args)
         elif args.command == "backends":
             from .attention.dispatch import available_backends, select_backend
             print("available on cpu:", ", ".join(available_backends("cpu")))

@@ -178,7 +178,7 @@ class _Scorer:
     novelty references."""
 
     def __init__(self, model, tokenizer, num_outputs: int, max_new_tokens: Mapping[str, int],
-                 references: dict):
+                 references: dict, quality=None):
         from ..generation import strategies
         from ..generation.wrapper import build_constraints
 
@@ -186,7 +186,10 @@ class _Scorer:
         self.num_outputs, self.max_new_tokens = num_outputs, max_new_tokens
         self.references = references
         self._cs = strategies.CreativeSparse()
-        self.quality = self._cs.wrapper(model, tokenizer).quality
+        wrapper = self._cs.wrapper(model, tokenizer)
+        if quality is not None:       # one Q for drafting, selecting and scoring
+            wrapper.quality = quality
+        self.quality = wrapper.quality
         self._validators = {
             t: list(build_constraints(tokenizer, {"validators": list(load_task(t).validators)},
                                       1, []).validators) for t in max_new_tokens}
@@ -260,7 +263,7 @@ class _Scorer:
             "diversity": sum(o["diversity_raw"] for o in outputs) / len(outputs),
             "distinct": distinct,
             "q_mean": sum(o["q"] for o in outputs) / len(outputs),
-            "pass_at_k": (any(passed) if passed else None),
+            "pass_at_k": (float(any(passed)) if passed else None),
             "pass_rate": (sum(passed) / len(passed) if passed else None),
             "valid_rate": (sum(valid) / len(valid) if valid else None)}}
 
@@ -314,7 +317,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
              prompts: int | None = None, num_outputs: int = 5,
              settings: Mapping[str, Sequence[float]] | None = None,
              max_new_tokens: int | None = None, model_name: str = "",
-             progress: bool = True, on_unit: Callable[[dict], None] | None = None) -> Path:
+             progress: bool = True, on_unit: Callable[[dict], None] | None = None,
+             quality=None) -> Path:
     """Run (or resume) an evaluation; returns the path of the results file.
 
     Args:
@@ -331,6 +335,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
         max_new_tokens: one length budget for every task instead of each task's own.
         model_name: recorded in the header (two runs of different models never mix).
         on_unit: called with each new unit record (tests use it to interrupt a run).
+        quality: a :class:`~creative_sparse.quality.QualityFunctional` to score with
+            (and to select Creative-Sparse's drafts with); default the wrapper's own.
     """
     import torch
     from tqdm.auto import tqdm
@@ -354,7 +360,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
     with ResultsWriter(path, header) as writer:
         done = set(writer.results.units)
         todo = [u for u in mine if u.id not in done]
-        scorer = _Scorer(model, tokenizer, num_outputs, budgets, writer.results.references)
+        scorer = _Scorer(model, tokenizer, num_outputs, budgets, writer.results.references,
+                         quality)
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="unit",
                    desc=f"evaluate{f' rank {rank}' if world > 1 else ''}", disable=not progress)
         try:

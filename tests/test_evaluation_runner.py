@@ -1,0 +1,204 @@
+"""The evaluation runner on a tiny random Llama: records, resume, sharding, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from creative_sparse.evaluation.records import comparable, merge_shards, read_results
+from creative_sparse.evaluation.runner import evaluate, plan_units, run_code_tests
+
+TINY = textwrap.dedent('''
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from creative_sparse.quality import HiddenStateEmbedder, LikelihoodScorer, QualityFunctional
+
+    def tiny():
+        words = "<unk> <s> </s> the sea is a vast blue and deep poem def return x".split()
+        vocab = {w: i for i, w in enumerate(words)}
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                      bos_token="<s>", eos_token="</s>", pad_token="</s>")
+        config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=256, eos_token_id=2, pad_token_id=2)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+        quality = QualityFunctional(embedder=HiddenStateEmbedder(model, tok),
+                                    scorer=LikelihoodScorer(model, tok))
+        return model, tok, quality
+''')
+namespace: dict = {}
+exec(TINY, namespace)
+RUN = dict(tasks=["poetry", "code"], methods=["top_p", "creative_sparse"], seeds=[0, 1],
+           prompts=2, num_outputs=2, max_new_tokens=6,
+           settings={"top_p": [0.8, 1.2], "creative_sparse": [0.6]}, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return namespace["tiny"]()
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, tmp_path_factory):
+    model, tok, quality = tiny
+    path = tmp_path_factory.mktemp("full") / "results.jsonl"
+    evaluate(model, tok, out=path, quality=quality, model_name="tiny", **RUN)
+    return read_results(path)
+
+
+def _units(results):
+    return {k: comparable(v) for k, v in results.units.items()}
+
+
+def test_every_unit_is_recorded_with_scores_and_costs(full_run):
+    assert len(full_run.units) == len(plan_units(RUN["tasks"], RUN["methods"], RUN["seeds"],
+                                                 prompts=2, settings=RUN["settings"])) == 24
+    unit = full_run.units["poetry/1/creative_sparse/0.6/1"]
+    assert len(unit["outputs"]) == 2 and unit["knob"] == "level"
+    out = unit["outputs"][0]
+    for key in ("q", "novelty", "diversity", "incoherence", "relevance", "nll", "rep3"):
+        assert isinstance(out[key], float), key
+    assert out["passed"] is None and out["valid"] is None
+    assert unit["cost"]["flops"] > 0 and unit["cost"]["generated_tokens"] > 0
+    code = full_run.units["code/0/top_p/0.8/0"]
+    assert all(o["passed"] is False for o in code["outputs"])   # a random model's code fails
+    assert code["set"]["pass_at_k"] == 0.0 and code["set"]["valid_rate"] is not None
+    assert set(full_run.references) == {("poetry", 0), ("poetry", 1), ("code", 0), ("code", 1)}
+
+
+def test_a_killed_run_resumes_to_the_same_results(tiny, full_run, tmp_path):
+    model, tok, quality = tiny
+    path = tmp_path / "results.jsonl"
+
+    class Killed(Exception):
+        pass
+
+    seen = []
+
+    def kill_after_seven(record):
+        seen.append(record["id"])
+        if len(seen) == 7:
+            raise Killed
+    with pytest.raises(Killed):
+        evaluate(model, tok, out=path, quality=quality, model_name="tiny",
+                 on_unit=kill_after_seven, **RUN)
+    assert len(read_results(path).units) == 7
+    with open(path, "ab") as f:          # the kill also tore a line in half
+        f.write(b'{"type": "unit", "id": "poetry/0/top')
+    evaluate(model, tok, out=path, quality=quality, model_name="tiny", **RUN)
+    resumed = read_results(path)
+    # header, reference, 6 units of prompt 0, reference, 1 unit, then the torn line
+    assert resumed.skipped == [11]
+    assert _units(resumed) == _units(full_run)
+    assert resumed.references == full_run.references
+
+
+def test_two_torchrun_processes_equal_one(full_run, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(TINY + textwrap.dedent(f'''
+        from creative_sparse.evaluation.runner import evaluate
+        model, tok, quality = tiny()
+        evaluate(model, tok, out={str(tmp_path / "dist.jsonl")!r}, quality=quality,
+                 model_name="tiny", **{RUN!r})
+    '''))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", "29517", str(script)], check=True, env=env, timeout=600,
+                   capture_output=True)
+    merged = read_results(tmp_path / "dist.jsonl")
+    shards = [read_results(tmp_path / f"dist.rank{r}.jsonl") for r in range(2)]
+    assert all(len(s.units) == 12 for s in shards)
+    assert _units(merged) == _units(full_run)
+
+
+def test_bad_input_is_a_clear_error(tiny, full_run, tmp_path):
+    model, tok, quality = tiny
+    with pytest.raises(ValueError, match="unknown method 'beam'; known: top_p"):
+        plan_units(["poetry"], ["beam"], [0])
+    with pytest.raises(ValueError, match="unknown task 'haiku'"):
+        plan_units(["haiku"], ["top_p"], [0])
+    with pytest.raises(ValueError, match=r"settings of top_p \(temperature\) must be in \(0, 5\]"):
+        plan_units(["poetry"], ["top_p"], [0], settings={"top_p": [0.0]})
+    with pytest.raises(ValueError, match="seeds must be non-negative ints"):
+        plan_units(["poetry"], ["top_p"], [-1])
+    # a file of another run (here: another model) is refused, not mixed
+    path = full_run.path
+    with pytest.raises(ValueError, match="holds results of another run .*model"):
+        evaluate(model, tok, out=path, quality=quality, model_name="other", **RUN)
+    other = tmp_path / "old.jsonl"
+    other.write_text(json.dumps({"type": "header", "format": "creative-sparse/evaluation-results",
+                                 "format_version": 0}) + "\n")
+    with pytest.raises(ValueError, match="format version 0"):
+        read_results(other)
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("my notes\n")
+    with pytest.raises(ValueError, match="not a creative-sparse evaluation results header"):
+        evaluate(model, tok, out=notes, quality=quality, model_name="tiny", **RUN)
+    assert notes.read_text() == "my notes\n"       # nothing lost
+
+
+def test_shards_that_disagree_are_refused(full_run, tmp_path):
+    lines = full_run.path.read_text().splitlines()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(lines) + "\n")
+    changed = [json.loads(x) for x in lines]
+    for record in changed:
+        if record.get("type") == "unit":
+            record["outputs"][0]["q"] += 1.0
+            break
+    b.write_text("\n".join(json.dumps(r) for r in changed) + "\n")
+    with pytest.raises(ValueError, match="shards disagree on unit"):
+        merge_shards([a, b], tmp_path / "merged.jsonl")
+    assert not (tmp_path / "merged.jsonl").exists()
+
+
+def test_code_tests_run_isolated_with_a_time_limit():
+    good = "```python\ndef double(x):\n    return 2 * x\n```"
+    assert run_code_tests(good, "assert double(2) == 4")
+    assert not run_code_tests(good, "assert double(2) == 5")
+    assert not run_code_tests("def double(x):\n    while True: pass", "double(1)", timeout=1.0)
+    assert not run_code_tests("import socket\nsocket.create_connection(('example.com', 80))",
+                              "pass")
+    assert not run_code_tests("this is not python", "pass")
+
+
+def test_cli_report_writes_tables_and_plots(full_run, tmp_path, capsys):
+    from creative_sparse.cli import main
+
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "report"
+    assert main(["report", str(full_run.path), "--out-dir", str(out)]) in (0, None)
+    text = (out / "report.md").read_text()
+    assert "Dense top-p" in text and "Creative-Sparse" in text and "poetry" in text
+    assert (out / "report.csv").read_text().count("\n") >= 7
+    assert (out / "frontier_poetry.png").stat().st_size > 1000
+
+
+def test_cli_evaluate_checks_its_arguments_before_loading_a_model(capsys):
+    from creative_sparse.cli import main
+
+    for argv, message in ((["evaluate", "--methods", "beam"], "invalid choice: 'beam'"),
+                          (["evaluate", "--tasks", "haiku"], "invalid choice: 'haiku'"),
+                          (["evaluate", "--setting", "top_p"], "expected METHOD=V1,V2"),
+                          (["evaluate", "--outputs", "1"], "must be an integer in [2,")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:        # checked before the model loads
+        main(["evaluate", "--setting", "fixed=1.5", "--prompts", "1"])
+    assert exit_.value.code == 2
+    assert "settings of fixed (level) must be in [0, 1]" in capsys.readouterr().err
