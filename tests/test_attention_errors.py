@@ -302,6 +302,98 @@ def test_block_map_constructor_validates(args, pattern):
         BlockMap(*args)
 
 
+def _kv_lists(edit=None, *, block_q=128, causal=False):
+    """``BlockMap`` arguments for L=100 with every block kept and listed, ``edit``
+    applied to ``(keep, counts, indices)`` first."""
+    nq = math.ceil(L / block_q)
+    keep = torch.ones(1, 1, nq, NK, dtype=torch.bool)
+    counts = torch.full((1, 1, nq), NK, dtype=torch.int32)
+    indices = torch.arange(NK, dtype=torch.int32).expand(1, 1, nq, NK).clone()
+    if edit is not None:
+        edit(keep, counts, indices)
+    return dict(keep=keep, block_q=block_q, block_k=64, q_len=L, k_len=L, causal=causal,
+                kv_lists=(counts, indices))
+
+
+def _set(which, index, value):
+    def edit(keep, counts, indices):
+        {"keep": keep, "counts": counts, "indices": indices}[which][index] = value
+    return edit
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    pytest.param(_kv_lists(_set("indices", (0, 0, 0, 0), 10**6)),
+                 r"kv_lists indices must be in \[0, 1\].*got 1000000 at \[0, 0, 0, 0\]",
+                 id="index_out_of_range"),
+    pytest.param(_kv_lists(_set("indices", (0, 0, 0, 1), -1)),
+                 r"kv_lists indices must be in \[0, 1\].*got -1 at \[0, 0, 0, 1\]",
+                 id="index_negative"),
+    pytest.param(_kv_lists(_set("counts", (0, 0, 0), 3)),
+                 r"kv_lists counts must be in \[0, 2\].*got 3 at \[0, 0, 0\]", id="count_3"),
+    pytest.param(_kv_lists(_set("counts", (0, 0, 0), -1)),
+                 r"kv_lists counts must be in \[0, 2\].*got -1", id="count_negative"),
+    pytest.param(_kv_lists(_set("indices", (0, 0, 0, 1), 0)),
+                 r"row \[0, 0, 0\].*lists key block 0 2 times", id="duplicate"),
+    pytest.param(_kv_lists(_set("keep", (0, 0, 0, 1), False)),
+                 r"lists key block 1, which keep does not keep", id="lists_an_unkept_block"),
+    pytest.param(_kv_lists(_set("counts", (0, 0, 0), 1)),
+                 r"lists 1 blocks without key block 1, which keep keeps", id="misses_a_kept_block"),
+    # query rows 0-15 see keys 0-15 only: key block 1 (keys 64-99) is causally removed
+    pytest.param(_kv_lists(block_q=16, causal=True),
+                 r"must not keep a block causal masking removes entirely; got one at \[0, 0, 0, 1\]",
+                 id="causally_removed_block"),
+    pytest.param(_kv_lists() | dict(kv_lists=(torch.full((1, 1, 1), 2), torch.zeros(1, 1, 1, 2))),
+                 r"kv_lists counts must be int32 on keep's device \(cpu\), got torch\.int64",
+                 id="int64_counts"),
+    pytest.param(_kv_lists() | dict(kv_lists=(torch.full((1, 1, 1), 2, dtype=torch.int32),)),
+                 r"kv_lists must be a pair of tensors.*got tuple", id="one_list"),
+    pytest.param(_kv_lists() | dict(keep=torch.ones(1, 1, NQ, NK)),
+                 r"with kv_lists, keep must be a bool tensor, got torch\.float32", id="float_keep"),
+])
+def test_block_map_rejects_bad_kv_lists(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        BlockMap(**kwargs)
+
+
+def test_block_map_accepts_kv_lists_in_any_order():
+    kwargs = _kv_lists(lambda keep, counts, indices: indices.copy_(indices.flip(-1)))
+    out = block_sparse_attention(*qkv(), BlockMap(**kwargs), backend="torch")
+    expected = block_sparse_attention(*qkv(), _dense_map(), backend="torch")
+    torch.testing.assert_close(out, expected)
+
+
+# Out-of-range lists used to reach the compiled kernel, which read out of bounds
+# (exit 139), so this runs in a child process.
+_BAD_LISTS_SCRIPT = """
+import sys, torch
+from creative_sparse.attention import BlockMap, block_sparse_attention, dispatch
+backend = sys.argv[1]
+if backend not in dispatch.available_backends("cpu"):
+    print("SKIP"); sys.exit(0)
+q = k = v = torch.randn(1, 1, 300, 16)
+counts = torch.full((1, 1, 3), 5, dtype=torch.int32)
+indices = torch.arange(5, dtype=torch.int32).expand(1, 1, 3, 5).clone()
+indices[..., 0] = 10**6
+try:
+    bm = BlockMap(torch.ones(1, 1, 3, 5, dtype=torch.bool), 128, 64, 300, 300,
+                  kv_lists=(counts, indices))
+    block_sparse_attention(q, k, v, bm, backend=backend)
+except ValueError:
+    print("REJECTED"); sys.exit(0)
+print("ACCEPTED")
+"""
+
+
+@pytest.mark.parametrize("backend", ["cpu_kernel", "torch"])
+def test_out_of_range_kv_lists_are_rejected_before_any_backend(backend):
+    proc = subprocess.run([sys.executable, "-c", _BAD_LISTS_SCRIPT, backend],
+                          capture_output=True, text=True, timeout=300)
+    result = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if result == "SKIP":
+        pytest.skip(f"{backend} cannot run here")
+    assert (proc.returncode, result) == (0, "REJECTED"), (proc.returncode, proc.stderr[-600:])
+
+
 # -------------------------------------------------------------- no input mutation
 
 def _snapshot(*tensors):

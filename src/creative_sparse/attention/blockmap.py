@@ -135,10 +135,18 @@ class BlockMap:
         q_len, k_len: sequence lengths the map was made for.
         causal: bottom-right causal masking inside the kept blocks.
         kv_lists: the kept blocks as lists, ``(counts, indices)`` as
-            :meth:`kv_indices` returns them, when the producer already has them
-            (the fused GPU prediction writes them with the map); else None.
-            A producer that passes them also guarantees that ``keep`` holds no
-            block causal masking removes (the check would cost GPU launches).
+            :meth:`kv_indices` returns them (int32, on ``keep``'s device), when
+            the producer already has them (the fused GPU prediction writes them
+            with the map); else None. The backends read the lists, not ``keep``,
+            so they must list exactly the kept blocks: each row's first
+            ``counts`` indices are its kept key blocks, each once, in any order;
+            every index, padding included, is in ``[0, nk)``; ``keep`` holds no
+            block causal masking removes. The constructor checks all of this
+            and raises ``ValueError`` naming the first offending entry.
+        check_lists: False skips those value checks (a few tensor operations
+            and, on a GPU, a wait for the device). Only for producers that
+            guarantee the lists, such as the fused predictor; wrong lists read
+            out of bounds in the compiled kernels.
 
     Example:
         >>> keep = torch.ones(1, 2, 1, 2, dtype=torch.bool)
@@ -153,6 +161,7 @@ class BlockMap:
     k_len: int
     causal: bool = False
     kv_lists: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+    check_lists: bool = field(default=True, repr=False, compare=False)
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "q_len", "k_len"):
@@ -168,18 +177,80 @@ class BlockMap:
             raise ValueError(
                 f"BlockMap: keep must have shape [B, H, {nq}, {nk}] for q_len={self.q_len}, "
                 f"k_len={self.k_len}, blocks {self.block_q}x{self.block_k}; got {tuple(keep.shape)}")
+        if keep.is_meta:
+            raise ValueError("BlockMap: keep is on the meta device (a shape without data); "
+                             "allowed: a bool tensor on a real device")
         if self.kv_lists is not None:
-            counts, indices = self.kv_lists
-            if (keep.dtype != torch.bool or tuple(counts.shape) != tuple(keep.shape[:-1])
-                    or indices.shape != keep.shape):
-                raise ValueError(f"BlockMap: with kv_lists, keep must be bool and the lists "
-                                 f"counts {tuple(keep.shape[:-1])} "
-                                 f"and indices {tuple(keep.shape)}; got {tuple(counts.shape)} "
-                                 f"and {tuple(indices.shape)}")
+            self._check_list_layout()
+            if self.check_lists:
+                self._check_list_values()
             return
         valid = shared_map(block_valid_map, self.q_len, self.k_len, self.block_q,
                            self.block_k, self.causal, keep.device)
         object.__setattr__(self, "keep", keep.to(torch.bool) & valid)
+
+    def _check_list_layout(self) -> None:
+        """Types, dtypes, devices and shapes of ``kv_lists`` (cheap: no tensor reads)."""
+        keep, lists = self.keep, self.kv_lists
+        if not (isinstance(lists, (tuple, list)) and len(lists) == 2
+                and all(isinstance(t, Tensor) for t in lists)):
+            raise ValueError(f"BlockMap: kv_lists must be a pair of tensors (counts, indices) "
+                             f"or None, got {type(lists).__name__}")
+        counts, indices = lists
+        if keep.dtype != torch.bool:
+            raise ValueError(f"BlockMap: with kv_lists, keep must be a bool tensor, got "
+                             f"{keep.dtype}")
+        for name, t in (("counts", counts), ("indices", indices)):
+            if t.dtype != torch.int32 or t.device != keep.device:
+                raise ValueError(f"BlockMap: kv_lists {name} must be int32 on keep's device "
+                                 f"({keep.device}), got {t.dtype} on {t.device}")
+        if tuple(counts.shape) != tuple(keep.shape[:-1]) or indices.shape != keep.shape:
+            raise ValueError(f"BlockMap: kv_lists must be counts {tuple(keep.shape[:-1])} "
+                             f"and indices {tuple(keep.shape)}; got {tuple(counts.shape)} "
+                             f"and {tuple(indices.shape)}")
+
+    def _check_list_values(self) -> None:
+        """``kv_lists`` lists exactly the kept blocks, in range, without repeats; ``keep``
+        holds no block causal masking removes. Vectorised: one scatter, a few compares."""
+        keep, (counts, indices) = self.keep, self.kv_lists
+        nk = keep.shape[-1]
+
+        def first(bad: Tensor) -> list[int]:
+            return [int(i) for i in bad.nonzero()[0]]
+
+        for name, t, high in (("counts", counts, nk), ("indices", indices, nk - 1)):
+            if t.numel() == 0:
+                continue
+            low_high = torch.stack(torch.aminmax(t)).tolist()  # one read, one host copy
+            if low_high[0] < 0 or low_high[1] > high:
+                at = first((t < 0) | (t > high))
+                what = "key blocks per row" if name == "counts" else "key blocks, padding included"
+                raise ValueError(f"BlockMap: kv_lists {name} must be in [0, {high}] ({what}), "
+                                 f"got {int(t[tuple(at)])} at {at}")
+        listed = torch.arange(nk, device=keep.device) < counts.unsqueeze(-1)
+        # How often each key block is listed: 1 where keep is True, 0 elsewhere.
+        hits = torch.zeros(keep.shape, dtype=torch.int32, device=keep.device)
+        hits.scatter_add_(-1, indices.long(), listed.to(torch.int32))
+        if not torch.equal(hits, keep.to(torch.int32)):
+            at = first(hits != keep)
+            row, block, n = at[:-1], at[-1], int(hits[tuple(at)])
+            if n > 1:
+                why = f"lists key block {block} {n} times; each kept block must appear once"
+            elif n == 1:
+                why = f"lists key block {block}, which keep does not keep"
+            else:
+                why = (f"lists {int(counts[tuple(row)])} blocks without key block {block}, "
+                       f"which keep keeps")
+            raise ValueError(f"BlockMap: kv_lists must list exactly the kept blocks; row "
+                             f"{row} (batch, head, query block) {why}")
+        if self.causal:
+            valid = shared_map(block_valid_map, self.q_len, self.k_len, self.block_q,
+                               self.block_k, True, keep.device)
+            bad = keep & ~valid
+            if bool(bad.any()):
+                raise ValueError(f"BlockMap: with kv_lists, keep must not keep a block causal "
+                                 f"masking removes entirely; got one at {first(bad)} "
+                                 f"(allowed: the True entries of valid())")
 
     @property
     def num_q_blocks(self) -> int:
