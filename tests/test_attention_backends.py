@@ -339,6 +339,67 @@ def test_run_backend_with_a_mismatched_block_map_is_safe(backend, kind):
         f"{proc.returncode}, result {result!r}; stderr tail: {proc.stderr[-400:]!r}")
 
 
+# The compiled kernel called directly, past BlockMap's checks: it must size its
+# buffers by the sequence, not the block, reject lists out of range, and turn an
+# allocation failure into an exception. Before, these aborted the process (an
+# exception escaping OpenMP), read out of bounds (exit 139), or took 18.8 GB for
+# block_q = 2**22 on 300 tokens. A child process under an 8 GiB address-space limit
+# keeps a runaway allocation from touching the machine.
+_KERNEL_LIMITS_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+    from creative_sparse.attention import masked_attention
+    from creative_sparse.attention.backends import cpu_kernel
+    ext = cpu_kernel._load()
+    if ext is None:
+        print("SKIP"); sys.exit(0)
+    case = sys.argv[1]
+
+    def lists(b, h, nq, nk):
+        return (torch.full((b, h, nq), nk, dtype=torch.int32),
+                torch.arange(nk, dtype=torch.int32).expand(b, h, nq, nk).contiguous())
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
+    if case == "huge_blocks":
+        ref = masked_attention(q, k, v, None, causal=True)
+        for bq, bk in ((2**22, 64), (128, 2**62), (2**31, 2**31), (2**62, 2**62)):
+            nq, nk = 299 // bq + 1, 299 // bk + 1
+            out = ext.block_sparse_forward(q, k, v, *lists(1, 2, nq, nk), bq, bk, 0.25, True)
+            assert (out - ref).abs().max().item() < 1e-5, (bq, bk)
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        assert peak_mib < 2048, f"peak RSS {peak_mib} MiB"
+    elif case == "list_out_of_range":
+        counts, indices = lists(1, 2, 3, 5)
+        indices[0, 1, 2, 0] = 99
+        try:
+            ext.block_sparse_forward(q, k, v, counts, indices, 128, 64, 0.25, True)
+            raise SystemExit("accepted")
+        except RuntimeError as exc:
+            assert "(0, 1, 2)" in str(exc), str(exc)
+    else:
+        assert case == "allocation_fails"  # 100000 x 100000 fp32 scores per thread: 40 GB
+        n = 100_000
+        q = k = v = torch.zeros(1, 1, n, 1)
+        try:
+            ext.block_sparse_forward(q, k, v, *lists(1, 1, 1, 1), n, n, 1.0, False)
+            raise SystemExit("allocated 40 GB under an 8 GiB limit?")
+        except (MemoryError, RuntimeError):
+            pass
+    print("OK")
+""")
+
+
+@pytest.mark.parametrize("case", ["huge_blocks", "list_out_of_range", "allocation_fails"])
+def test_compiled_kernel_never_kills_the_process(case):
+    proc = subprocess.run([sys.executable, "-c", _KERNEL_LIMITS_SCRIPT, case],
+                          capture_output=True, text=True, timeout=300)
+    result = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if result == "SKIP":
+        pytest.skip("the compiled kernel cannot be built here")
+    assert (proc.returncode, result) == (0, "OK"), (proc.returncode, proc.stderr[-800:])
+
+
 # --------------------------------------------------------------------------- dense limits
 
 

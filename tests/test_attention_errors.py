@@ -211,7 +211,14 @@ OPTION_CASES = (
              r"unknown attention backend 'cudnn'; allowed: cpu_kernel, triton, flex, torch, reference"))
     + cases(("sparse_attention", "predict_block_map"),
             ("block_q_0", {"block_q": 0}, r"block_q must be a positive int, got 0"),
-            ("block_k_-64", {"block_k": -64}, r"block_k must be a positive int, got -64"))
+            ("block_k_-64", {"block_k": -64}, r"block_k must be a positive int, got -64"),
+            ("block_q_4097", {"block_q": 4097},
+             r"block_q must be a positive int, got 4097; allowed: 1 to 4096"),
+            ("block_k_8192", {"block_k": 8192},
+             r"block_k must be a positive int, got 8192; allowed: 1 to 4096"))
+    + cases(("predict_block_map",),  # sparse_attention: see test_inputs_that_crashed_...
+            ("block_q_2**31", {"block_q": 2**31}, r"block_q .*got 2147483648; allowed: 1 to 4096"),
+            ("block_k_2**62", {"block_k": 2**62}, r"block_k .*got 4611686018427387904; allowed"))
 )
 
 
@@ -287,6 +294,11 @@ ONES = torch.ones(1, 1, 1, 2, dtype=torch.bool)
                  r"keep must have shape \[B, H, 1, 2\].*got \(1, 2\)", id="keep_rank2"),
     pytest.param((ONES, 0, 64, 100, 100), r"block_q must be a positive int, got 0", id="block_q_0"),
     pytest.param((ONES, 128, 0, 100, 100), r"block_k must be a positive int, got 0", id="block_k_0"),
+    pytest.param((ONES, 2**22, 64, 100, 100),
+                 r"block_q must be a positive int, got 4194304; allowed: 1 to 4096",
+                 id="block_q_2**22"),
+    pytest.param((ONES, 128, 2**62, 100, 100), r"block_k .*got 4611686018427387904; allowed",
+                 id="block_k_2**62"),
     pytest.param((ONES, 128.0, 64, 100, 100), r"block_q must be a positive int, got 128\.0",
                  id="block_q_float"),
     # keep fits block_q=1, so only the bool check can reject it
@@ -362,31 +374,40 @@ def test_block_map_accepts_kv_lists_in_any_order():
     torch.testing.assert_close(out, expected)
 
 
-# Out-of-range lists used to reach the compiled kernel, which read out of bounds
-# (exit 139), so this runs in a child process.
-_BAD_LISTS_SCRIPT = """
+# Inputs that used to kill the process in the compiled kernel, each run in a child
+# process: kv_lists with an index out of range (read out of bounds, exit 139), a
+# block_q of 2**31 (per-thread buffers sized by the block: an exception inside
+# OpenMP, abort) and a block_k of 2**62 (exit 139).
+_CRASH_SCRIPT = """
 import sys, torch
-from creative_sparse.attention import BlockMap, block_sparse_attention, dispatch
-backend = sys.argv[1]
+from creative_sparse.attention import BlockMap, block_sparse_attention, dispatch, sparse_attention
+backend, case = sys.argv[1], sys.argv[2]
 if backend not in dispatch.available_backends("cpu"):
     print("SKIP"); sys.exit(0)
 q = k = v = torch.randn(1, 1, 300, 16)
-counts = torch.full((1, 1, 3), 5, dtype=torch.int32)
-indices = torch.arange(5, dtype=torch.int32).expand(1, 1, 3, 5).clone()
-indices[..., 0] = 10**6
 try:
-    bm = BlockMap(torch.ones(1, 1, 3, 5, dtype=torch.bool), 128, 64, 300, 300,
-                  kv_lists=(counts, indices))
-    block_sparse_attention(q, k, v, bm, backend=backend)
+    if case == "kv_lists_out_of_range":
+        counts = torch.full((1, 1, 3), 5, dtype=torch.int32)
+        indices = torch.arange(5, dtype=torch.int32).expand(1, 1, 3, 5).clone()
+        indices[..., 0] = 10**6
+        bm = BlockMap(torch.ones(1, 1, 3, 5, dtype=torch.bool), 128, 64, 300, 300,
+                      kv_lists=(counts, indices))
+        block_sparse_attention(q, k, v, bm, backend=backend)
+    elif case == "block_q_2**31":
+        sparse_attention(q, k, v, block_q=2**31, backend=backend)
+    else:
+        assert case == "block_k_2**62"
+        sparse_attention(q, k, v, block_k=2**62, backend=backend)
 except ValueError:
     print("REJECTED"); sys.exit(0)
 print("ACCEPTED")
 """
 
 
+@pytest.mark.parametrize("case", ["kv_lists_out_of_range", "block_q_2**31", "block_k_2**62"])
 @pytest.mark.parametrize("backend", ["cpu_kernel", "torch"])
-def test_out_of_range_kv_lists_are_rejected_before_any_backend(backend):
-    proc = subprocess.run([sys.executable, "-c", _BAD_LISTS_SCRIPT, backend],
+def test_inputs_that_crashed_the_process_are_rejected(backend, case):
+    proc = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, backend, case],
                           capture_output=True, text=True, timeout=300)
     result = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     if result == "SKIP":

@@ -54,7 +54,7 @@ HeadParam = Union[float, int, Sequence[float], Tensor]
 
 
 def _num_blocks(length: int, block: int) -> int:
-    return max(1, math.ceil(length / block))
+    return max(1, -(-length // block))  # integer ceil: float division rounds past 2**53
 
 
 def block_valid_map(q_len: int, k_len: int, block_q: int, block_k: int, causal: bool,
@@ -131,7 +131,8 @@ class BlockMap:
         keep: bool ``[B, H, nq, nk]``, True = computed. Blocks that causal
             masking removes entirely are always False (the constructor clears
             them), so ``keep`` counts exactly the work done.
-        block_q, block_k: block sizes in query rows and key rows.
+        block_q, block_k: block sizes in query rows and key rows, each in
+            ``[1, MAX_BLOCK_SIZE]`` (4096; see :data:`.checks.MAX_BLOCK_SIZE`).
         q_len, k_len: sequence lengths the map was made for.
         causal: bottom-right causal masking inside the kept blocks.
         kv_lists: the kept blocks as lists, ``(counts, indices)`` as
@@ -164,7 +165,9 @@ class BlockMap:
     check_lists: bool = field(default=True, repr=False, compare=False)
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "q_len", "k_len"):
+        check_block_size("BlockMap: block_q", self.block_q)
+        check_block_size("BlockMap: block_k", self.block_k)
+        for name in ("q_len", "k_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"BlockMap: {name} must be a positive int, got {value!r}")
@@ -455,7 +458,8 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
         attention_sink: always keep the first key block.
         smooth_k: subtract the mean key first (does not change attention).
         scale: score multiplier, default ``1/sqrt(D)``.
-        block_q, block_k: block sizes.
+        block_q, block_k: block sizes, each in ``[1, 4096]``
+            (:data:`~creative_sparse.attention.checks.MAX_BLOCK_SIZE`).
 
     Returns:
         A :class:`BlockMap` with ``keep`` of shape ``[B, H, ceil(Lq/block_q), ceil(Lk/block_k)]``.

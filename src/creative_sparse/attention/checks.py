@@ -11,7 +11,17 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["check_block_size", "check_qk", "check_qkv", "check_scale", "to_hnd"]
+__all__ = ["MAX_BLOCK_SIZE", "check_block_size", "check_qk", "check_qkv", "check_scale",
+           "to_hnd"]
+
+MAX_BLOCK_SIZE = 4096
+"""Largest ``block_q`` / ``block_k`` accepted anywhere (32 times SpargeAttn's 128 x 64).
+
+A block is the unit the prediction pools and keeps; past a few thousand rows one
+block is most of a typical sequence and the map says little. The bound keeps each
+backend's per-block buffers (up to ``block_q`` x ``block_k`` scores per thread) to
+tens of MiB whatever a caller or a tuned-parameters file asks for.
+"""
 
 
 def _check_tensor(name: str, t, layout: str = "HND") -> None:
@@ -80,8 +90,22 @@ def check_scale(scale) -> None:
 
 
 def check_block_size(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    """Raise ``ValueError`` unless ``value`` is an int in ``[1, MAX_BLOCK_SIZE]``.
+
+    The one check for a block size wherever it enters (:func:`predict_block_map`,
+    :class:`BlockMap`, tuned-parameter files). ``name`` is the argument as the
+    caller knows it, e.g. ``"block_q"`` or ``"SparseParams.block_k"``.
+
+    Example:
+        >>> check_block_size("block_q", 128)
+        >>> check_block_size("block_q", 2**40)
+        Traceback (most recent call last):
+        ValueError: block_q must be a positive int, got 1099511627776; allowed: 1 to 4096
+    """
+    if (isinstance(value, bool) or not isinstance(value, int) or value < 1
+            or value > MAX_BLOCK_SIZE):
+        raise ValueError(f"{name} must be a positive int, got {value!r}; allowed: 1 to "
+                         f"{MAX_BLOCK_SIZE}")
 
 
 def check_output_dtype(output_dtype) -> None:
