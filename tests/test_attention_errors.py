@@ -121,6 +121,13 @@ SHAPE_CASES = [
     ("v_bool", lambda: (lambda q, k, v: (q, k, v > 0))(*qkv()), WITH_V, r"\bv\b.*floating.*bool"),
     ("q_len_0", lambda: qkv(lq=0), ALL, r"\bq\b.*\(1, 9, 0, 16\).*at least 1"),
     ("kv_len_0", lambda: qkv(lk=0), ALL, r"\bk\b.*\(1, 3, 0, 16\).*at least 1"),
+    ("q_meta", lambda: (lambda q, k, v: (q.to("meta"), k, v))(*qkv()), ALL,
+     r"\bq\b is on the meta device.*\(1, 9, 100, 16\); allowed: a tensor with data"),
+    ("all_meta", lambda: tuple(t.to("meta") for t in qkv()), ALL, r"\bq\b is on the meta device"),
+    ("v_meta", lambda: (lambda q, k, v: (q, k, v.to("meta")))(*qkv()), WITH_V,
+     r"\bv\b is on the meta device"),
+    ("k_sparse", lambda: (lambda q, k, v: (q, k.to_sparse(), v))(*qkv()), ALL,
+     r"\bk\b must be a dense \(strided\) tensor, got layout torch\.sparse_coo"),
 ]
 
 

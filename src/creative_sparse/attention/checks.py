@@ -27,6 +27,12 @@ tens of MiB whatever a caller or a tuned-parameters file asks for.
 def _check_tensor(name: str, t, layout: str = "HND") -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_meta:
+        raise ValueError(f"{name} is on the meta device (a shape without data), shape "
+                         f"{tuple(t.shape)}; allowed: a tensor with data (cpu, cuda, ...)")
+    if t.layout != torch.strided or t.is_nested:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}"
+                         f"{' (nested)' if t.is_nested else ''}")
     if t.dim() != 4:
         raise ValueError(f"{name} must have 4 dimensions ({layout}), got shape {tuple(t.shape)}")
     if not t.is_floating_point():
