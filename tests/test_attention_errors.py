@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,6 +192,38 @@ THRESHOLD_CASES = (
 def test_bad_thresholds(name, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         ENTRY_POINTS[name](*qkv(), **kwargs)
+
+
+NUMPY_SCALARS = [
+    pytest.param(lambda x: np.float32(x), id="np.float32"),
+    pytest.param(lambda x: np.float64(x), id="np.float64"),
+    pytest.param(lambda x: np.array(x), id="np.array_0d"),
+    pytest.param(lambda x: torch.tensor(x), id="tensor_0d"),
+]
+
+
+@pytest.mark.parametrize("heads", [1, 9])
+@pytest.mark.parametrize("wrap", NUMPY_SCALARS)
+def test_zero_dimensional_thresholds_apply_to_every_head(wrap, heads):
+    """A NumPy scalar, 0-d array or 0-d tensor is a scalar whatever the head count
+    (np.float32 and 0-d arrays used to pass with one head and fail with more)."""
+    q, k, v = qkv(h=heads, h_kv=1)
+    plain = dict(cdfthreshd=0.5, simthreshd1=0.25, pvthreshd=15)
+    expected = sparse_attention(q, k, v, **plain)
+    out = sparse_attention(q, k, v, **{name: wrap(x) for name, x in plain.items()})
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    topk = predict_block_map(q, k, topk=wrap(0.5))
+    assert torch.equal(topk.keep, predict_block_map(q, k, topk=0.5).keep)
+    with pytest.raises(ValueError, match=r"cdfthreshd must be in .*got 1\.5"):
+        sparse_attention(q, k, v, cdfthreshd=wrap(1.5))
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.5), np.float64(0.5), np.int64(2)],
+                         ids=["np.float32", "np.float64", "np.int64"])
+def test_numpy_scalar_scale_is_a_number(scale):
+    q, k, v = qkv()
+    expected = sparse_attention(q, k, v, scale=float(scale))
+    torch.testing.assert_close(sparse_attention(q, k, v, scale=scale), expected, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ other arguments

@@ -316,8 +316,11 @@ def per_head_param(value: HeadParam, name: str, num_heads: int, low: float, high
                    *, low_open: bool = False, device=None) -> Tensor:
     """Validate a scalar or per-head hyperparameter; return fp32 ``[num_heads]``.
 
-    Raises ``ValueError`` naming the argument, the value and the allowed range
-    (``(low, high]`` when ``low_open`` else ``[low, high]``).
+    A scalar is a Python number or anything 0-dimensional (a NumPy scalar such as
+    ``np.float32(0.9)``, a 0-d array or tensor): it applies to every head,
+    whatever their number. A per-head value is a sequence, array or tensor of
+    ``num_heads`` numbers. Raises ``ValueError`` naming the argument, the value
+    and the allowed range (``(low, high]`` when ``low_open`` else ``[low, high]``).
     """
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a number or a per-head sequence, got {value!r}")
@@ -326,10 +329,11 @@ def per_head_param(value: HeadParam, name: str, num_heads: int, low: float, high
         return torch.full((num_heads,), float(value), device=device, dtype=torch.float32)
     else:
         try:
-            values = torch.as_tensor(value, dtype=torch.float64, device="cpu").flatten()
+            values = torch.as_tensor(value, dtype=torch.float64, device="cpu")
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"{name} must be a number or a per-head sequence of numbers, got "
                              f"{value!r}") from None
+        values = values.expand(num_heads) if values.dim() == 0 else values.flatten()
         if values.numel() != num_heads:
             raise ValueError(f"{name}: a per-head value needs {num_heads} entries (one per "
                              f"query head), got {values.numel()}")

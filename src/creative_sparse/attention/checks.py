@@ -7,6 +7,7 @@ what is allowed.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -88,9 +89,10 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def check_scale(scale) -> None:
+    """``scale`` is None or a positive finite real number (NumPy scalars included)."""
     if scale is None:
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) \
             or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
