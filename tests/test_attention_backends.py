@@ -724,6 +724,61 @@ def test_output_dtype(fn, dtype):
         torch.testing.assert_close(forced.float(), out.float(), atol=1e-2, rtol=1e-2)
 
 
+def _fp64_oracle(q, k, v, mask, scale=None):
+    """Softmax attention over the True entries of ``mask`` in fp64, written out."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~mask, -math.inf)
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key: zeros
+    return weights @ v
+
+
+FP64_CALLS = [
+    pytest.param(lambda q, k, v, bm, **kw: sparse_attention(q, k, v, topk=0.5, is_causal=True,
+                                                            **kw), id="sparse_attention"),
+    pytest.param(lambda q, k, v, bm, **kw: block_sparse_attention(q, k, v, bm, **kw),
+                 id="block_sparse_attention"),
+]
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "reference"], ids=["auto", "torch", "reference"])
+@pytest.mark.parametrize("call", FP64_CALLS)
+def test_fp64_inputs_are_computed_in_fp64(call, backend):
+    """Inputs of 1e25 give scores of ~1e50: past fp32's 3.4e38 (NaN or zeros when
+    computed in fp32), well inside fp64's range."""
+    q, k, v = (t.double() * 1e25 for t in _qkv(_gen("fp64"), 1, 4, 2, 200, 300, 32, F32))
+    bm = predict_block_map(q, k, topk=0.5, causal=True)
+    out = call(q, k, v, bm, backend=backend)
+    assert out.dtype == torch.float64
+    expected = _fp64_oracle(q, k, v, bm.to_token_mask())
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9 * v.abs().max().item())
+
+
+def test_fp32_backend_warns_on_fp64_inputs():
+    if "cpu_kernel" not in dispatch.available_backends("cpu"):
+        pytest.skip("cpu_kernel cannot run here")
+    q, k, v = (t.double() for t in _qkv(_gen("fp64-warn"), 1, 2, 2, 100, 100, 16, F32))
+    with pytest.warns(UserWarning, match=r"'cpu_kernel' computes fp64 inputs in fp32.*torch, "
+                                         r"reference") as record:
+        sparse_attention(q, k, v, backend="cpu_kernel")
+    assert record[0].filename == __file__  # points at the caller, not the library
+
+
+def test_reference_backend_rounds_once_to_output_dtype():
+    """The oracle used to round to the input dtype (bf16) before output_dtype (fp32):
+    less precise than the backends it checks."""
+    q, k, v = _qkv(_gen("reference-rounding"), 1, 4, 2, 300, 300, 64, BF16)
+    bm = predict_block_map(q, k, topk=0.5)
+    expected = masked_attention(q.float(), k.float(), v.float(), bm.to_token_mask())
+    for backend in ("reference", "torch", "cpu_kernel"):
+        if backend not in dispatch.available_backends("cpu"):
+            continue
+        out = block_sparse_attention(q, k, v, bm, backend=backend, output_dtype=torch.float32)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5, msg=backend)
+
+
 # --------------------------------------------------------------------------- seed mask API
 
 
