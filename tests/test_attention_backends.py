@@ -218,10 +218,12 @@ def test_flex_backend_equals_masked_reference(lq, lk, h, h_kv, d, dtype, causal,
     _check_backend("flex", lq, lk, h, h_kv, d, dtype, causal, kind, b, scale)
 
 
-BLOCK_SIZE_CASES = [  # block_k = 640 is larger than the compiled kernel's 512-key chunk
+# block_k = 640 is larger than the compiled kernel's 512-key chunk; 4096 (the most
+# allowed) is longer than both sequences: one block each way.
+BLOCK_SIZE_CASES = [
     pytest.param(backend, bq, bk, id=f"{backend}-b{bq}x{bk}")
     for backend in ("cpu_kernel", "torch")
-    for bq, bk in ((16, 8), (64, 128), (100, 37), (128, 640))
+    for bq, bk in ((16, 8), (64, 128), (100, 37), (128, 640), (4096, 4096))
 ] + [pytest.param("flex", 64, 128, id="flex-b64x128")]  # one more FlexAttention compile
 
 

@@ -30,7 +30,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap,
     """
     b, h, lq, d = q.shape
     h_kv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    bq, bk = block_map.block_q, block_map.block_k
+    # A key block longer than the sequence is the one block of all lk keys: pad to
+    # that, not to block_k (4096 keys of padding for 129 keys was 30x the work).
+    bq, bk = block_map.block_q, min(block_map.block_k, lk)
     nq, nk = block_map.num_q_blocks, block_map.num_k_blocks
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     pad = nk * bk - lk
