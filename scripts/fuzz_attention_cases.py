@@ -116,10 +116,6 @@ def _head_value(pick, heads: int, low: float, high: float):
     return values if form == "list" else spec(form.removesuffix("_heads"), values)
 
 
-def _block_size(pick, options) -> int | None:
-    return pick.choice(options)
-
-
 def draw_case(pick, *, fn: str | None = None, backend: str | None = None,
               valid: bool | None = None, backends=CPU_BACKENDS) -> dict:
     """One call of ``fn`` (default: drawn) on ``backend``, valid or with one bad input."""
@@ -313,7 +309,8 @@ def _inputs(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     elif kind == "repeated_rows":
         for group in ((q,), (k, v)):
             n = group[0].shape[2]
-            src, dst = torch.randint(0, n, (3,), generator=g), torch.randint(0, n, (3,), generator=g)
+            src = torch.randint(0, n, (3,), generator=g)
+            dst = torch.randint(0, n, (3,), generator=g)
             for x in group:
                 x[:, :, dst] = x[:, :, src]
     q = q.to(DTYPES[case["dtype"]])
@@ -698,7 +695,8 @@ def map_invariants(case: dict, bm: BlockMap, kwargs: dict) -> str | None:
         return "attention_sink did not keep the first key block"
     threshold = kwargs.get("topk", kwargs.get("cdfthreshd", 0.97))
     values = torch.as_tensor(np.asarray(threshold, dtype=np.float64)).flatten()
-    if values.numel() and bool((values >= 1.0).all()) and not torch.equal(keep, valid.expand_as(keep)):
+    dense = valid.expand_as(keep)
+    if values.numel() and bool((values >= 1.0).all()) and not torch.equal(keep, dense):
         return "threshold 1.0 on every head did not keep every valid block"
     return None
 

@@ -744,7 +744,8 @@ FP64_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("backend", [None, "torch", "reference"], ids=["auto", "torch", "reference"])
+@pytest.mark.parametrize("backend", [None, "torch", "reference"],
+                         ids=["auto", "torch", "reference"])
 @pytest.mark.parametrize("call", FP64_CALLS)
 def test_fp64_inputs_are_computed_in_fp64(call, backend):
     """Inputs of 1e25 give scores of ~1e50: past fp32's 3.4e38 (NaN or zeros when

@@ -392,7 +392,8 @@ def _set(which, index, value):
                  r"lists 1 blocks without key block 1, which keep keeps", id="misses_a_kept_block"),
     # query rows 0-15 see keys 0-15 only: key block 1 (keys 64-99) is causally removed
     pytest.param(_kv_lists(block_q=16, causal=True),
-                 r"must not keep a block causal masking removes entirely; got one at \[0, 0, 0, 1\]",
+                 r"must not keep a block causal masking removes entirely; "
+                 r"got one at \[0, 0, 0, 1\]",
                  id="causally_removed_block"),
     pytest.param(_kv_lists() | dict(kv_lists=(torch.full((1, 1, 1), 2), torch.zeros(1, 1, 1, 2))),
                  r"kv_lists counts must be int32 on keep's device \(cpu\), got torch\.int64",

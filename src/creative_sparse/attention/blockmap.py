@@ -35,7 +35,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from .checks import check_block_size, check_qk, check_scale
+from .checks import (check_block_size, check_kv_lists_layout, check_kv_lists_values,
+                     check_qk, check_scale)
 
 __all__ = [
     "BlockMap",
@@ -184,76 +185,15 @@ class BlockMap:
             raise ValueError("BlockMap: keep is on the meta device (a shape without data); "
                              "allowed: a bool tensor on a real device")
         if self.kv_lists is not None:
-            self._check_list_layout()
+            check_kv_lists_layout(keep, self.kv_lists)
             if self.check_lists:
-                self._check_list_values()
+                valid = shared_map(block_valid_map, self.q_len, self.k_len, self.block_q,
+                                   self.block_k, True, keep.device) if self.causal else None
+                check_kv_lists_values(keep, *self.kv_lists, valid)
             return
         valid = shared_map(block_valid_map, self.q_len, self.k_len, self.block_q,
                            self.block_k, self.causal, keep.device)
         object.__setattr__(self, "keep", keep.to(torch.bool) & valid)
-
-    def _check_list_layout(self) -> None:
-        """Types, dtypes, devices and shapes of ``kv_lists`` (cheap: no tensor reads)."""
-        keep, lists = self.keep, self.kv_lists
-        if not (isinstance(lists, (tuple, list)) and len(lists) == 2
-                and all(isinstance(t, Tensor) for t in lists)):
-            raise ValueError(f"BlockMap: kv_lists must be a pair of tensors (counts, indices) "
-                             f"or None, got {type(lists).__name__}")
-        counts, indices = lists
-        if keep.dtype != torch.bool:
-            raise ValueError(f"BlockMap: with kv_lists, keep must be a bool tensor, got "
-                             f"{keep.dtype}")
-        for name, t in (("counts", counts), ("indices", indices)):
-            if t.dtype != torch.int32 or t.device != keep.device:
-                raise ValueError(f"BlockMap: kv_lists {name} must be int32 on keep's device "
-                                 f"({keep.device}), got {t.dtype} on {t.device}")
-        if tuple(counts.shape) != tuple(keep.shape[:-1]) or indices.shape != keep.shape:
-            raise ValueError(f"BlockMap: kv_lists must be counts {tuple(keep.shape[:-1])} "
-                             f"and indices {tuple(keep.shape)}; got {tuple(counts.shape)} "
-                             f"and {tuple(indices.shape)}")
-
-    def _check_list_values(self) -> None:
-        """``kv_lists`` lists exactly the kept blocks, in range, without repeats; ``keep``
-        holds no block causal masking removes. Vectorised: one scatter, a few compares."""
-        keep, (counts, indices) = self.keep, self.kv_lists
-        nk = keep.shape[-1]
-
-        def first(bad: Tensor) -> list[int]:
-            return [int(i) for i in bad.nonzero()[0]]
-
-        for name, t, high in (("counts", counts, nk), ("indices", indices, nk - 1)):
-            if t.numel() == 0:
-                continue
-            low_high = torch.stack(torch.aminmax(t)).tolist()  # one read, one host copy
-            if low_high[0] < 0 or low_high[1] > high:
-                at = first((t < 0) | (t > high))
-                what = "key blocks per row" if name == "counts" else "key blocks, padding included"
-                raise ValueError(f"BlockMap: kv_lists {name} must be in [0, {high}] ({what}), "
-                                 f"got {int(t[tuple(at)])} at {at}")
-        listed = torch.arange(nk, device=keep.device) < counts.unsqueeze(-1)
-        # How often each key block is listed: 1 where keep is True, 0 elsewhere.
-        hits = torch.zeros(keep.shape, dtype=torch.int32, device=keep.device)
-        hits.scatter_add_(-1, indices.long(), listed.to(torch.int32))
-        if not torch.equal(hits, keep.to(torch.int32)):
-            at = first(hits != keep)
-            row, block, n = at[:-1], at[-1], int(hits[tuple(at)])
-            if n > 1:
-                why = f"lists key block {block} {n} times; each kept block must appear once"
-            elif n == 1:
-                why = f"lists key block {block}, which keep does not keep"
-            else:
-                why = (f"lists {int(counts[tuple(row)])} blocks without key block {block}, "
-                       f"which keep keeps")
-            raise ValueError(f"BlockMap: kv_lists must list exactly the kept blocks; row "
-                             f"{row} (batch, head, query block) {why}")
-        if self.causal:
-            valid = shared_map(block_valid_map, self.q_len, self.k_len, self.block_q,
-                               self.block_k, True, keep.device)
-            bad = keep & ~valid
-            if bool(bad.any()):
-                raise ValueError(f"BlockMap: with kv_lists, keep must not keep a block causal "
-                                 f"masking removes entirely; got one at {first(bad)} "
-                                 f"(allowed: the True entries of valid())")
 
     @property
     def num_q_blocks(self) -> int:

@@ -51,8 +51,8 @@ import contextvars
 import logging
 import os
 import sys
-import warnings
 import time
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -61,9 +61,9 @@ from torch import Tensor
 from .blockmap import BlockMap, predict_block_map
 from .reference import compute_dtype
 
-__all__ = ["BACKENDS", "ENV_VAR", "PREDICTORS", "PREDICTOR_ENV_VAR", "available_backends",
-           "predict", "predictor_choices", "select_backend", "select_predictor", "run_backend",
-           "use_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "FP64_BACKENDS", "PREDICTORS", "PREDICTOR_ENV_VAR",
+           "available_backends", "predict", "predictor_choices", "select_backend",
+           "select_predictor", "run_backend", "use_backend"]
 
 logger = logging.getLogger(__name__)
 
