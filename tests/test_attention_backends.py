@@ -218,10 +218,12 @@ def test_flex_backend_equals_masked_reference(lq, lk, h, h_kv, d, dtype, causal,
     _check_backend("flex", lq, lk, h, h_kv, d, dtype, causal, kind, b, scale)
 
 
-BLOCK_SIZE_CASES = [  # block_k = 640 is larger than the compiled kernel's 512-key chunk
+# block_k = 640 is larger than the compiled kernel's 512-key chunk; 4096 (the most
+# allowed) is longer than both sequences: one block each way.
+BLOCK_SIZE_CASES = [
     pytest.param(backend, bq, bk, id=f"{backend}-b{bq}x{bk}")
     for backend in ("cpu_kernel", "torch")
-    for bq, bk in ((16, 8), (64, 128), (100, 37), (128, 640))
+    for bq, bk in ((16, 8), (64, 128), (100, 37), (128, 640), (4096, 4096))
 ] + [pytest.param("flex", 64, 128, id="flex-b64x128")]  # one more FlexAttention compile
 
 
@@ -337,6 +339,67 @@ def test_run_backend_with_a_mismatched_block_map_is_safe(backend, kind):
     assert proc.returncode == 0 and result in allowed, (
         f"run_backend(backend={backend!r}) with a {kind} block map: exit code "
         f"{proc.returncode}, result {result!r}; stderr tail: {proc.stderr[-400:]!r}")
+
+
+# The compiled kernel called directly, past BlockMap's checks: it must size its
+# buffers by the sequence, not the block, reject lists out of range, and turn an
+# allocation failure into an exception. Before, these aborted the process (an
+# exception escaping OpenMP), read out of bounds (exit 139), or took 18.8 GB for
+# block_q = 2**22 on 300 tokens. A child process under an 8 GiB address-space limit
+# keeps a runaway allocation from touching the machine.
+_KERNEL_LIMITS_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+    from creative_sparse.attention import masked_attention
+    from creative_sparse.attention.backends import cpu_kernel
+    ext = cpu_kernel._load()
+    if ext is None:
+        print("SKIP"); sys.exit(0)
+    case = sys.argv[1]
+
+    def lists(b, h, nq, nk):
+        return (torch.full((b, h, nq), nk, dtype=torch.int32),
+                torch.arange(nk, dtype=torch.int32).expand(b, h, nq, nk).contiguous())
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
+    if case == "huge_blocks":
+        ref = masked_attention(q, k, v, None, causal=True)
+        for bq, bk in ((2**22, 64), (128, 2**62), (2**31, 2**31), (2**62, 2**62)):
+            nq, nk = 299 // bq + 1, 299 // bk + 1
+            out = ext.block_sparse_forward(q, k, v, *lists(1, 2, nq, nk), bq, bk, 0.25, True)
+            assert (out - ref).abs().max().item() < 1e-5, (bq, bk)
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        assert peak_mib < 2048, f"peak RSS {peak_mib} MiB"
+    elif case == "list_out_of_range":
+        counts, indices = lists(1, 2, 3, 5)
+        indices[0, 1, 2, 0] = 99
+        try:
+            ext.block_sparse_forward(q, k, v, counts, indices, 128, 64, 0.25, True)
+            raise SystemExit("accepted")
+        except RuntimeError as exc:
+            assert "(0, 1, 2)" in str(exc), str(exc)
+    else:
+        assert case == "allocation_fails"  # 100000 x 100000 fp32 scores per thread: 40 GB
+        n = 100_000
+        q = k = v = torch.zeros(1, 1, n, 1)
+        try:
+            ext.block_sparse_forward(q, k, v, *lists(1, 1, 1, 1), n, n, 1.0, False)
+            raise SystemExit("allocated 40 GB under an 8 GiB limit?")
+        except (MemoryError, RuntimeError):
+            pass
+    print("OK")
+""")
+
+
+@pytest.mark.parametrize("case", ["huge_blocks", "list_out_of_range", "allocation_fails"])
+def test_compiled_kernel_never_kills_the_process(case):
+    proc = subprocess.run([sys.executable, "-c", _KERNEL_LIMITS_SCRIPT, case],
+                          capture_output=True, text=True, timeout=300)
+    result = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if result == "SKIP":
+        pytest.skip("the compiled kernel cannot be built here")
+    assert (proc.returncode, result) == (0, "OK"), (proc.returncode, proc.stderr[-800:])
 
 
 # --------------------------------------------------------------------------- dense limits
@@ -663,6 +726,62 @@ def test_output_dtype(fn, dtype):
         assert forced.dtype == wanted
         # The same result, rounded to the requested dtype (within one bf16 rounding).
         torch.testing.assert_close(forced.float(), out.float(), atol=1e-2, rtol=1e-2)
+
+
+def _fp64_oracle(q, k, v, mask, scale=None):
+    """Softmax attention over the True entries of ``mask`` in fp64, written out."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~mask, -math.inf)
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key: zeros
+    return weights @ v
+
+
+FP64_CALLS = [
+    pytest.param(lambda q, k, v, bm, **kw: sparse_attention(q, k, v, topk=0.5, is_causal=True,
+                                                            **kw), id="sparse_attention"),
+    pytest.param(lambda q, k, v, bm, **kw: block_sparse_attention(q, k, v, bm, **kw),
+                 id="block_sparse_attention"),
+]
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "reference"],
+                         ids=["auto", "torch", "reference"])
+@pytest.mark.parametrize("call", FP64_CALLS)
+def test_fp64_inputs_are_computed_in_fp64(call, backend):
+    """Inputs of 1e25 give scores of ~1e50: past fp32's 3.4e38 (NaN or zeros when
+    computed in fp32), well inside fp64's range."""
+    q, k, v = (t.double() * 1e25 for t in _qkv(_gen("fp64"), 1, 4, 2, 200, 300, 32, F32))
+    bm = predict_block_map(q, k, topk=0.5, causal=True)
+    out = call(q, k, v, bm, backend=backend)
+    assert out.dtype == torch.float64
+    expected = _fp64_oracle(q, k, v, bm.to_token_mask())
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9 * v.abs().max().item())
+
+
+def test_fp32_backend_warns_on_fp64_inputs():
+    if "cpu_kernel" not in dispatch.available_backends("cpu"):
+        pytest.skip("cpu_kernel cannot run here")
+    q, k, v = (t.double() for t in _qkv(_gen("fp64-warn"), 1, 2, 2, 100, 100, 16, F32))
+    with pytest.warns(UserWarning, match=r"'cpu_kernel' computes fp64 inputs in fp32.*torch, "
+                                         r"reference") as record:
+        sparse_attention(q, k, v, backend="cpu_kernel")
+    assert record[0].filename == __file__  # points at the caller, not the library
+
+
+def test_reference_backend_rounds_once_to_output_dtype():
+    """The oracle used to round to the input dtype (bf16) before output_dtype (fp32):
+    less precise than the backends it checks."""
+    q, k, v = _qkv(_gen("reference-rounding"), 1, 4, 2, 300, 300, 64, BF16)
+    bm = predict_block_map(q, k, topk=0.5)
+    expected = masked_attention(q.float(), k.float(), v.float(), bm.to_token_mask())
+    for backend in ("reference", "torch", "cpu_kernel"):
+        if backend not in dispatch.available_backends("cpu"):
+            continue
+        out = block_sparse_attention(q, k, v, bm, backend=backend, output_dtype=torch.float32)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5, msg=backend)
 
 
 # --------------------------------------------------------------------------- seed mask API

@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,6 +122,13 @@ SHAPE_CASES = [
     ("v_bool", lambda: (lambda q, k, v: (q, k, v > 0))(*qkv()), WITH_V, r"\bv\b.*floating.*bool"),
     ("q_len_0", lambda: qkv(lq=0), ALL, r"\bq\b.*\(1, 9, 0, 16\).*at least 1"),
     ("kv_len_0", lambda: qkv(lk=0), ALL, r"\bk\b.*\(1, 3, 0, 16\).*at least 1"),
+    ("q_meta", lambda: (lambda q, k, v: (q.to("meta"), k, v))(*qkv()), ALL,
+     r"\bq\b is on the meta device.*\(1, 9, 100, 16\); allowed: a tensor with data"),
+    ("all_meta", lambda: tuple(t.to("meta") for t in qkv()), ALL, r"\bq\b is on the meta device"),
+    ("v_meta", lambda: (lambda q, k, v: (q, k, v.to("meta")))(*qkv()), WITH_V,
+     r"\bv\b is on the meta device"),
+    ("k_sparse", lambda: (lambda q, k, v: (q, k.to_sparse(), v))(*qkv()), ALL,
+     r"\bk\b must be a dense \(strided\) tensor, got layout torch\.sparse_coo"),
 ]
 
 
@@ -186,6 +194,38 @@ def test_bad_thresholds(name, kwargs, pattern):
         ENTRY_POINTS[name](*qkv(), **kwargs)
 
 
+NUMPY_SCALARS = [
+    pytest.param(lambda x: np.float32(x), id="np.float32"),
+    pytest.param(lambda x: np.float64(x), id="np.float64"),
+    pytest.param(lambda x: np.array(x), id="np.array_0d"),
+    pytest.param(lambda x: torch.tensor(x), id="tensor_0d"),
+]
+
+
+@pytest.mark.parametrize("heads", [1, 9])
+@pytest.mark.parametrize("wrap", NUMPY_SCALARS)
+def test_zero_dimensional_thresholds_apply_to_every_head(wrap, heads):
+    """A NumPy scalar, 0-d array or 0-d tensor is a scalar whatever the head count
+    (np.float32 and 0-d arrays used to pass with one head and fail with more)."""
+    q, k, v = qkv(h=heads, h_kv=1)
+    plain = dict(cdfthreshd=0.5, simthreshd1=0.25, pvthreshd=15)
+    expected = sparse_attention(q, k, v, **plain)
+    out = sparse_attention(q, k, v, **{name: wrap(x) for name, x in plain.items()})
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    topk = predict_block_map(q, k, topk=wrap(0.5))
+    assert torch.equal(topk.keep, predict_block_map(q, k, topk=0.5).keep)
+    with pytest.raises(ValueError, match=r"cdfthreshd must be in .*got 1\.5"):
+        sparse_attention(q, k, v, cdfthreshd=wrap(1.5))
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.5), np.float64(0.5), np.int64(2)],
+                         ids=["np.float32", "np.float64", "np.int64"])
+def test_numpy_scalar_scale_is_a_number(scale):
+    q, k, v = qkv()
+    expected = sparse_attention(q, k, v, scale=float(scale))
+    torch.testing.assert_close(sparse_attention(q, k, v, scale=scale), expected, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ other arguments
 
 OPTION_CASES = (
@@ -211,7 +251,14 @@ OPTION_CASES = (
              r"unknown attention backend 'cudnn'; allowed: cpu_kernel, triton, flex, torch, reference"))
     + cases(("sparse_attention", "predict_block_map"),
             ("block_q_0", {"block_q": 0}, r"block_q must be a positive int, got 0"),
-            ("block_k_-64", {"block_k": -64}, r"block_k must be a positive int, got -64"))
+            ("block_k_-64", {"block_k": -64}, r"block_k must be a positive int, got -64"),
+            ("block_q_4097", {"block_q": 4097},
+             r"block_q must be a positive int, got 4097; allowed: 1 to 4096"),
+            ("block_k_8192", {"block_k": 8192},
+             r"block_k must be a positive int, got 8192; allowed: 1 to 4096"))
+    + cases(("predict_block_map",),  # sparse_attention: see test_inputs_that_crashed_...
+            ("block_q_2**31", {"block_q": 2**31}, r"block_q .*got 2147483648; allowed: 1 to 4096"),
+            ("block_k_2**62", {"block_k": 2**62}, r"block_k .*got 4611686018427387904; allowed"))
 )
 
 
@@ -287,6 +334,11 @@ ONES = torch.ones(1, 1, 1, 2, dtype=torch.bool)
                  r"keep must have shape \[B, H, 1, 2\].*got \(1, 2\)", id="keep_rank2"),
     pytest.param((ONES, 0, 64, 100, 100), r"block_q must be a positive int, got 0", id="block_q_0"),
     pytest.param((ONES, 128, 0, 100, 100), r"block_k must be a positive int, got 0", id="block_k_0"),
+    pytest.param((ONES, 2**22, 64, 100, 100),
+                 r"block_q must be a positive int, got 4194304; allowed: 1 to 4096",
+                 id="block_q_2**22"),
+    pytest.param((ONES, 128, 2**62, 100, 100), r"block_k .*got 4611686018427387904; allowed",
+                 id="block_k_2**62"),
     pytest.param((ONES, 128.0, 64, 100, 100), r"block_q must be a positive int, got 128\.0",
                  id="block_q_float"),
     # keep fits block_q=1, so only the bool check can reject it
@@ -300,6 +352,108 @@ ONES = torch.ones(1, 1, 1, 2, dtype=torch.bool)
 def test_block_map_constructor_validates(args, pattern):
     with pytest.raises(ValueError, match=pattern):
         BlockMap(*args)
+
+
+def _kv_lists(edit=None, *, block_q=128, causal=False):
+    """``BlockMap`` arguments for L=100 with every block kept and listed, ``edit``
+    applied to ``(keep, counts, indices)`` first."""
+    nq = math.ceil(L / block_q)
+    keep = torch.ones(1, 1, nq, NK, dtype=torch.bool)
+    counts = torch.full((1, 1, nq), NK, dtype=torch.int32)
+    indices = torch.arange(NK, dtype=torch.int32).expand(1, 1, nq, NK).clone()
+    if edit is not None:
+        edit(keep, counts, indices)
+    return dict(keep=keep, block_q=block_q, block_k=64, q_len=L, k_len=L, causal=causal,
+                kv_lists=(counts, indices))
+
+
+def _set(which, index, value):
+    def edit(keep, counts, indices):
+        {"keep": keep, "counts": counts, "indices": indices}[which][index] = value
+    return edit
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    pytest.param(_kv_lists(_set("indices", (0, 0, 0, 0), 10**6)),
+                 r"kv_lists indices must be in \[0, 1\].*got 1000000 at \[0, 0, 0, 0\]",
+                 id="index_out_of_range"),
+    pytest.param(_kv_lists(_set("indices", (0, 0, 0, 1), -1)),
+                 r"kv_lists indices must be in \[0, 1\].*got -1 at \[0, 0, 0, 1\]",
+                 id="index_negative"),
+    pytest.param(_kv_lists(_set("counts", (0, 0, 0), 3)),
+                 r"kv_lists counts must be in \[0, 2\].*got 3 at \[0, 0, 0\]", id="count_3"),
+    pytest.param(_kv_lists(_set("counts", (0, 0, 0), -1)),
+                 r"kv_lists counts must be in \[0, 2\].*got -1", id="count_negative"),
+    pytest.param(_kv_lists(_set("indices", (0, 0, 0, 1), 0)),
+                 r"row \[0, 0, 0\].*lists key block 0 2 times", id="duplicate"),
+    pytest.param(_kv_lists(_set("keep", (0, 0, 0, 1), False)),
+                 r"lists key block 1, which keep does not keep", id="lists_an_unkept_block"),
+    pytest.param(_kv_lists(_set("counts", (0, 0, 0), 1)),
+                 r"lists 1 blocks without key block 1, which keep keeps", id="misses_a_kept_block"),
+    # query rows 0-15 see keys 0-15 only: key block 1 (keys 64-99) is causally removed
+    pytest.param(_kv_lists(block_q=16, causal=True),
+                 r"must not keep a block causal masking removes entirely; "
+                 r"got one at \[0, 0, 0, 1\]",
+                 id="causally_removed_block"),
+    pytest.param(_kv_lists() | dict(kv_lists=(torch.full((1, 1, 1), 2), torch.zeros(1, 1, 1, 2))),
+                 r"kv_lists counts must be int32 on keep's device \(cpu\), got torch\.int64",
+                 id="int64_counts"),
+    pytest.param(_kv_lists() | dict(kv_lists=(torch.full((1, 1, 1), 2, dtype=torch.int32),)),
+                 r"kv_lists must be a pair of tensors.*got tuple", id="one_list"),
+    pytest.param(_kv_lists() | dict(keep=torch.ones(1, 1, NQ, NK)),
+                 r"with kv_lists, keep must be a bool tensor, got torch\.float32", id="float_keep"),
+])
+def test_block_map_rejects_bad_kv_lists(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        BlockMap(**kwargs)
+
+
+def test_block_map_accepts_kv_lists_in_any_order():
+    kwargs = _kv_lists(lambda keep, counts, indices: indices.copy_(indices.flip(-1)))
+    out = block_sparse_attention(*qkv(), BlockMap(**kwargs), backend="torch")
+    expected = block_sparse_attention(*qkv(), _dense_map(), backend="torch")
+    torch.testing.assert_close(out, expected)
+
+
+# Inputs that used to kill the process in the compiled kernel, each run in a child
+# process: kv_lists with an index out of range (read out of bounds, exit 139), a
+# block_q of 2**31 (per-thread buffers sized by the block: an exception inside
+# OpenMP, abort) and a block_k of 2**62 (exit 139).
+_CRASH_SCRIPT = """
+import sys, torch
+from creative_sparse.attention import BlockMap, block_sparse_attention, dispatch, sparse_attention
+backend, case = sys.argv[1], sys.argv[2]
+if backend not in dispatch.available_backends("cpu"):
+    print("SKIP"); sys.exit(0)
+q = k = v = torch.randn(1, 1, 300, 16)
+try:
+    if case == "kv_lists_out_of_range":
+        counts = torch.full((1, 1, 3), 5, dtype=torch.int32)
+        indices = torch.arange(5, dtype=torch.int32).expand(1, 1, 3, 5).clone()
+        indices[..., 0] = 10**6
+        bm = BlockMap(torch.ones(1, 1, 3, 5, dtype=torch.bool), 128, 64, 300, 300,
+                      kv_lists=(counts, indices))
+        block_sparse_attention(q, k, v, bm, backend=backend)
+    elif case == "block_q_2**31":
+        sparse_attention(q, k, v, block_q=2**31, backend=backend)
+    else:
+        assert case == "block_k_2**62"
+        sparse_attention(q, k, v, block_k=2**62, backend=backend)
+except ValueError:
+    print("REJECTED"); sys.exit(0)
+print("ACCEPTED")
+"""
+
+
+@pytest.mark.parametrize("case", ["kv_lists_out_of_range", "block_q_2**31", "block_k_2**62"])
+@pytest.mark.parametrize("backend", ["cpu_kernel", "torch"])
+def test_inputs_that_crashed_the_process_are_rejected(backend, case):
+    proc = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, backend, case],
+                          capture_output=True, text=True, timeout=300)
+    result = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if result == "SKIP":
+        pytest.skip(f"{backend} cannot run here")
+    assert (proc.returncode, result) == (0, "REJECTED"), (proc.returncode, proc.stderr[-600:])
 
 
 # -------------------------------------------------------------- no input mutation

@@ -260,7 +260,8 @@ def test_unsupported_shapes_are_rejected(interpret):
 def test_block_map_checks_the_lists_it_is_given():
     keep = torch.ones(1, 2, 1, 3, dtype=torch.bool)
     counts = torch.full((1, 2, 1), 3, dtype=torch.int32)
-    BlockMap(keep, 128, 64, 100, 150, kv_lists=(counts, torch.zeros(1, 2, 1, 3, dtype=torch.int32)))
+    indices = torch.arange(3, dtype=torch.int32).expand(1, 2, 1, 3).contiguous()
+    BlockMap(keep, 128, 64, 100, 150, kv_lists=(counts, indices))
     with pytest.raises(ValueError, match=r"indices \(1, 2, 1, 3\); got \(1, 2, 1\) and \(1, 2, 3\)"):
         BlockMap(keep, 128, 64, 100, 150,
                  kv_lists=(counts, torch.zeros(1, 2, 3, dtype=torch.int32)))

@@ -51,7 +51,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from .checks import check_block_size, check_qk, check_scale
+from .checks import (check_block_size, check_kv_lists_layout, check_kv_lists_values,
+                     check_qk, check_scale)
 
 __all__ = [
     "BlockMap",
@@ -75,7 +76,7 @@ SELECTIONS = ("mass", "sparge")
 
 
 def _num_blocks(length: int, block: int) -> int:
-    return max(1, math.ceil(length / block))
+    return max(1, -(-length // block))  # integer ceil: float division rounds past 2**53
 
 
 def block_valid_map(q_len: int, k_len: int, block_q: int, block_k: int, causal: bool,
@@ -152,14 +153,23 @@ class BlockMap:
         keep: bool ``[B, H, nq, nk]``, True = computed. Blocks that causal
             masking removes entirely are always False (the constructor clears
             them), so ``keep`` counts exactly the work done.
-        block_q, block_k: block sizes in query rows and key rows.
+        block_q, block_k: block sizes in query rows and key rows, each in
+            ``[1, MAX_BLOCK_SIZE]`` (4096; see :data:`.checks.MAX_BLOCK_SIZE`).
         q_len, k_len: sequence lengths the map was made for.
         causal: bottom-right causal masking inside the kept blocks.
         kv_lists: the kept blocks as lists, ``(counts, indices)`` as
-            :meth:`kv_indices` returns them, when the producer already has them
-            (the fused GPU prediction writes them with the map); else None.
-            A producer that passes them also guarantees that ``keep`` holds no
-            block causal masking removes (the check would cost GPU launches).
+            :meth:`kv_indices` returns them (int32, on ``keep``'s device), when
+            the producer already has them (the fused GPU prediction writes them
+            with the map); else None. The backends read the lists, not ``keep``,
+            so they must list exactly the kept blocks: each row's first
+            ``counts`` indices are its kept key blocks, each once, in any order;
+            every index, padding included, is in ``[0, nk)``; ``keep`` holds no
+            block causal masking removes. The constructor checks all of this
+            and raises ``ValueError`` naming the first offending entry.
+        check_lists: False skips those value checks (a few tensor operations
+            and, on a GPU, a wait for the device). Only for producers that
+            guarantee the lists, such as the fused predictor; wrong lists read
+            out of bounds in the compiled kernels.
 
     Example:
         >>> keep = torch.ones(1, 2, 1, 2, dtype=torch.bool)
@@ -174,9 +184,12 @@ class BlockMap:
     k_len: int
     causal: bool = False
     kv_lists: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+    check_lists: bool = field(default=True, repr=False, compare=False)
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "q_len", "k_len"):
+        check_block_size("BlockMap: block_q", self.block_q)
+        check_block_size("BlockMap: block_k", self.block_k)
+        for name in ("q_len", "k_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"BlockMap: {name} must be a positive int, got {value!r}")
@@ -189,14 +202,15 @@ class BlockMap:
             raise ValueError(
                 f"BlockMap: keep must have shape [B, H, {nq}, {nk}] for q_len={self.q_len}, "
                 f"k_len={self.k_len}, blocks {self.block_q}x{self.block_k}; got {tuple(keep.shape)}")
+        if keep.is_meta:
+            raise ValueError("BlockMap: keep is on the meta device (a shape without data); "
+                             "allowed: a bool tensor on a real device")
         if self.kv_lists is not None:
-            counts, indices = self.kv_lists
-            if (keep.dtype != torch.bool or tuple(counts.shape) != tuple(keep.shape[:-1])
-                    or indices.shape != keep.shape):
-                raise ValueError(f"BlockMap: with kv_lists, keep must be bool and the lists "
-                                 f"counts {tuple(keep.shape[:-1])} "
-                                 f"and indices {tuple(keep.shape)}; got {tuple(counts.shape)} "
-                                 f"and {tuple(indices.shape)}")
+            check_kv_lists_layout(keep, self.kv_lists)
+            if self.check_lists:
+                valid = shared_map(block_valid_map, self.q_len, self.k_len, self.block_q,
+                                   self.block_k, True, keep.device) if self.causal else None
+                check_kv_lists_values(keep, *self.kv_lists, valid)
             return
         valid = shared_map(block_valid_map, self.q_len, self.k_len, self.block_q,
                            self.block_k, self.causal, keep.device)
@@ -263,8 +277,11 @@ def per_head_param(value: HeadParam, name: str, num_heads: int, low: float, high
                    *, low_open: bool = False, device=None) -> Tensor:
     """Validate a scalar or per-head hyperparameter; return fp32 ``[num_heads]``.
 
-    Raises ``ValueError`` naming the argument, the value and the allowed range
-    (``(low, high]`` when ``low_open`` else ``[low, high]``).
+    A scalar is a Python number or anything 0-dimensional (a NumPy scalar such as
+    ``np.float32(0.9)``, a 0-d array or tensor): it applies to every head,
+    whatever their number. A per-head value is a sequence, array or tensor of
+    ``num_heads`` numbers. Raises ``ValueError`` naming the argument, the value
+    and the allowed range (``(low, high]`` when ``low_open`` else ``[low, high]``).
     """
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a number or a per-head sequence, got {value!r}")
@@ -273,10 +290,11 @@ def per_head_param(value: HeadParam, name: str, num_heads: int, low: float, high
         return torch.full((num_heads,), float(value), device=device, dtype=torch.float32)
     else:
         try:
-            values = torch.as_tensor(value, dtype=torch.float64, device="cpu").flatten()
+            values = torch.as_tensor(value, dtype=torch.float64, device="cpu")
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"{name} must be a number or a per-head sequence of numbers, got "
                              f"{value!r}") from None
+        values = values.expand(num_heads) if values.dim() == 0 else values.flatten()
         if values.numel() != num_heads:
             raise ValueError(f"{name}: a per-head value needs {num_heads} entries (one per "
                              f"query head), got {values.numel()}")
@@ -416,7 +434,8 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
         attention_sink: always keep the first key block.
         smooth_k: subtract the mean key first (does not change attention).
         scale: score multiplier, default ``1/sqrt(D)``.
-        block_q, block_k: block sizes.
+        block_q, block_k: block sizes, each in ``[1, 4096]``
+            (:data:`~creative_sparse.attention.checks.MAX_BLOCK_SIZE`).
         selection: ``"mass"`` (default) or ``"sparge"``, the rule set that turns
             ``cdfthreshd``/``topk``/``simthreshd1`` into kept blocks (module docstring).
 

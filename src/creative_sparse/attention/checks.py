@@ -7,16 +7,33 @@ what is allowed.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_block_size", "check_qk", "check_qkv", "check_scale", "to_hnd"]
+__all__ = ["MAX_BLOCK_SIZE", "check_block_size", "check_kv_lists_layout", "check_kv_lists_values",
+           "check_qk", "check_qkv", "check_scale", "to_hnd"]
+
+MAX_BLOCK_SIZE = 4096
+"""Largest ``block_q`` / ``block_k`` accepted anywhere (32 times SpargeAttn's 128 x 64).
+
+A block is the unit the prediction pools and keeps; past a few thousand rows one
+block is most of a typical sequence and the map says little. The bound keeps each
+backend's per-block buffers (up to ``block_q`` x ``block_k`` scores per thread) to
+tens of MiB whatever a caller or a tuned-parameters file asks for.
+"""
 
 
 def _check_tensor(name: str, t, layout: str = "HND") -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_meta:
+        raise ValueError(f"{name} is on the meta device (a shape without data), shape "
+                         f"{tuple(t.shape)}; allowed: a tensor with data (cpu, cuda, ...)")
+    if t.layout != torch.strided or t.is_nested:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}"
+                         f"{' (nested)' if t.is_nested else ''}")
     if t.dim() != 4:
         raise ValueError(f"{name} must have 4 dimensions ({layout}), got shape {tuple(t.shape)}")
     if not t.is_floating_point():
@@ -72,16 +89,97 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def check_scale(scale) -> None:
+    """``scale`` is None or a positive finite real number (NumPy scalars included)."""
     if scale is None:
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) \
             or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 
 def check_block_size(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    """Raise ``ValueError`` unless ``value`` is an int in ``[1, MAX_BLOCK_SIZE]``.
+
+    The one check for a block size wherever it enters (:func:`predict_block_map`,
+    :class:`BlockMap`, tuned-parameter files). ``name`` is the argument as the
+    caller knows it, e.g. ``"block_q"`` or ``"SparseParams.block_k"``.
+
+    Example:
+        >>> check_block_size("block_q", 128)
+        >>> check_block_size("block_q", 2**40)
+        Traceback (most recent call last):
+        ValueError: block_q must be a positive int, got 1099511627776; allowed: 1 to 4096
+    """
+    if (isinstance(value, bool) or not isinstance(value, int) or value < 1
+            or value > MAX_BLOCK_SIZE):
+        raise ValueError(f"{name} must be a positive int, got {value!r}; allowed: 1 to "
+                         f"{MAX_BLOCK_SIZE}")
+
+
+def check_kv_lists_layout(keep: Tensor, kv_lists) -> None:
+    """``kv_lists`` of a :class:`~creative_sparse.attention.BlockMap` is a pair of int32
+    tensors ``counts [B, H, nq]``, ``indices [B, H, nq, nk]`` on ``keep``'s device, and
+    ``keep`` is bool. Reads no tensor data."""
+    if not (isinstance(kv_lists, (tuple, list)) and len(kv_lists) == 2
+            and all(isinstance(t, Tensor) for t in kv_lists)):
+        raise ValueError(f"BlockMap: kv_lists must be a pair of tensors (counts, indices) "
+                         f"or None, got {type(kv_lists).__name__}")
+    counts, indices = kv_lists
+    if keep.dtype != torch.bool:
+        raise ValueError(f"BlockMap: with kv_lists, keep must be a bool tensor, got {keep.dtype}")
+    for name, t in (("counts", counts), ("indices", indices)):
+        if t.dtype != torch.int32 or t.device != keep.device:
+            raise ValueError(f"BlockMap: kv_lists {name} must be int32 on keep's device "
+                             f"({keep.device}), got {t.dtype} on {t.device}")
+    if tuple(counts.shape) != tuple(keep.shape[:-1]) or indices.shape != keep.shape:
+        raise ValueError(f"BlockMap: kv_lists must be counts {tuple(keep.shape[:-1])} "
+                         f"and indices {tuple(keep.shape)}; got {tuple(counts.shape)} "
+                         f"and {tuple(indices.shape)}")
+
+
+def check_kv_lists_values(keep: Tensor, counts: Tensor, indices: Tensor,
+                          valid: Tensor | None) -> None:
+    """The lists name exactly the kept blocks: each row's first ``counts`` indices are
+    its kept key blocks, each once; every index, padding included, is in ``[0, nk)``.
+    ``valid`` (bool ``[nq, nk]``, under causal masking) holds the blocks ``keep`` may
+    keep. Vectorised: a range reduction, one scatter, a compare; the positions of a
+    failure are looked up only to name them."""
+    nk = keep.shape[-1]
+
+    def first(bad: Tensor) -> list[int]:
+        return [int(i) for i in bad.nonzero()[0]]
+
+    for name, t, high in (("counts", counts, nk), ("indices", indices, nk - 1)):
+        if t.numel() == 0:
+            continue
+        low_high = torch.stack(torch.aminmax(t)).tolist()  # one read, one host copy
+        if low_high[0] < 0 or low_high[1] > high:
+            at = first((t < 0) | (t > high))
+            what = "key blocks per row" if name == "counts" else "key blocks, padding included"
+            raise ValueError(f"BlockMap: kv_lists {name} must be in [0, {high}] ({what}), "
+                             f"got {int(t[tuple(at)])} at {at}")
+    listed = torch.arange(nk, device=keep.device) < counts.unsqueeze(-1)
+    # How often each key block is listed: 1 where keep is True, 0 elsewhere.
+    hits = torch.zeros(keep.shape, dtype=torch.int32, device=keep.device)
+    hits.scatter_add_(-1, indices.long(), listed.to(torch.int32))
+    if not torch.equal(hits, keep.to(torch.int32)):
+        at = first(hits != keep)
+        row, block, n = at[:-1], at[-1], int(hits[tuple(at)])
+        if n > 1:
+            why = f"lists key block {block} {n} times; each kept block must appear once"
+        elif n == 1:
+            why = f"lists key block {block}, which keep does not keep"
+        else:
+            why = (f"lists {int(counts[tuple(row)])} blocks without key block {block}, "
+                   f"which keep keeps")
+        raise ValueError(f"BlockMap: kv_lists must list exactly the kept blocks; row {row} "
+                         f"(batch, head, query block) {why}")
+    if valid is not None:
+        bad = keep & ~valid
+        if bool(bad.any()):
+            raise ValueError(f"BlockMap: with kv_lists, keep must not keep a block causal "
+                             f"masking removes entirely; got one at {first(bad)} (allowed: "
+                             f"the True entries of valid())")
 
 
 def check_output_dtype(output_dtype) -> None:

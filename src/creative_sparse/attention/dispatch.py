@@ -15,6 +15,14 @@ Precedence: the ``backend=`` argument, then :func:`use_backend`, then the
 ``CREATIVE_SPARSE_BACKEND`` environment variable, then the automatic choice.
 A forced backend that cannot run is an error, never a silent switch.
 
+Precision: ``"torch"`` and ``"reference"`` compute in fp64 when an input is fp64
+(else fp32), and the automatic choice takes ``"torch"`` for fp64 inputs, so fp64
+keeps its range (fp32 scores overflow past 3.4e38 to NaN). ``"cpu_kernel"``,
+``"flex"`` and ``"triton"`` compute in fp32 (``"triton"`` with INT8 scores);
+forced on fp64 inputs they warn, once per call site, and round to fp32. Every
+backend returns its compute dtype, rounded to the caller's dtype once, last. The
+block-map prediction pools in fp32 whatever the input dtype.
+
 The block-map prediction is chosen here too (:func:`predict`): ``"torch"``
 (:func:`~creative_sparse.attention.predict_block_map`, any device) or
 ``"triton"`` (the same map from five fused GPU launches instead of about seventy,
@@ -42,21 +50,26 @@ import contextlib
 import contextvars
 import logging
 import os
+import sys
 import time
+import warnings
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from .blockmap import BlockMap, predict_block_map
+from .reference import compute_dtype
 
-__all__ = ["BACKENDS", "ENV_VAR", "PREDICTORS", "PREDICTOR_ENV_VAR", "available_backends",
-           "predict", "predictor_choices", "select_backend", "select_predictor", "run_backend",
-           "use_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "FP64_BACKENDS", "PREDICTORS", "PREDICTOR_ENV_VAR",
+           "available_backends", "predict", "predictor_choices", "select_backend",
+           "select_predictor", "run_backend", "use_backend"]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("cpu_kernel", "triton", "flex", "torch", "reference")
+FP64_BACKENDS = ("torch", "reference")
+"""Backends that compute fp64 inputs in fp64; the others compute in fp32."""
 ENV_VAR = "CREATIVE_SPARSE_BACKEND"
 PREDICTORS = ("auto", "torch", "triton")
 MAX_MAP_DIFFERENCE = 0.003
@@ -110,8 +123,13 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name in BACKENDS if _is_available(name, device)]
 
 
-def select_backend(device: torch.device | str, requested: str | None = None) -> str:
-    """Name of the backend to use on ``device`` (see the module docstring for precedence)."""
+def select_backend(device: torch.device | str, requested: str | None = None, *,
+                   dtype: torch.dtype | None = None) -> str:
+    """Name of the backend to use on ``device`` (see the module docstring for precedence).
+
+    ``dtype`` is the compute dtype of the inputs: for ``torch.float64`` the
+    automatic choice is ``"torch"``, which keeps fp64 (a forced backend stays forced).
+    """
     device = torch.device(device)
     name, source = requested, "backend"
     if name is None:
@@ -124,6 +142,8 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
             raise ValueError(f"{source}: attention backend {name!r} cannot run on device "
                              f"{device} here; available: {', '.join(available_backends(device))}")
         return name
+    if dtype == torch.float64:
+        return "torch"
     preference = ("triton", "flex", "torch") if device.type == "cuda" else ("cpu_kernel", "torch")
     for name in preference:
         if _is_available(name, device):
@@ -142,9 +162,10 @@ def _implementation(name: str) -> Callable[..., Tensor]:
         from .backends.torch_cpu import block_sparse_attention
     else:
         def block_sparse_attention(q, k, v, block_map, *, scale=None):
-            from .reference import masked_attention
+            from .reference import compute_dtype, masked_attention
             return masked_attention(q, k, v, block_map.to_token_mask(),
-                                    causal=block_map.causal, scale=scale)
+                                    causal=block_map.causal, scale=scale,
+                                    output_dtype=compute_dtype(q, k, v))
     return block_sparse_attention
 
 
@@ -161,6 +182,18 @@ def _fit_block_map(block_map: BlockMap, q: Tensor, k: Tensor) -> BlockMap:
     return block_map if (bb, bh) == (b, h) else block_map.expand_batch_heads(b, h)
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _outside_stacklevel() -> int:
+    """``stacklevel`` for a warning raised in this package that names the caller's
+    line: the first frame outside ``creative_sparse.attention``."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def run_backend(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap, *,
                 scale: float | None = None, backend: str | None = None,
                 out_dtype: torch.dtype | None = None, pvthreshd=None) -> Tensor:
@@ -173,7 +206,12 @@ def run_backend(q: Tensor, k: Tensor, v: Tensor, block_map: BlockMap, *,
     the backends that skip P·V (``"triton"``); the others compute kept blocks exactly.
     """
     block_map = _fit_block_map(block_map, q, k)
-    name = select_backend(q.device, backend)
+    dtype = compute_dtype(q, k, v)
+    name = select_backend(q.device, backend, dtype=dtype)
+    if dtype == torch.float64 and name not in FP64_BACKENDS:
+        warnings.warn(f"attention backend {name!r} computes fp64 inputs in fp32 (scores past "
+                      f"3.4e38 overflow); backends that keep fp64: {', '.join(FP64_BACKENDS)}",
+                      stacklevel=_outside_stacklevel())
     extra = {"pvthreshd": pvthreshd} if name == "triton" else {}
     out = _implementation(name)(q, k, v, block_map, scale=scale, **extra)
     return out.to(out_dtype or q.dtype)

@@ -1,4 +1,4 @@
-"""Dense and masked attention in plain PyTorch, computed in fp32: the oracle.
+"""Dense and masked attention in plain PyTorch, computed in fp32 (fp64 for fp64 inputs): the oracle.
 
 Everything else in :mod:`creative_sparse.attention` is tested against these
 functions. They favour being obviously right over being fast, but process the
@@ -16,7 +16,11 @@ Conventions (shared by every backend):
   instead; the two agree when ``q_len == k_len``.
 * A query row that is allowed no key at all (possible with a block mask, or with
   ``causal`` and ``q_len > k_len``) returns zeros, never NaN.
-* The result has the dtype of ``q`` (the computation itself is fp32).
+* The computation is fp32, or fp64 when any input is fp64 (:func:`compute_dtype`),
+  so fp64 inputs keep fp64's range (scores up to ~1.8e308, not fp32's 3.4e38).
+  The result has the dtype of ``q`` unless ``output_dtype`` says otherwise; the
+  ``"reference"`` backend asks for the compute dtype, so the one rounding to the
+  caller's dtype happens last, as in every backend.
 """
 
 from __future__ import annotations
@@ -26,11 +30,21 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["dense_attention", "masked_attention", "causal_token_mask", "expand_kv_heads",
-           "softmax_attend"]
+__all__ = ["dense_attention", "masked_attention", "causal_token_mask", "compute_dtype",
+           "expand_kv_heads", "softmax_attend"]
 
 # Query rows per chunk: bounds the fp32 score matrix to chunk x k_len per head.
 _ROW_CHUNK = 1024
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """fp64 when any of ``tensors`` is fp64, else fp32: the dtype attention is computed in.
+
+    Example:
+        >>> compute_dtype(torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1))
+        torch.float32
+    """
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def expand_kv_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -49,8 +63,10 @@ def causal_token_mask(q_len: int, k_len: int, device=None) -> Tensor:
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *,
-                     causal: bool = False, scale: float | None = None) -> Tensor:
-    """Attention restricted to the True entries of a token mask, in fp32.
+                     causal: bool = False, scale: float | None = None,
+                     output_dtype: torch.dtype | None = None) -> Tensor:
+    """Attention restricted to the True entries of a token mask, in fp32 (fp64 if an
+    input is fp64).
 
     Args:
         q: ``[B, H, Lq, D]``.
@@ -60,29 +76,31 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *,
             means every key.
         causal: also apply the bottom-right causal mask.
         scale: score multiplier; default ``1 / sqrt(D)``.
+        output_dtype: dtype of the result; default ``q.dtype``.
 
     Returns:
-        ``[B, H, Lq, Dv]`` in ``q.dtype``; rows with no allowed key are zero.
+        ``[B, H, Lq, Dv]`` in ``output_dtype``; rows with no allowed key are zero.
     """
     b, h, lq, d = q.shape
     lk = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    kf = expand_kv_heads(k, h).float()
-    vf = expand_kv_heads(v, h).float()
-    out = torch.zeros(b, h, lq, v.shape[-1], dtype=torch.float32, device=q.device)
+    dtype = compute_dtype(q, k, v)
+    kf = expand_kv_heads(k, h).to(dtype)
+    vf = expand_kv_heads(v, h).to(dtype)
+    out = torch.zeros(b, h, lq, v.shape[-1], dtype=dtype, device=q.device)
     full_causal = causal_token_mask(lq, lk, q.device) if causal else None
     if mask is not None:
         mask = mask.expand(b, h, lq, lk)
     for start in range(0, lq, _ROW_CHUNK):
         stop = min(start + _ROW_CHUNK, lq)
-        scores = torch.matmul(q[:, :, start:stop].float(), kf.transpose(-1, -2)) * scale
+        scores = torch.matmul(q[:, :, start:stop].to(dtype), kf.transpose(-1, -2)) * scale
         allowed = torch.ones_like(scores, dtype=torch.bool)
         if mask is not None:
             allowed = allowed & mask[:, :, start:stop]
         if full_causal is not None:
             allowed = allowed & full_causal[start:stop]
         out[:, :, start:stop] = softmax_attend(scores, allowed, vf)
-    return out.to(q.dtype)
+    return out.to(output_dtype or q.dtype)
 
 
 def softmax_attend(scores: Tensor, allowed: Tensor, values: Tensor, *,
@@ -90,9 +108,9 @@ def softmax_attend(scores: Tensor, allowed: Tensor, values: Tensor, *,
     """``softmax(scores over allowed keys) @ values``; rows with no allowed key give zeros.
 
     Args:
-        scores: fp32 ``[..., Lq, Lk]`` (already scaled).
+        scores: fp32 or fp64 ``[..., Lq, Lk]`` (already scaled).
         allowed: bool, broadcastable to ``scores``.
-        values: fp32 ``[..., Lk, Dv]``.
+        values: ``[..., Lk, Dv]`` in the dtype of ``scores``.
         return_weights: also return the attention probabilities ``[..., Lq, Lk]``
             (zero rows where nothing is allowed).
     """
@@ -102,19 +120,22 @@ def softmax_attend(scores: Tensor, allowed: Tensor, values: Tensor, *,
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
-    inv = torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(torch.float32).tiny),
+    inv = torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(denom.dtype).tiny),
                       torch.zeros_like(denom))
     out = torch.matmul(weights, values) * inv
     return (out, weights * inv) if return_weights else out
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
-                    scale: float | None = None) -> Tensor:
-    """Exact softmax attention in fp32; see :func:`masked_attention` for shapes.
+                    scale: float | None = None, output_dtype: torch.dtype | None = None
+                    ) -> Tensor:
+    """Exact softmax attention in fp32 (fp64 if an input is fp64); see
+    :func:`masked_attention` for shapes and arguments.
 
     Example:
         >>> q = torch.randn(1, 9, 63, 64); kv = torch.randn(1, 3, 63, 64)
         >>> dense_attention(q, kv, kv, causal=True).shape
         torch.Size([1, 9, 63, 64])
     """
-    return masked_attention(q, k, v, None, causal=causal, scale=scale)
+    return masked_attention(q, k, v, None, causal=causal, scale=scale,
+                            output_dtype=output_dtype)

@@ -29,6 +29,8 @@ from typing import Any, Mapping
 import torch
 
 from ..attention.blockmap import SELECTIONS, check_selection, per_head_param
+from ..attention.checks import MAX_BLOCK_SIZE
+from ..attention.checks import check_block_size as _check_block_size
 from ..jsonfile import read_json, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,6 @@ FAMILIES: Mapping[str, tuple[tuple[str, ...], str]] = MappingProxyType({
 })
 
 DENSE_PVTHRESHD = 50.0  # 2**-50: a PV-skip threshold that skips nothing measurable
-MAX_BLOCK_SIZE = 4096   # far above any kernel's tile (64-128); a larger value is a typo
 
 
 def _require_diffusers():
@@ -70,9 +71,9 @@ def _library_version() -> str:
 
 
 def check_block_size(value: int, name: str) -> int:
-    """Validate a prediction block size: an int in [1, MAX_BLOCK_SIZE] (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BLOCK_SIZE:
-        raise ValueError(f"{name} must be an int in [1, {MAX_BLOCK_SIZE}], got {value!r}")
+    """Validate a prediction block size with the attention layer's one check
+    (:func:`creative_sparse.attention.checks.check_block_size`); returns it."""
+    _check_block_size(name, value)
     return value
 
 

@@ -286,4 +286,4 @@ def predict_block_map(q: Tensor, k: Tensor, *, simthreshd1: HeadParam = 0.6,
         NK_POW2=max(16, 1 << (nk - 1).bit_length()), CAUSAL=bool(causal),
         TOPK=topk is not None, SINK=bool(attention_sink), SPARGE=selection == "sparge")
     return BlockMap(keep.view(torch.bool), block_q, block_k, lq, lk, bool(causal),
-                    kv_lists=(counts, indices))
+                    kv_lists=(counts, indices), check_lists=False)

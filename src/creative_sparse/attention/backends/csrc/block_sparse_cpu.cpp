@@ -7,6 +7,12 @@
 // kChunkKeys keys: runs of consecutive blocks are read in place, scattered
 // ones are first copied into a per-thread buffer so that each chunk is a single
 // pair of GEMMs (small per-block GEMMs waste most of the machine).
+//
+// Nothing here may crash the process on bad input: the per-thread buffers are
+// sized by what a block can hold (never more rows or keys than the sequence
+// has), allocated before the parallel region, block lists are range-checked as
+// they are read, and an exception inside the OpenMP region is caught there and
+// rethrown after it (one escaping a parallel region calls std::terminate).
 #if defined(__AVX512F__)
 #define CPU_CAPABILITY_AVX512
 #elif defined(__AVX2__)
@@ -19,8 +25,10 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <vector>
 
@@ -87,9 +95,11 @@ torch::Tensor block_sparse_forward(torch::Tensor q, torch::Tensor k, torch::Tens
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(3) == D && v.size(1) == Hkv &&
                   v.size(2) == Lk && Hkv > 0 && H % Hkv == 0,
               "block_sparse_forward: q/k/v shapes do not match");
-  TORCH_CHECK(counts.size(0) == B && counts.size(1) == H && nq == (Lq + block_q - 1) / block_q &&
+  TORCH_CHECK(Lq > 0 && Lk > 0, "block_sparse_forward: empty sequences");
+  // (L - 1) / block + 1 is ceil(L / block) without the overflow of L + block - 1.
+  TORCH_CHECK(counts.size(0) == B && counts.size(1) == H && nq == (Lq - 1) / block_q + 1 &&
                   indices.size(0) == B && indices.size(1) == H && indices.size(2) == nq &&
-                  nk == (Lk + block_k - 1) / block_k,
+                  nk == (Lk - 1) / block_k + 1,
               "block_sparse_forward: block lists do not match the shapes of q and k");
   const int64_t group = H / Hkv;
   const int64_t offset = Lk - Lq;  // bottom-right causal alignment
@@ -103,14 +113,27 @@ torch::Tensor block_sparse_forward(torch::Tensor q, torch::Tensor k, torch::Tens
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  const int64_t chunk_keys = std::max<int64_t>(kChunkKeys, block_k);
+  // A block holds at most min(block, L) rows or keys: buffers are sized by that,
+  // so a block size far past the sequence costs nothing.
+  const int64_t max_rows = std::min(block_q, Lq);
+  const int64_t chunk_keys = std::max<int64_t>(kChunkKeys, std::min(block_k, Lk));
 
   const int64_t items = B * H * nq;
   const int threads = std::max(1, at::get_num_threads());
   std::vector<Scratch> scratch(threads);
+  for (Scratch& ws : scratch) {  // allocated here, where a bad_alloc is an ordinary error
+    ws.k.resize(chunk_keys * D);
+    ws.v.resize(chunk_keys * Dv);
+    ws.s.resize(max_rows * chunk_keys);
+    ws.acc.resize(max_rows * Dv);
+    ws.row_max.resize(max_rows);
+    ws.row_sum.resize(max_rows);
+  }
+  std::atomic<int64_t> bad_list(-1);  // first item whose block list is out of range
+  std::exception_ptr error;           // first exception thrown inside the region
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t item = 0; item < items; ++item) {
+  // One (batch, head, query block): online softmax over its kept key blocks.
+  auto attend = [&](int64_t item) {
     // Visit the last query blocks first: under causal masking they hold the
     // most work, and dynamic scheduling balances the rest.
     const int64_t qb = nq - 1 - (item % nq);
@@ -118,12 +141,9 @@ torch::Tensor block_sparse_forward(torch::Tensor q, torch::Tensor k, torch::Tens
     const int64_t b = bh / H, h = bh % H;
     const int64_t hk = h / group;
     Scratch& ws = scratch[omp_get_thread_num()];
-    ws.k.resize(chunk_keys * D);
-    ws.v.resize(chunk_keys * Dv);
-    ws.s.resize(block_q * chunk_keys);
-    ws.acc.assign(block_q * Dv, 0.f);
-    ws.row_max.assign(block_q, neg_inf);
-    ws.row_sum.assign(block_q, 0.f);
+    std::fill(ws.acc.begin(), ws.acc.end(), 0.f);
+    std::fill(ws.row_max.begin(), ws.row_max.end(), neg_inf);
+    std::fill(ws.row_sum.begin(), ws.row_sum.end(), 0.f);
 
     const int64_t r0 = qb * block_q;
     const int64_t rows = std::min(block_q, Lq - r0);
@@ -132,6 +152,13 @@ torch::Tensor block_sparse_forward(torch::Tensor q, torch::Tensor k, torch::Tens
     const float* vbase = vp + (b * Hkv + hk) * Lk * Dv;
     const int64_t cnt = cp[(b * H + h) * nq + qb];
     const int32_t* list = ip + ((b * H + h) * nq + qb) * nk;
+    bool in_range = cnt >= 0 && cnt <= nk;
+    for (int64_t t = 0; in_range && t < cnt; ++t) in_range = list[t] >= 0 && list[t] < nk;
+    if (!in_range) {  // BlockMap checks the lists; this guards direct calls
+      int64_t none = -1;
+      bad_list.compare_exchange_strong(none, item);
+      return;
+    }
 
     int64_t j = 0;
     while (j < cnt) {
@@ -229,7 +256,22 @@ torch::Tensor block_sparse_forward(torch::Tensor q, torch::Tensor k, torch::Tens
         for (int64_t d = 0; d < Dv; ++d) orow[i * Dv + d] = ws.acc[i * Dv + d] * inv;
       }
     }
+  };
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t item = 0; item < items; ++item) {
+    try {
+      attend(item);
+    } catch (...) {
+#pragma omp critical(block_sparse_forward_error)
+      if (!error) error = std::current_exception();
+    }
   }
+  if (error) std::rethrow_exception(error);
+  const int64_t bad = bad_list.load();
+  TORCH_CHECK(bad < 0, "block_sparse_forward: the block list of (batch, head, query block) (",
+              bad / nq / H, ", ", bad / nq % H, ", ", nq - 1 - bad % nq,
+              ") has a count outside [0, ", nk, "] or a key block outside [0, ", nk, ")");
   return out;
 }
 
