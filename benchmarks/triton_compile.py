@@ -97,10 +97,13 @@ def _cases(quick: bool):
     select = {"Logits": "*fp32", "SimQ": "*fp32", "SimK": "*fp32", "SimT": "*fp32",
               "Thr": "*fp32", "Keep": "*i8", "Counts": "*i32", "Indices": "*i32",
               "scale": "fp32"}
-    for nk, topk in ((16, False), (512, True), (2048, False)):
-        yield (f"prediction selection {nk} key blocks {'top-k' if topk else 'CDF'}",
+    for nk, topk, sparge in ((16, False, False), (512, True, False), (2048, False, False),
+                             (512, True, True), (2048, False, True)):
+        rules = "the original's rules" if sparge else "ours"
+        yield (f"prediction selection {nk} key blocks {'top-k' if topk else 'CDF'}, {rules}",
                tk.select_blocks, select,
-               dict(BLOCK_Q=128, BLOCK_K=64, NK_POW2=nk, CAUSAL=True, TOPK=topk, SINK=True),
+               dict(BLOCK_Q=128, BLOCK_K=64, NK_POW2=nk, CAUSAL=True, TOPK=topk, SINK=True,
+                    SPARGE=sparge),
                4, 3, ("sm_80", "sm_90"))
 
 

@@ -176,6 +176,8 @@ def _draw_params(pick, fn: str) -> dict:
             selection = pick.choice(("cdfthreshd", "topk", "default"))
         if selection != "default":
             params[selection] = _head_value(pick, 9, 0.0, 1.0)
+        if fn in ("sparse_attention", "predict_block_map") and pick.chance(0.5):
+            params["selection"] = pick.choice(("mass", "sparge"))   # the rule set
         params["smooth_k"] = pick.chance(0.5)
         params["attention_sink"] = pick.chance(0.3)
     if fn in ("sparse_attention", "predict_block_map"):
@@ -211,6 +213,7 @@ BAD_NUMBERS = {
     "selection": (0, 1.5, math.nan, -0.1, math.inf, "x", [0.9] * 5, spec("np.float64", 0.0)),
     "pvthreshd": (0, -1, math.nan, -math.inf, "15", [15] * 5, spec("np.array", [15.0, -1.0])),
     "block_size": (0, -1, 4097, 2**31, 2**62, 2**70, 1.5, True, "64", None),
+    "rules": ("cdf", "Sparge", "", None, 1, ["mass"]),      # the selection= rule set
     "tensor_layout": ("BHLD", "hnd", None, 1),
     "output_dtype": (spec("dtype", "int32"), "float16", spec("dtype", "bool"),
                      spec("dtype", "complex64"), 1.0),
@@ -234,7 +237,7 @@ def _draw_bad(pick, case: dict) -> dict:
     if fn in THRESHOLDS:
         options += ["simthreshd1", "selection"]
     if fn in ("sparse_attention", "predict_block_map"):
-        options += ["block_size", "both_selections"]
+        options += ["block_size", "both_selections", "rules"]
     if fn != "predict_block_map":
         options += ["pvthreshd", "output_dtype", "tensor_layout", "backend"]
     if fn in SEED_CDF + SEED_TOPK + ("block_sparse_sage2_attn_cuda",):
@@ -475,6 +478,8 @@ def build_call(case: dict) -> Call:
         kwargs[bad["name"]] = decode(bad["value"])
     elif what == "both_selections":
         kwargs.update(cdfthreshd=0.9, topk=0.5)
+    elif what == "rules":
+        kwargs["selection"] = decode(bad["value"])
     elif what == "backend":
         if call.backend_context is not None:
             call.backend_context = bad["value"]
@@ -665,9 +670,11 @@ def _compare(case: dict, call: Call, out, keep, block_q, block_k, causal,
 
 def _prediction_kwargs(case: dict, call: Call) -> dict:
     names = ("simthreshd1", "cdfthreshd", "topk", "attention_sink", "smooth_k", "scale",
-             "block_q", "block_k")
+             "block_q", "block_k", "selection")
     kwargs = {n: call.kwargs[n] for n in names if n in call.kwargs}
     kwargs["causal"] = case["causal"]
+    if case["fn"] in SEED_CDF + SEED_TOPK:
+        kwargs.setdefault("selection", "sparge")     # the seed's names follow the original
     return kwargs
 
 
