@@ -9,8 +9,8 @@ generation, quality and autotune names load on first use.
     >>> from spas_sage_attn.autotune import find_optimal_sparsity
 """
 
-import importlib
 
+from creative_sparse._lazy import lazy_attributes
 from creative_sparse.attention import (
     block_sparse_sage2_attn_cuda,
     spas_sage2_attn_meansim_cuda,
@@ -41,14 +41,4 @@ __all__ = [
     "spas_sage_attn_meansim_topk_cuda",
 ]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
