@@ -39,14 +39,9 @@ class _Measurer:
 
     def reference(self, prompt: str) -> str:
         """The dense greedy continuation (novelty reference), once per prompt."""
-        from ..generation import SamplingParams, generate
-        from ..models.transformers import AttentionKnobs
-
         if prompt not in self._references:
-            out = generate(self.wrapper.model, self.wrapper.tokenizer, self._prompt_ids(prompt),
-                           max_new_tokens=self.plan.max_new_tokens,
-                           schedule=(SamplingParams(temperature=0), AttentionKnobs()))
-            self._references[prompt] = out.texts[0] or " "
+            self._references[prompt] = self.wrapper.greedy_reference(prompt,
+                                                                     self.plan.max_new_tokens)
         return self._references[prompt]
 
     def measure(self, index: int, prompt: str, s: float) -> tuple[tuple[float, ...], str]:

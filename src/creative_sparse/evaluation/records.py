@@ -62,7 +62,7 @@ class Results:
         return out + [self.units[k] for k in sorted(self.units)]
 
 
-def _check_record(record, where: str) -> str | None:
+def _check_record(record) -> str | None:
     """The problem with one parsed line, or None."""
     if not isinstance(record, dict) or record.get("type") not in _TYPES:
         return f"not a record of type {', '.join(_TYPES)}"
@@ -97,7 +97,7 @@ def read_results(path: str | Path) -> Results:
                 record = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 record = None
-            problem = "not valid JSON" if record is None else _check_record(record, "")
+            problem = "not valid JSON" if record is None else _check_record(record)
             if number == 1:
                 if problem or record["type"] != "header" or record.get("format") != FORMAT:
                     raise ValueError(f"{path}: line 1 is not a creative-sparse evaluation "

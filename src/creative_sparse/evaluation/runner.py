@@ -52,33 +52,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from .methods import METHODS, Method
 from .records import FORMAT, FORMAT_VERSION, ResultsWriter, merge_shards, read_results, unit_id
 from .tasks import load_task, list_tasks
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "Method", "Unit", "evaluate", "plan_units", "run_code_tests"]
-
-
-@dataclass(frozen=True)
-class Method:
-    """A method of the comparison: its knob and the default settings swept."""
-
-    id: str
-    knob: str
-    settings: tuple[float, ...]
-    label: str
-
-
-METHODS: Mapping[str, Method] = {m.id: m for m in (
-    Method("top_p", "temperature", (0.7, 1.0, 1.3), "Dense top-p"),
-    Method("min_p", "temperature", (0.7, 1.0, 1.5), "Min-p"),
-    Method("fixed", "level", (0.3, 0.6, 0.9), "Fixed Sparse"),
-    Method("progressive", "level", (0.3, 0.6, 0.9), "Progressive"),
-    Method("adaptive", "level", (0.3, 0.6, 0.9), "Adaptive"),
-    Method("moe_only", "level", (0.3, 0.6, 0.9), "MoE-Only"),
-    Method("creative_sparse", "level", (0.3, 0.6, 0.9), "Creative-Sparse"),
-)}
 
 
 @dataclass(frozen=True)
@@ -209,13 +189,8 @@ class _Scorer:
         key = (task, index)
         if key in self.references:
             return self.references[key], False
-        from ..generation import SamplingParams, generate
-        from ..models.transformers import AttentionKnobs
-
-        ids = self._cs.wrapper(self.model, self.tokenizer).prompt_ids(prompt)
-        out = generate(self.model, self.tokenizer, ids, max_new_tokens=self.max_new_tokens[task],
-                       schedule=(SamplingParams(temperature=0), AttentionKnobs()))
-        self.references[key] = out.texts[0] or " "
+        wrapper = self._cs.wrapper(self.model, self.tokenizer)
+        self.references[key] = wrapper.greedy_reference(prompt, self.max_new_tokens[task])
         return self.references[key], True
 
     def run(self, unit: Unit, reference: str) -> dict:

@@ -51,17 +51,16 @@ from typing import Any
 
 import numpy as np
 
+from .methods import METHODS as _METHODS
+
 __all__ = ["METHODS", "Estimate", "Row", "aggregate", "csv_columns", "format_markdown",
            "frontier_verdicts", "plot_frontiers", "write_csv"]
 
 FORMAT = "creative-sparse/evaluation-results"
 FORMAT_VERSION = 1
 #: method id -> (display name, knob); the report's row order.
-METHODS: dict[str, tuple[str, str]] = {
-    "top_p": ("Dense top-p", "temperature"), "min_p": ("Min-p", "temperature"),
-    "fixed": ("Fixed Sparse", "level"), "progressive": ("Progressive", "level"),
-    "adaptive": ("Adaptive", "level"), "moe_only": ("MoE-Only", "level"),
-    "creative_sparse": ("Creative-Sparse", "level")}
+#: method id -> (display name, knob), from the runner's one table of methods
+METHODS: dict[str, tuple[str, str]] = {m.id: (m.label, m.knob) for m in _METHODS.values()}
 BASELINES = ("top_p", "min_p")
 REFERENCE_TEMPERATURE = 1.0
 #: the frontier verdict compares settings whose mean NLL differ by at most this (nats/token)

@@ -217,6 +217,14 @@ class CreativeSparseWrapper:
                 return_dict=True)["input_ids"]
         return self.tokenizer(prompt, return_tensors="pt").input_ids
 
+    def greedy_reference(self, prompt: str, max_new_tokens: int) -> str:
+        """The dense greedy answer to ``prompt`` (the novelty reference of sweeps and
+        evaluations); a single space when the model answers nothing."""
+        out = generate(self.model, self.tokenizer, self.prompt_ids(prompt),
+                       max_new_tokens=max_new_tokens,
+                       schedule=(SamplingParams(temperature=0), AttentionKnobs()))
+        return out.texts[0] or " "
+
     def knobs(self, s: float, seeds: Sequence[int] | None = None):
         """``(SamplingParams, AttentionKnobs)`` of the dial at level ``s``."""
         return dial_knobs(self.controller, self.model, s, seeds)
