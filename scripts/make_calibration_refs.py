@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from creative_sparse.evaluation.tasks import load_task
+from creative_sparse.tasks import load_task
 from creative_sparse.generation import SamplingParams, generate
 from creative_sparse.models import load_model
 from creative_sparse.models.transformers import AttentionKnobs

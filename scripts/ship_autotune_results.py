@@ -2,7 +2,7 @@
 
 After running, for example, ``creative-sparse tune --task creative_writing --held-out``
 on the embedded model at the default budget, this writes every cached entry of
-that model into ``src/creative_sparse/evaluation/measured/<model>.json`` with the
+that model into ``src/creative_sparse/autotune/measured/<model>.json`` with the
 version fields removed from the keys, so `find_optimal_sparsity` answers from it
 on a fresh machine (see `creative_sparse.autotune`).
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from creative_sparse.autotune import UNSTABLE_KEY_FIELDS
 from creative_sparse.models.cache import default_cache_dir
 
-OUT = Path(__file__).resolve().parents[1] / "src" / "creative_sparse" / "evaluation" / "measured"
+OUT = Path(__file__).resolve().parents[1] / "src" / "creative_sparse" / "autotune" / "measured"
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ from creative_sparse.autotune import (REFERENCE_COST, OptimumNotIdentifiedWarnin
                                       plan_sweep, sweep_sparsity)
 from creative_sparse.cli import main
 from creative_sparse.config import QualityWeights
-from creative_sparse.quality.goldilocks import GoldilocksParams, maximize_q
+from creative_sparse.autotune.goldilocks import GoldilocksParams, maximize_q
 
 # Q = 0.4 N + 0.3 D - 0.3 I has its maximum at s* = 0.4577 (brute force below).
 CURVES = GoldilocksParams(0.2, 0.2, 0.8, 0.05, 0.2, 4.0, 0.0, 0.6, 3.0)

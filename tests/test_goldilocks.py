@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from creative_sparse.config import QualityWeights
-from creative_sparse.quality.goldilocks import (GoldilocksParams, bootstrap_fit, corollary_bounds,
+from creative_sparse.autotune.goldilocks import (GoldilocksParams, bootstrap_fit, corollary_bounds,
                                                 fit_goldilocks, fit_params, maximize_q,
                                                 measured_optimum, sign_changes)
 

@@ -11,8 +11,8 @@ from importlib import resources
 import pytest
 
 from creative_sparse.evaluation import Task, list_tasks, load_task
-from creative_sparse.evaluation import tasks as tasks_module
-from creative_sparse.evaluation.tasks import CodeTest
+from creative_sparse import tasks as tasks_module
+from creative_sparse.tasks import CodeTest
 from creative_sparse.generation.constraints import abc_notation, python_syntax
 
 TASKS = ("ad_copy", "code", "creative_writing", "music", "poetry")
@@ -87,7 +87,7 @@ def test_unknown_task_lists_the_known_ones():
 
 def test_prompt_files_are_package_data():
     """Read through importlib.resources, as an installed wheel would be."""
-    folder = resources.files("creative_sparse.evaluation") / "prompts"
+    folder = resources.files("creative_sparse.tasks") / "prompts"
     for name in TASKS:
         data = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
         assert data["task"] == name

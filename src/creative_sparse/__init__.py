@@ -14,8 +14,7 @@ and each public name imports its own layer only when first used.
 """
 
 from ._lazy import lazy_attributes
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 # Public names and the module that defines each. They load on first use (PEP 562), so
 # ``import creative_sparse.attention`` (or ``spas_sage_attn``) loads only the attention

@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="measure again and replace the cached answer")
     tune.add_argument("--json", action="store_true", help="machine-readable output")
     from .evaluation.runner import METHODS
-    from .evaluation.tasks import list_tasks
+    from .tasks import list_tasks
     ev = sub.add_parser(
         "evaluate", help="compare methods as frontiers on held-back prompts (JSONL results)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -10,7 +10,7 @@ Procedure (``docs/goldilocks.md`` has the details):
    scored: novelty, diversity, incoherence (the task's validators count as
    violations), Q = alpha N + beta D - gamma I.
 3. Golden-section steps refine the bracket around the best level.
-4. The Goldilocks model is fitted (:mod:`creative_sparse.quality.goldilocks`);
+4. The Goldilocks model is fitted (:mod:`creative_sparse.autotune.goldilocks`);
    intervals come from a bootstrap over prompts. s* is the fitted model's
    argmax when the model identifies a unique interior optimum, else the measured
    optimum (interpolated) with a warning; a flat Q returns its argmax with a warning.
@@ -26,7 +26,7 @@ Results are cached as JSON under ``<cache root>/autotune/`` (``$CREATIVE_SPARSE_
 or the user cache directory), keyed by everything that changes them. The team's
 own measurements for the embedded model (default budget, weights and dial, the
 tuning and held-out splits of ``creative_writing`` and ``code``) ship in
-``evaluation/measured/``: the same call answers from them on a fresh machine,
+``autotune/measured/``: the same call answers from them on a fresh machine,
 also under other library versions; ``cache="refresh"`` measures again.
 
 Example:
@@ -48,7 +48,7 @@ from typing import Sequence
 import numpy as np
 
 from ..config import SparsityConfig, as_quality_weights
-from ..evaluation.tasks import load_task
+from ..tasks import load_task
 from ..quality import metrics
 from ..quality.degeneration import DegenerationLimits
 from ..quality.functional import RELEVANCE_RANGE

@@ -85,7 +85,7 @@ def _read_cache(path: Path, key: Mapping[str, Any]) -> SweepResult | None:
 # Measurements that ship with the library (scripts/ship_autotune_results.py) are keyed
 # without these fields: a result measured under another version still answers.
 UNSTABLE_KEY_FIELDS = ("version", "transformers", "torch")
-_SHIPPED = Path(__file__).parent.parent / "evaluation" / "measured"
+_SHIPPED = Path(__file__).parent / "measured"
 
 
 def _read_shipped(key: Mapping[str, Any]) -> SweepResult | None:

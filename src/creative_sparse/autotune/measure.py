@@ -9,8 +9,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..config import QualityWeights, SparsityConfig
-from ..evaluation.tasks import Task
-from ..quality.goldilocks import bootstrap_fit, fit_goldilocks, measured_optimum
+from ..tasks import Task
+from .goldilocks import bootstrap_fit, fit_goldilocks, measured_optimum
 from .results import _GOLDEN, Measurements, SweepFailedError, SweepPlan
 
 logger = logging.getLogger("creative_sparse.autotune")

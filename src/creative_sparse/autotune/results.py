@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..config import QualityWeights
-from ..quality.goldilocks import BootstrapResult, CorollaryBounds, GoldilocksFit
+from .goldilocks import BootstrapResult, CorollaryBounds, GoldilocksFit
 
 __all__ = ["LevelRow", "Measurements", "OptimumNotIdentifiedWarning", "SweepFailedError",
            "SweepPlan", "SweepResult", "plan_sweep"]
@@ -202,13 +202,13 @@ class SweepResult:
 
     def format_table(self) -> str:
         """The table and the verdict as text."""
-        from ..evaluation.report import format_sweep
+        from .report import format_sweep
         return format_sweep(self)
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Write a PNG: measured N, D, I, Q over s with intervals, the fit, s* and the
         bounds. Needs matplotlib (``pip install 'creative-sparse[plots]'``)."""
-        from ..evaluation.report import plot_sweep
+        from .report import plot_sweep
         return plot_sweep(self, Path(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,10 +1,10 @@
-"""Evaluation: task prompt sets (tune, held-out and evaluation splits) for tuning and reports.
+"""Evaluation protocol (runner, records, tables); re-exports the task sets of :mod:`creative_sparse.tasks`.
 
     >>> from creative_sparse.evaluation import list_tasks, load_task
     >>> "poetry" in list_tasks()
     True
 """
 
-from .tasks import CodeTest, Task, list_tasks, load_task
+from ..tasks import CodeTest, Task, list_tasks, load_task
 
 __all__ = ["CodeTest", "Task", "list_tasks", "load_task"]

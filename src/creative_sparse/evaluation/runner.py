@@ -54,7 +54,7 @@ from typing import Callable, Mapping, Sequence
 
 from .methods import METHODS, Method
 from .records import FORMAT, FORMAT_VERSION, ResultsWriter, merge_shards, read_results, unit_id
-from .tasks import load_task, list_tasks
+from ..tasks import load_task, list_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
 
     Args:
         model, tokenizer: a causal LM and its tokenizer (e.g. ``load_model()``).
-        tasks, methods: names from :func:`~creative_sparse.evaluation.tasks.list_tasks`
+        tasks, methods: names from :func:`~creative_sparse.tasks.list_tasks`
             and :data:`METHODS`.
         seeds: one unit per seed (outputs of a unit use seeds derived from it).
         out: the results file (JSON lines); an existing one is resumed if it belongs
@@ -316,7 +316,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
     import torch
     from tqdm.auto import tqdm
 
-    from .. import __version__
+    from .._version import __version__
 
     if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 2:
         raise ValueError(f"num_outputs must be an int >= 2 (diversity needs two), got "

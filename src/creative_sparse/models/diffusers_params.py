@@ -66,7 +66,7 @@ def _require_diffusers():
 
 
 def _library_version() -> str:
-    from .. import __version__
+    from .._version import __version__
     return __version__
 
 

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..quality.goldilocks import sign_changes
+from .goldilocks import sign_changes
 
 if TYPE_CHECKING:
-    from ..autotune import SweepResult
+    from . import SweepResult
 
 __all__ = ["format_sweep", "plot_sweep"]
 

@@ -54,7 +54,7 @@ from importlib import resources
 
 __all__ = ["CodeTest", "Task", "list_tasks", "load_task"]
 
-_PACKAGE = "creative_sparse.evaluation"
+_PACKAGE = __name__
 _FOLDER = "prompts"
 _VALIDATORS = ("python", "abc")
 SPLITS = ("tune", "held_out", "evaluation")
