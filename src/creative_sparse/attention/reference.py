@@ -26,12 +26,13 @@ Conventions (shared by every backend):
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = ["dense_attention", "masked_attention", "causal_token_mask", "compute_dtype",
-           "expand_kv_heads", "softmax_attend"]
+           "expand_kv_heads", "softmax_attend", "token_topk_keep", "token_topk_reference"]
 
 # Query rows per chunk: bounds the fp32 score matrix to chunk x k_len per head.
 _ROW_CHUNK = 1024
@@ -139,3 +140,59 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     """
     return masked_attention(q, k, v, None, causal=causal, scale=scale,
                             output_dtype=output_dtype)
+
+
+def token_topk_keep(query: Tensor, key: Tensor, *, keep_fraction: float, sink_tokens: int = 4,
+                    local_window: int = 32, attention_mask: Tensor | None = None,
+                    scale: float | None = None, noise: float = 0.0,
+                    row_seeds: Sequence[int] | None = None, layer: int = 0,
+                    dense_rows: Sequence[int] = ()) -> Tensor:
+    """Bool ``[B, H, q, k]``: the keys each query keeps under token top-k, one query at a time.
+
+    The obvious reading of :func:`creative_sparse.attention.token_topk.token_topk_attention`
+    (same arguments): among the visible keys, the sinks (``j < sink_tokens``) and the
+    recent window (``j > i + k - q - local_window``) first, then the highest selection
+    scores (``q·k * scale``, in fp32, plus ``noise *`` the row seed's sub-network
+    noise), :func:`~creative_sparse.attention.token_topk.budget_for` keys in all; a
+    dense row keeps every visible key.
+    """
+    from .token_topk import budget_for, subnetwork_noise
+
+    b, h, q_len, d = query.shape
+    k_len = key.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    keys = expand_kv_heads(key.float(), h)
+    if attention_mask is None:
+        allowed = causal_token_mask(q_len, k_len).expand(b, h, q_len, k_len)
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask[..., :k_len].expand(b, h, q_len, k_len)
+    else:
+        floor = torch.finfo(attention_mask.dtype).min / 2
+        allowed = (attention_mask[..., :k_len] > floor).expand(b, h, q_len, k_len)
+    keep = torch.zeros(b, h, q_len, k_len, dtype=torch.bool)
+    for row in range(b):
+        extra = (noise * subnetwork_noise(row_seeds[row], layer, h, k_len)
+                 if noise > 0 and row_seeds is not None else torch.zeros(h, k_len))
+        for head in range(h):
+            for i in range(q_len):
+                visible = [j for j in range(k_len) if allowed[row, head, i, j]]
+                if row in dense_rows:
+                    keep[row, head, i, visible] = True
+                    continue
+                position = i + k_len - q_len
+                forced = [j for j in visible
+                          if j < sink_tokens or j > position - local_window]
+                select = (keys[row, head] @ query[row, head, i].float()) * scale + extra[head]
+                others = sorted((j for j in visible if j not in forced),
+                                key=lambda j: -float(select[j]))
+                budget = budget_for(len(visible), keep_fraction, sink_tokens, local_window)
+                keep[row, head, i, forced + others[: max(0, budget - len(forced))]] = True
+    return keep
+
+
+def token_topk_reference(query: Tensor, key: Tensor, value: Tensor, **kwargs) -> Tensor:
+    """Token top-k attention in fp64 over the keys of :func:`token_topk_keep` (same
+    keyword arguments); ``[B, H, q, Dv]``, zeros for a query with no visible key."""
+    keep = token_topk_keep(query, key, **kwargs)
+    return masked_attention(query.double(), key.double(), value.double(), keep,
+                            scale=kwargs.get("scale"))
