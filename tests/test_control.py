@@ -21,7 +21,7 @@ from creative_sparse.control import (
     experts_per_token,
     keep_fraction,
     kernel_thresholds,
-    kv_reuse_ratio,
+    cache_budget,
     router_temperature,
     seed_k_attn,
     temperature,
@@ -43,8 +43,8 @@ def test_s0_is_the_dense_model():
     p = params(0.0, num_experts=8, default_experts=2, context_len=777)
     assert p.temperature == 0.8 and p.top_p == 0.9
     assert p.experts_per_token == 2 and p.router_temperature == 1.0
-    assert p.keep_fraction == 1.0 and p.topk == 1.0 and p.attention_keys == 777
-    assert p.token_pruning_rate == 0.0 and p.kv_reuse_ratio == 0.0
+    assert p.keep_fraction == 1.0 and p.attention_keys == 777
+    assert p.token_pruning_rate == 0.0
     assert (p.simthreshd1, p.cdfthreshd, p.pvthreshd) == (0.6, 0.97, 15)
 
 
@@ -71,7 +71,6 @@ def test_formulas_match_the_written_math(s):
     assert p.cdfthreshd == pytest.approx(0.97 * (1 - 0.2 * s), rel=1e-12)
     assert p.pvthreshd == max(5, int(15 * (1 - 0.4 * s)))
     assert p.token_pruning_rate == pytest.approx(min(0.5, 0.4 * s ** 1.5), rel=1e-12)
-    assert p.kv_reuse_ratio == pytest.approx(0.3 * s, rel=1e-12)
 
 
 def test_seed_values_at_seed_operating_point():
@@ -92,7 +91,7 @@ def test_seed_values_at_seed_operating_point():
 def test_function_defaults_equal_config_defaults():
     cfg = SparsityConfig()
     renamed = {"schedule": None, "rate": "token_pruning_rate", "power": None, "cap":
-               "max_token_pruning_rate", "ratio": "kv_reuse_ratio"}
+               "max_token_pruning_rate"}
     functions = [temperature, top_p, experts_per_token, router_temperature, keep_fraction,
                  seed_k_attn, attention_keys, kernel_thresholds]
     for fn in functions:
@@ -103,9 +102,8 @@ def test_function_defaults_equal_config_defaults():
                     continue
                 assert prm.default == getattr(cfg, renamed.get(name, name)), (fn.__name__, name)
     power = {fn: inspect.signature(fn).parameters["power"].default
-             for fn in (token_pruning_rate, kv_reuse_ratio)}
-    assert power == {token_pruning_rate: cfg.token_pruning_power,
-                     kv_reuse_ratio: cfg.kv_reuse_power}
+             for fn in (token_pruning_rate,)}
+    assert power == {token_pruning_rate: cfg.token_pruning_power}
     assert inspect.signature(temperature).parameters["schedule"].default == cfg.temperature_schedule
     assert inspect.signature(top_p).parameters["schedule"].default == cfg.nucleus_adaptation
 
@@ -127,8 +125,8 @@ def test_monotone_schedule_is_non_increasing_from_dense_to_k0_frac():
     assert all(a >= b for a, b in zip(keys, keys[1:]))
 
 
-@pytest.mark.parametrize("knob", [temperature, top_p, router_temperature, token_pruning_rate,
-                                  kv_reuse_ratio], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("knob", [temperature, top_p, router_temperature, token_pruning_rate],
+                         ids=lambda f: f.__name__)
 def test_rising_knobs_are_non_decreasing(knob):
     values = [knob(s) for s in GRID]
     assert all(a <= b for a, b in zip(values, values[1:]))
@@ -150,7 +148,7 @@ def test_seed_k_attn_is_zero_extra_at_both_ends_and_peaks_near_0_71():
     assert params(0.0, cfg, context_len=4096).attention_keys == 1
     assert params(1.0, cfg, context_len=4096).attention_keys == 1
     peak = params(2 ** -0.5, cfg, context_len=4096)
-    assert peak.attention_keys == 7 and peak.keep_fraction == peak.topk == 7 / 4096
+    assert peak.attention_keys == 7 and peak.keep_fraction == 7 / 4096
     assert params(0.5, cfg).keep_fraction is None  # no context length, no fraction
 
 
@@ -277,10 +275,12 @@ def test_seed_style_construction():
             cfg.kv_reuse_ratio, cfg.temperature_schedule, cfg.nucleus_adaptation,
             cfg.simthreshd1, cfg.cdfthreshd, cfg.pvthreshd) == (
         0.6, 0.4, 0.8, 0.3, "exponential", "sigmoidal", 0.6, 0.97, 15)
-    positional = SparsityConfig(0.7, 0.3, 0.8, 0.2, "exponential", "sigmoidal", 0.5, 0.9, 12)
-    assert positional == SparsityConfig(attention_sparsity=0.7, token_pruning_rate=0.3,
-                                        kv_reuse_ratio=0.2, simthreshd1=0.5, cdfthreshd=0.9,
-                                        pvthreshd=12)
+    with pytest.warns(UserWarning, match="kv_reuse_ratio has no effect"):
+        positional = SparsityConfig(0.7, 0.3, 0.8, 0.2, "exponential", "sigmoidal", 0.5, 0.9, 12)
+    with pytest.warns(UserWarning, match="kv_reuse_ratio has no effect"):
+        assert positional == SparsityConfig(attention_sparsity=0.7, token_pruning_rate=0.3,
+                                            kv_reuse_ratio=0.2, simthreshd1=0.5,
+                                            cdfthreshd=0.9, pvthreshd=12)
     with pytest.raises(TypeError):  # formula constants are keyword-only
         SparsityConfig(0.7, 0.3, 0.8, 0.2, "exponential", "sigmoidal", 0.5, 0.9, 12, 1.0)
     w = QualityWeights()
@@ -311,3 +311,24 @@ def test_seed_dict_keys_work_for_a_dense_model():
     assert p.experts_per_token is None
     assert p["expert_activation"] == SparsityController().get_expert_activation(0.6) == 3
     assert f"{p['expert_activation']:7d}" == "      3"
+
+
+def test_cache_budget():
+    assert cache_budget(0.0, 10_000) is None                 # no pruning asked
+    assert cache_budget(0.4, 511) is None                    # too short to prune
+    assert cache_budget(0.25, 1000) == 750
+    assert cache_budget(0.99, 600, protected=36) == 37       # never below sinks + window + 1
+    assert cache_budget(0.3, 300, prune_from=100) == 210
+    with pytest.raises(ValueError, match=r"pruning_rate must be in \[0, 1\]"):
+        cache_budget(1.5, 1000)
+    with pytest.raises(ValueError, match="context_tokens"):
+        cache_budget(0.3, 0)
+
+
+@pytest.mark.parametrize("field, value", [("kv_reuse_ratio", 0.5), ("kv_reuse_power", 2.0),
+                                          ("moe_expert_entropy", 0.1)])
+def test_fields_without_effect_warn_when_set(field, value, recwarn):
+    with pytest.warns(UserWarning, match=f"{field} has no effect"):
+        SparsityConfig(**{field: value})
+    SparsityConfig()                                         # defaults: silent
+    assert not [w for w in recwarn if "has no effect" in str(w.message)]

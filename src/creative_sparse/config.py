@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import Optional
@@ -71,12 +72,17 @@ class SparsityConfig:
 
     - ``attention_sparsity`` (0.6, [0, 1]): the default operating level s for
       callers that do not choose one (the seed's operating point).
-    - ``token_pruning_rate`` (0.4, [0, 1]): fraction of cached tokens that may be
-      evicted at s = 1, before the ``max_token_pruning_rate`` cap.
-    - ``moe_expert_entropy`` (0.8, [0, 1]): kept for seed compatibility; no
-      formula reads it.
-    - ``kv_reuse_ratio`` (0.3, [0, 1]): fraction of a draft's prefix reused in
-      refine at s = 1.
+    - ``token_pruning_rate`` (0.4, [0, 1]): fraction of cached tokens evicted at
+      s = 1, before the ``max_token_pruning_rate`` cap: the drafts' KV cache is
+      bounded to ``1 - rate`` of its context (:func:`creative_sparse.control.cache_budget`;
+      contexts of 512 tokens or more).
+    - ``moe_expert_entropy`` (0.8, [0, 1]): accepted for the seed's positional
+      signature; no formula reads it (MoE routing is set by ``experts_per_token``
+      and ``router_temperature``). A value other than the default warns.
+    - ``kv_reuse_ratio`` (0.3, [0, 1]): accepted for the seed's positional
+      signature; no effect: refine always reuses the whole draft cache (prompt and
+      draft), since recomputing part of it would cost a prefill and keep the same
+      text. A value other than the default warns.
     - ``temperature_schedule`` ("exponential" | "constant"): T(s) as the seed's
       formula, or T0 at every s (an ablation).
     - ``nucleus_adaptation`` ("sigmoidal" | "constant"): p(s) likewise.
@@ -104,7 +110,7 @@ class SparsityConfig:
       integer >= 1) used when the caller gives none.
     - Pruning ``min(max_token_pruning_rate, token_pruning_rate * s**token_pruning_power)``:
       ``token_pruning_power`` (1.5, > 0), ``max_token_pruning_rate`` (0.5, [0, 1)).
-    - KV reuse ``kv_reuse_ratio * s**kv_reuse_power``: ``kv_reuse_power`` (1.0, > 0).
+    - ``kv_reuse_power`` (1.0, > 0): no effect (see ``kv_reuse_ratio``); warns when set.
     - Kernel thresholds ``simthreshd1 * (1 - sim_slope * s)``,
       ``cdfthreshd * (1 - cdf_slope * s)``,
       ``max(min(pv_min, pvthreshd), int(pvthreshd * (1 - pv_slope * s)))``:
@@ -201,6 +207,18 @@ class SparsityConfig:
         _check_real(o, "cdf_slope", self.cdf_slope, 0.0, 1.0, hi_open=True)
         _check_real(o, "pv_slope", self.pv_slope, 0.0, 1.0)
         _check_int(o, "pv_min", self.pv_min, 1)
+        for name, default, why in _WITHOUT_EFFECT:
+            if getattr(self, name) != default:
+                warnings.warn(f"SparsityConfig.{name} has no effect: {why}", UserWarning,
+                              stacklevel=3)
+
+
+# Fields kept for the seed's signature (and the autotune cache keys) that no formula reads.
+_WITHOUT_EFFECT = (
+    ("moe_expert_entropy", 0.8, "MoE routing follows experts_per_token and router_temperature"),
+    ("kv_reuse_ratio", 0.3, "refine always reuses the whole draft cache"),
+    ("kv_reuse_power", 1.0, "refine always reuses the whole draft cache"),
+)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from .config import SparsityConfig
 
 __all__ = [
     "SparsityController", "SparsityParams", "attention_keys", "check_level",
-    "experts_per_token", "keep_fraction", "kernel_thresholds", "kv_reuse_ratio",
+    "cache_budget", "experts_per_token", "keep_fraction", "kernel_thresholds",
     "router_temperature", "seed_k_attn", "temperature", "token_pruning_rate", "top_p",
 ]
 
@@ -190,18 +190,26 @@ def token_pruning_rate(s: float, *, rate: float = 0.4, power: float = 1.5,
     return min(cap, rate * s ** power)
 
 
-def kv_reuse_ratio(s: float, *, ratio: float = 0.3, power: float = 1.0) -> float:
-    """Fraction of a draft's prefix KV cache reused in refine: ``ratio * s**power``.
+def cache_budget(pruning_rate: float, context_tokens: int, *, prune_from: int = 512,
+                 protected: int = 36) -> Optional[int]:
+    """Most tokens a row's KV cache may hold under token pruning, or None (no bound).
 
-    0 at s = 0 (refine recomputes everything, as the dense model would),
-    non-decreasing, ``ratio`` at s = 1.
+    ``ceil((1 - pruning_rate) * context_tokens)``, at least ``protected + 1`` (the
+    sinks and recent window that eviction always keeps, plus one). None when
+    ``pruning_rate`` is 0 or the context is shorter than ``prune_from`` tokens: a
+    short cache costs little memory, and the attention mass that decides what to
+    evict is measured over too few queries to be trusted.
 
     Example:
-        >>> kv_reuse_ratio(0.0), kv_reuse_ratio(0.5), kv_reuse_ratio(1.0)
-        (0.0, 0.15, 0.3)
+        >>> cache_budget(0.0, 4000), cache_budget(0.3, 400), cache_budget(0.3, 1000)
+        (None, None, 700)
     """
-    s = check_level(s)
-    return min(1.0, ratio * s ** power)
+    if not 0.0 <= pruning_rate <= 1.0:
+        raise ValueError(f"pruning_rate must be in [0, 1], got {pruning_rate!r}")
+    n = _check_count("context_tokens", context_tokens)
+    if pruning_rate == 0.0 or n < prune_from:
+        return None
+    return max(protected + 1, math.ceil((1.0 - pruning_rate) * n - 1e-9))
 
 
 def kernel_thresholds(s: float, *, simthreshd1: float = 0.6, cdfthreshd: float = 0.97,
@@ -242,9 +250,11 @@ class SparsityParams:
     ``router_temperature`` (None unless the model is MoE); ``attention_schedule``;
     ``keep_fraction`` (fraction of keys attended; None for the seed schedule
     without ``context_len``); ``attention_keys`` (None without ``context_len``);
-    ``k_attn_seed`` (the seed's k_attn, always reported); ``token_pruning_rate``;
-    ``kv_reuse_ratio``; ``simthreshd1``, ``cdfthreshd``, ``pvthreshd``; ``topk``
-    (the kernel's top-k fraction, equal to ``keep_fraction``).
+    ``k_attn_seed`` (the seed's k_attn, always reported); ``token_pruning_rate``
+    (see :func:`cache_budget`); ``simthreshd1``, ``cdfthreshd``, ``pvthreshd``.
+
+    Where each is applied: ``docs/architecture.md``, section 4. The seed config's
+    ``kv_reuse_ratio`` has no output here: refine reuses the whole draft cache.
 
     ``params["temperature"]`` also works, with the seed's dict keys
     ``nucleus_threshold``, ``expert_activation`` and ``attention_scaling`` as aliases
@@ -267,11 +277,9 @@ class SparsityParams:
     attention_keys: Optional[int]
     k_attn_seed: float
     token_pruning_rate: float
-    kv_reuse_ratio: float
     simthreshd1: float
     cdfthreshd: float
     pvthreshd: int
-    topk: Optional[float]
 
     def as_dict(self) -> dict[str, Any]:
         """All fields as a plain dict (a copy). Example: ``params.as_dict()["top_p"]``."""
@@ -373,8 +381,7 @@ class SparsityController:
             token_pruning_rate=token_pruning_rate(
                 s, rate=c.token_pruning_rate, power=c.token_pruning_power,
                 cap=c.max_token_pruning_rate),
-            kv_reuse_ratio=kv_reuse_ratio(s, ratio=c.kv_reuse_ratio, power=c.kv_reuse_power),
-            simthreshd1=sim, cdfthreshd=cdf, pvthreshd=pv, topk=frac,
+            simthreshd1=sim, cdfthreshd=cdf, pvthreshd=pv,
         )
 
     def get_temperature(self, sparsity: float) -> float:

@@ -41,7 +41,7 @@ import torch
 
 from ..attention import sparse_attention
 from ..config import QualityWeights, SparsityConfig, as_quality_weights
-from ..control import SparsityController, check_level
+from ..control import SparsityController, cache_budget, check_level
 from ..models.moe import find_routers
 from ..models.transformers import AttentionKnobs
 from ..quality import LikelihoodScorer, OutputQuality, QualityFunctional
@@ -264,10 +264,17 @@ class CreativeSparseWrapper:
         # the other constraints are about the whole answer and steer the refinement.
         seeds = [seed * 1000 + i for i in range(num_drafts)]
         banned = [p for p in constraint_set.processors if isinstance(p, BannedPhrases)]
+        # Token pruning: the drafts' cache is bounded to (1 - rate) of its context
+        # (long contexts only, see control.cache_budget); refine continues from it.
+        knobs = AttentionKnobs()
+        cache_limit = cache_budget(
+            self.controller.get_sparsity_params(diverge).token_pruning_rate,
+            ids.shape[1] + draft_len, protected=knobs.sink_tokens + knobs.local_window)
         batch = generate(model, tok, ids, num_rows=num_drafts + 1, max_new_tokens=draft_len,
                          schedule=self.knobs(diverge, [seed * 1000 - 1] + seeds),
                          seeds=[seed * 1000 - 1] + seeds, keep_state=True, reference_rows=[0],
-                         logit_processor=ConstraintSet(banned) if banned else None)
+                         logit_processor=ConstraintSet(banned) if banned else None,
+                         max_cache_tokens=cache_limit)
         reference_text = batch.texts[0]
         drafts = _without_first_row(batch)
         ref_texts = [reference_text or " "]

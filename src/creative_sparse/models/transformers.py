@@ -53,6 +53,9 @@ class AttentionKnobs:
         local_window: most recent tokens always kept, >= 0.
         simthreshd1, cdfthreshd, topk: SpargeAttn prefill thresholds
             (``topk`` overrides ``cdfthreshd`` when set).
+        pvthreshd: the prefill kernel may skip a P·V product whose weights are all
+            below ``2**-pvthreshd`` of the running maximum (log2 units, > 0); honoured
+            by the Triton GPU kernel, exact elsewhere. ``None`` never skips.
         min_prefill_len: queries per call from which the block-sparse path is used.
         noise: Gumbel-noise scale on the key selection scores, >= 0 (0 = none).
         row_seeds: one int seed per batch row for the noise; ``None`` = no noise.
@@ -73,6 +76,7 @@ class AttentionKnobs:
     simthreshd1: float = 0.6
     cdfthreshd: float = 0.97
     topk: float | None = None
+    pvthreshd: float | None = None
     min_prefill_len: int = 256
     noise: float = 0.0
     row_seeds: tuple[int, ...] | None = None
@@ -92,6 +96,9 @@ class AttentionKnobs:
         check("simthreshd1", -1.0 <= self.simthreshd1 <= 1.0, "in [-1, 1]")
         check("cdfthreshd", 0.0 < self.cdfthreshd <= 1.0, "in (0, 1]")
         check("topk", self.topk is None or 0.0 < self.topk <= 1.0, "None or in (0, 1]")
+        check("pvthreshd", self.pvthreshd is None or (self.pvthreshd > 0
+                                                      and not math.isnan(self.pvthreshd)),
+              "None or > 0")
         check("min_prefill_len", isinstance(self.min_prefill_len, int)
               and self.min_prefill_len >= 1, "an int >= 1")
         check("noise", self.noise >= 0.0 and math.isfinite(self.noise), "finite and >= 0")
@@ -111,7 +118,7 @@ class AttentionKnobs:
         """Knobs from the dial: a :class:`creative_sparse.control.SparsityParams` at level s.
 
         The key budget is ``params.keep_fraction`` (dense at s = 0); prefill uses
-        ``params.simthreshd1``/``cdfthreshd``; sub-network noise is
+        ``params.simthreshd1``/``cdfthreshd``/``pvthreshd``; sub-network noise is
         ``noise_per_level * s`` when ``row_seeds`` are given. ``overrides`` set
         any other field.
 
@@ -124,6 +131,7 @@ class AttentionKnobs:
         fields = dict(
             keep_fraction=params.keep_fraction if params.keep_fraction is not None else 1.0,
             simthreshd1=params.simthreshd1, cdfthreshd=params.cdfthreshd,
+            pvthreshd=params.pvthreshd,
             noise=noise_per_level * params.s if row_seeds is not None else 0.0,
             row_seeds=tuple(row_seeds) if row_seeds is not None else None,
             experts_per_token=params.experts_per_token,
@@ -266,7 +274,8 @@ def creative_sparse_attention(module: torch.nn.Module, query: Tensor, key: Tenso
             query, key, simthreshd1=knobs.simthreshd1,
             cdfthreshd=None if topk is not None else knobs.cdfthreshd, topk=topk, causal=True,
             attention_sink=knobs.sink_tokens > 0, scale=scaling)
-        out = block_sparse_attention(query, key, value, block_map, scale=scaling)
+        out = block_sparse_attention(query, key, value, block_map, scale=scaling,
+                                     pvthreshd=knobs.pvthreshd)
         stats.add(pairs_computed=block_map.pair_count(), pairs_dense=_causal_pairs(query, key),
                   blocks_kept=block_map.keep.sum(),
                   blocks_total=block_map.valid().sum() * (query.shape[0] * query.shape[1]))
