@@ -63,3 +63,23 @@ def form_fields(html: str) -> dict | None:
     if not (csrf and pair):
         return None
     return {"csrf_token": csrf.group(1), "assignment": pair.group(1)}
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def chromium(tmp_path: Path, width: int = 1280, height: int = 900):
+    """A headless Chromium driven by Debian's chromedriver, with a fresh profile and the
+    background services off (they stall on a closed network)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                 f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)

@@ -318,3 +318,12 @@ def test_cli_export_import_and_invite(store, tmp_path, capsys):
         main(["human", "report", str(tmp_path / "missing.jsonl")])
     assert exc.value.code == 2
     assert "missing.jsonl: no such judgements file" in capsys.readouterr().err
+
+
+def test_the_first_pair_after_loading_is_served_inside_one_transaction(store):
+    # the pair list is built inside the serving transaction (SQLite: BEGIN IMMEDIATE);
+    # a second connection there would wait on the first one's lock and fail
+    rid = store.rater(store.add_rater("alice"))["id"]
+    store._pairs = None
+    pair = store.assignment(rid)
+    assert pair is not None and pair["task"] == "poetry"

@@ -85,19 +85,40 @@ def bradley_terry(wins: np.ndarray, prior: float = 0.01) -> np.ndarray:
     return theta - theta.mean()
 
 
-def _tally(votes: Sequence[Mapping], methods: list[str]):
-    idx = {m: k for k, m in enumerate(methods)}
-    wins = np.zeros((len(methods), len(methods)))
-    for v in votes:
-        i, j = idx[v["left"]["method"]], idx[v["right"]["method"]]
-        if v["answer"] == "left":
-            wins[i, j] += 1
-        elif v["answer"] == "right":
-            wins[j, i] += 1
-        elif v["answer"] == "tie":
-            wins[i, j] += 0.5
-            wins[j, i] += 0.5
-    return wins
+class _TaskVotes:
+    """One task's votes as arrays, so a bootstrap resample is a few numpy calls."""
+
+    def __init__(self, votes: Sequence[Mapping], methods: list[str]):
+        idx = {m: k for k, m in enumerate(methods)}
+        self.m = len(methods)
+        self.left = np.array([idx[v["left"]["method"]] for v in votes])
+        self.right = np.array([idx[v["right"]["method"]] for v in votes])
+        answer = np.array([v["answer"] for v in votes])
+        tie = 0.5 * (answer == "tie")
+        self.w_left = (answer == "left") + tie     # credit to the left method
+        self.w_right = (answer == "right") + tie
+        rated = [(k, idx[v[side]["method"]], v[side + "_rating"]) for k, v in enumerate(votes)
+                 for side in ("left", "right") if v.get(side + "_rating") is not None]
+        self.r_vote, self.r_method, self.r_value = (np.array(c, dtype=float).reshape(-1)
+                                                    for c in zip(*rated)) if rated else \
+            (np.zeros(0), np.zeros(0), np.zeros(0))
+        self.r_vote = self.r_vote.astype(int)
+        self.r_method = self.r_method.astype(int)
+
+    def wins(self, weight: np.ndarray) -> np.ndarray:
+        """``[M, M]`` wins with each vote counted ``weight[k]`` times."""
+        w = np.zeros((self.m, self.m))
+        np.add.at(w, (self.left, self.right), self.w_left * weight)
+        np.add.at(w, (self.right, self.left), self.w_right * weight)
+        return w
+
+    def ratings(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean rating per method (NaN where none) and the number of ratings."""
+        c = weight[self.r_vote]
+        n = np.bincount(self.r_method, weights=c, minlength=self.m)
+        total = np.bincount(self.r_method, weights=c * self.r_value, minlength=self.m)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, total / np.maximum(n, 1e-300), np.nan), n
 
 
 def _win_rates(wins: np.ndarray) -> np.ndarray:
@@ -134,20 +155,22 @@ def summarise(votes: Iterable[Mapping], *, bootstrap: int = 1000, confidence: fl
     for task in sorted(by_task):
         tv = by_task[task]
         methods = sorted({v[s]["method"] for v in tv for s in ("left", "right")})
-        wins = _tally(tv, methods)
+        arrays = _TaskVotes(tv, methods)
+        ones = np.ones(len(tv))
+        wins = arrays.wins(ones)
         strength = bradley_terry(wins, prior)
         rate = _win_rates(wins)
-        ratings = _ratings(tv, methods)
+        rating, rating_n = arrays.ratings(ones)
         rng = np.random.default_rng([seed, len(task)] + list(task.encode()))
         boot_s = np.empty((bootstrap, len(methods)))
         boot_w = np.empty((bootstrap, len(methods)))
         boot_r = np.empty((bootstrap, len(methods)))
         for b in range(bootstrap):
-            sample = [tv[k] for k in rng.integers(0, len(tv), len(tv))]
-            w = _tally(sample, methods)
+            weight = np.bincount(rng.integers(0, len(tv), len(tv)), minlength=len(tv))
+            w = arrays.wins(weight.astype(float))
             boot_s[b] = bradley_terry(w, prior)
             boot_w[b] = _win_rates(w)
-            boot_r[b] = [np.mean(r) if r else np.nan for r in _ratings(sample, methods)]
+            boot_r[b] = arrays.ratings(weight.astype(float))[0]
         for k, m in enumerate(methods):
             mine = [v for v in tv if m in (v["left"]["method"], v["right"]["method"])]
             bad = sum(v["answer"] == "both_bad" for v in mine)
@@ -156,19 +179,8 @@ def summarise(votes: Iterable[Mapping], *, bootstrap: int = 1000, confidence: fl
                 float(strength[k]), _interval(boot_s[:, k], confidence),
                 None if math.isnan(rate[k]) else float(rate[k]),
                 None if math.isnan(rate[k]) else _interval(boot_w[:, k], confidence),
-                float(np.mean(ratings[k])) if ratings[k] else None, len(ratings[k]),
-                _interval(boot_r[:, k], confidence) if ratings[k] else None))
-    return out
-
-
-def _ratings(votes: Sequence[Mapping], methods: list[str]) -> list[list[int]]:
-    idx = {m: k for k, m in enumerate(methods)}
-    out: list[list[int]] = [[] for _ in methods]
-    for v in votes:
-        for side in ("left", "right"):
-            r = v.get(side + "_rating")
-            if r is not None:
-                out[idx[v[side]["method"]]].append(r)
+                float(rating[k]) if rating_n[k] else None, int(rating_n[k]),
+                _interval(boot_r[:, k], confidence) if rating_n[k] else None))
     return out
 
 

@@ -9,7 +9,8 @@ Routes:
   rate the left output, ``Shift`` + ``1``-``5`` (or ``6``-``0``) the right one.
 * ``POST /r/<token>/vote``: records the vote in its own transaction, then redirects
   (303) to the rater page, which serves the next pair.
-* ``GET /admin/<token>``: votes per task and method pair, per rater; ``GET
+* ``GET /admin/<token>``: votes per task and method pair, per rater, and the running
+  Bradley-Terry table (:mod:`.aggregate`); ``GET
   /admin/<token>/judgements.jsonl``: the export.
 
 Generated text is untrusted: Jinja2 autoescapes every template and a Content Security
@@ -33,6 +34,7 @@ __all__ = ["ANSWER_LABELS", "create_app", "serve"]
 
 logger = logging.getLogger(__name__)
 
+ADMIN_BOOTSTRAP = 200   # resamples behind the admin page's intervals (the report: --bootstrap)
 ANSWER_LABELS = {"left": "Left is better", "right": "Right is better", "tie": "Tie",
                  "both_bad": "Both bad"}
 _HEADERS = {
@@ -103,7 +105,15 @@ def create_app(store: Store) -> Flask:
     def admin(token: str):
         if not store.is_admin(token):
             abort(403, "the admin page needs the admin token")
-        return render_template("admin.html", counts=store.counts(), token=token)
+        from ..evaluation.methods import METHODS
+        from .aggregate import summarise
+        votes = store.judgements()
+        summaries = summarise(votes, bootstrap=ADMIN_BOOTSTRAP) if votes else []
+        labels = {m: METHODS[m].label if m in METHODS else m for m in
+                  {s.method for s in summaries}}
+        return render_template("admin.html", counts=store.counts(), token=token,
+                               summaries=sorted(summaries, key=lambda s: (s.task, -s.strength)),
+                               labels=labels, bootstrap=ADMIN_BOOTSTRAP)
 
     @app.get("/admin/<token>/judgements.jsonl")
     def export(token: str):

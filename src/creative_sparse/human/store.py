@@ -182,14 +182,19 @@ class Store:
         self._pairs = None
         return new
 
-    def pairs(self) -> list[str]:
-        """Every pair that can be served (two methods with outputs on one prompt)."""
+    def pairs(self, conn=None) -> list[str]:
+        """Every pair that can be served (two methods with outputs on one prompt).
+
+        ``conn``: the caller's open transaction, if any (a second connection would wait
+        on the first one's SQLite write lock)."""
         if self._pairs is None:
-            with self.engine.connect() as conn:
-                by_prompt: dict[tuple[str, int], set[str]] = {}
-                for task, prompt, method in conn.execute(select(
-                        items.c.task, items.c.prompt_index, items.c.method).distinct()):
-                    by_prompt.setdefault((task, prompt), set()).add(method)
+            if conn is None:
+                with self.engine.connect() as own:
+                    return self.pairs(own)
+            by_prompt: dict[tuple[str, int], set[str]] = {}
+            for task, prompt, method in conn.execute(select(
+                    items.c.task, items.c.prompt_index, items.c.method).distinct()):
+                by_prompt.setdefault((task, prompt), set()).add(method)
             self._pairs = all_pairs(by_prompt)
         return self._pairs
 
@@ -272,7 +277,7 @@ class Store:
                                 .where(assignments.c.rater_id == rater_id)).scalars())
         seen |= set(conn.execute(select(judgements.c.pair_key)
                                  .where(judgements.c.rater_id == rater_id)).scalars())
-        key = choose_pair(self.pairs(), counts, seen, self._rng)
+        key = choose_pair(self.pairs(conn), counts, seen, self._rng)
         if key is None:
             return None
         task, prompt, methods = key.rsplit("/", 2)
