@@ -8,6 +8,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("flask", reason="needs the 'human' extra")
 
@@ -206,7 +208,8 @@ def test_forms_need_the_csrf_token(store, client):
 @pytest.mark.parametrize("change, status", [
     ({"answer": None}, 400), ({"answer": "maybe"}, 400), ({"answer": "LEFT"}, 400),
     ({"assignment": None}, 400), ({"assignment": "x"}, 400), ({"assignment": "1e3"}, 400),
-    ({"assignment": "99999"}, 404), ({"left_rating": "6"}, 400), ({"left_rating": "0"}, 400),
+    ({"assignment": "99999"}, 404), ({"assignment": "9" * 30}, 400),
+    ({"assignment": "\u0663"}, 400), ({"assignment": " 1"}, 400), ({"assignment": "-1"}, 400), ({"left_rating": "6"}, 400), ({"left_rating": "0"}, 400),
     ({"right_rating": "abc"}, 400), ({"right_rating": "3.5"}, 400),
 ], ids=lambda v: repr(v) if isinstance(v, dict) else str(v))
 def test_bad_fields_answer_4xx(store, client, change, status):
@@ -239,6 +242,41 @@ def test_other_raters_pairs_oversized_bodies_and_second_votes(store, client):
 
 
 # ---------------------------------------------------------------- export, import, reports
+
+def test_a_database_serves_one_run(store, tmp_path):
+    assert store.load_results(make_results(tmp_path / "results.jsonl")) == 0   # same run: no-op
+    other = make_results(tmp_path / "other.jsonl")
+    other.write_text(other.read_text().replace('"model": "test"', '"model": "other"', 1))
+    with pytest.raises(ValueError, match="another run.*use another --db"):
+        store.load_results(other)
+
+
+def test_admin_export_lists_every_vote(store, client):
+    token, admin = store.add_rater("alice"), store.new_admin_token()
+    vote(client, token, "right", right_rating="2")
+    r = client.get(f"/admin/{admin}/judgements.jsonl")
+    assert r.status_code == 200 and r.mimetype == "application/x-ndjson"
+    lines = [json.loads(x) for x in r.data.decode().splitlines()]
+    assert lines == store.judgements() and lines[0]["right_rating"] == 2
+    assert token not in r.data.decode()
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/r/{t}/vote", "/r/{t}", "/admin/{a}", "/r/{t}/vote/x", "/"]),
+       method=st.sampled_from(["GET", "POST", "PUT"]),
+       form=st.dictionaries(st.sampled_from(["csrf_token", "assignment", "answer",
+                                             "left_rating", "right_rating", "other"]),
+                            st.text(max_size=30), max_size=6),
+       keep_csrf=st.booleans())
+def test_no_request_gets_a_500(store, client, path, method, form, keep_csrf):
+    token, admin = store.add_rater("fuzz"), store.new_admin_token()
+    fields = form_fields(page(client, token))
+    if keep_csrf:
+        form = {**form, "csrf_token": fields["csrf_token"]}
+    r = client.open(path.format(t=token, a=admin), method=method, data=form)
+    assert r.status_code in (200, 303) or 400 <= r.status_code < 500, r.status_code
+
 
 def test_export_import_round_trip(store, client, tmp_path):
     token = store.add_rater("alice")

@@ -27,6 +27,7 @@ _spec.loader.exec_module(load)
 def test_killed_server_loses_no_acknowledged_vote(tmp_path):
     db = tmp_path / "h.sqlite"
     proc, base, tokens, admin = load.start_server(REAL_RESULTS, db, ["alice", "bob"])
+    assert base.startswith("http://127.0.0.1:")   # localhost unless told otherwise
     acks, statuses = [], Counter()
     stop = threading.Event()
     session = requests.Session()

@@ -79,10 +79,11 @@ def create_app(store: Store) -> Flask:
     def vote(token: str):
         rater = rater_or_403(token)
         form = request.form
-        try:
-            assignment = int(form.get("assignment", ""))
-        except ValueError:
+        raw = form.get("assignment", "")
+        # ASCII digits only, and short: int() takes other scripts' digits, SQLite 64 bits
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
             abort(400, "field 'assignment' must be the integer id of the pair shown")
+        assignment = int(raw)
         answer = form.get("answer", "")
         if answer not in ANSWERS:
             abort(400, f"field 'answer' must be one of {', '.join(ANSWERS)}")

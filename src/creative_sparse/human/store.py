@@ -15,7 +15,8 @@ Tables:
 * ``judgements``: the vote on an assignment, ``UNIQUE(assignment)`` and
   ``UNIQUE(rater, pair)``, so a repeated submit cannot count twice. A vote is
   committed before the next pair is served; a killed server loses none.
-* ``meta``: the Flask secret key and the sha256 of the admin token.
+* ``meta``: the Flask secret key, the sha256 of the admin token and the identity of the
+  run whose outputs are served (a database holds one run).
 """
 
 from __future__ import annotations
@@ -136,14 +137,28 @@ class Store:
     def load_results(self, path: str | Path) -> int:
         """Add every output of a results file's units as items; returns how many were new.
 
+        A database holds one run: a results file whose header names another run
+        (model, split, library version, outputs, budgets) is refused with ``ValueError``.
+
         Prompts are taken from the task files (the header's split); a unit of an unknown
         task or a missing prompt is refused with ``ValueError``."""
         from ..evaluation.records import read_results
         from ..evaluation.tasks import load_task
 
+        from ..evaluation.records import IDENTITY
+
         results = read_results(path)
         if results.header is None:
             raise ValueError(f"{path}: no such results file")
+        identity = json.dumps({k: results.header.get(k) for k in IDENTITY}, sort_keys=True)
+        with self.engine.begin() as conn:
+            known = conn.execute(select(meta.c.value).where(meta.c.key == "results")).scalar()
+            if known is None:
+                conn.execute(insert(meta).values(key="results", value=identity))
+            elif known != identity:
+                raise ValueError(f"{path} is another run ({identity}) than the one this "
+                                 f"database's outputs come from ({known}); pairs would mix "
+                                 "them: use another --db")
         split = results.header.get("split", "evaluation")
         prompts: dict[str, tuple[str, ...]] = {}
         rows = []
