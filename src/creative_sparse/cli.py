@@ -461,7 +461,10 @@ def run_human(args) -> None:
                 print(f"rater {name}: {url}/r/{token}", file=sys.stderr)
             sys.stderr.flush()
 
-        serve(store, host=args.host, port=args.port, threads=args.threads, ready=ready)
+        try:
+            serve(store, host=args.host, port=args.port, threads=args.threads, ready=ready)
+        except KeyboardInterrupt:
+            print("stopped; every acknowledged vote is in the database", file=sys.stderr)
     elif args.action == "invite":
         base = base or "http://127.0.0.1:8000"
         for name in args.names:
