@@ -452,9 +452,10 @@ def run_human(args) -> None:
         admin = store.new_admin_token() if args.new_admin_token or not store.has_admin_token() \
             else None
 
-        def ready(url: str) -> None:
-            print(f"serving on {url} (Ctrl-C stops; votes are saved as they come)",
+        def ready(bound: str) -> None:
+            print(f"serving on {bound} (Ctrl-C stops; votes are saved as they come)",
                   file=sys.stderr)
+            url = base or bound
             if admin:
                 print(f"admin: {url}/admin/{admin}", file=sys.stderr)
             for name, token in links:
@@ -492,6 +493,9 @@ def _human_parser(sub) -> None:
                      help="address to bind; 0.0.0.0 opens it to the network")
     srv.add_argument("--port", type=_integer(0, 65535), default=8000, help="0 picks a free one")
     srv.add_argument("--threads", type=_integer(1, 256), default=8)
+    srv.add_argument("--base-url", default=None,
+                     help="the address raters reach, for the printed links (default: the "
+                          "bound one; give it with --host 0.0.0.0)")
     srv.add_argument("--invite", nargs="*", default=[], metavar="NAME",
                      help="create these raters (or give them new tokens) and print their links")
     srv.add_argument("--new-admin-token", action="store_true",
