@@ -26,8 +26,9 @@ LAYERS = {
     "generation": 4,
     "autotune": 5,
     "evaluation": 6,
-    "cli": 7,
-    "<root>": 8,            # the package root re-exports lazily (by name, no import)
+    "human": 7,
+    "cli": 8,
+    "<root>": 9,            # the package root re-exports lazily (by name, no import)
 }
 
 
