@@ -202,3 +202,21 @@ def test_cli_evaluate_checks_its_arguments_before_loading_a_model(capsys):
         main(["evaluate", "--setting", "fixed=1.5", "--prompts", "1"])
     assert exit_.value.code == 2
     assert "settings of fixed (level) must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_equal_flops_mode_matches_sampling_tokens(tiny, tmp_path):
+    """compute="flops": Creative-Sparse decodes no more tokens than top-p for the same
+    outputs (as many drafts as outputs, the run's reference); the header records the
+    mode and a results file of the other mode is refused."""
+    model, tok, quality = tiny
+    run = dict(RUN, tasks=["poetry"], seeds=[0], prompts=1)
+    path = tmp_path / "flops.jsonl"
+    evaluate(model, tok, out=path, quality=quality, model_name="tiny", compute="flops", **run)
+    results = read_results(path)
+    assert results.header["compute"] == "flops"
+    cs = results.units["poetry/0/creative_sparse/0.6/0"]["cost"]
+    assert cs["generated_tokens"] <= run["num_outputs"] * run["max_new_tokens"]
+    with pytest.raises(ValueError, match="compute"):
+        evaluate(model, tok, out=path, quality=quality, model_name="tiny", **run)
+    with pytest.raises(ValueError, match="compute must be one of"):
+        evaluate(model, tok, out=tmp_path / "x.jsonl", quality=quality, compute="tokens", **run)

@@ -37,6 +37,22 @@ def test_candidates_are_ranked_and_reproducible(wrapper):
     assert a.diverge_stats.attended_fraction < 1.0   # the diverge level is sparse
 
 
+def test_equal_compute_drafts_as_many_as_it_returns(wrapper):
+    """num_drafts = num_candidates and a given reference: no reference row, no choice,
+    every draft refined; the decoded tokens are at most num_candidates * max_length."""
+    ref = wrapper.greedy_reference(PROMPT, 20)
+    result = wrapper.generate_candidates(PROMPT, max_length=20, num_candidates=3, seed=5,
+                                         num_drafts=3, reference=ref)
+    assert result.reference == ref and len(result.drafts) == 3 and len(result.candidates) == 3
+    assert sorted(c.draft for c in result.candidates) == sorted(result.drafts)
+    decoded = result.diverge_stats.generated_tokens + sum(
+        s.generated_tokens for s in result.refine_stats)
+    assert decoded <= 3 * 20
+    default = wrapper.generate_candidates(PROMPT, max_length=20, num_candidates=3, seed=5)
+    assert len(default.drafts) == 6       # num_candidates / keep_fraction, plus the reference
+    assert default.diverge_stats.generated_tokens > result.diverge_stats.generated_tokens
+
+
 def test_constraints_apply_in_refine(wrapper):
     result = wrapper.generate_candidates(PROMPT, max_length=40, num_candidates=4, seed=4,
                                          constraints={"banned": ["the"], "min_tokens": 5,
@@ -69,12 +85,15 @@ def test_banned_phrases_stay_out_of_the_whole_text(wrapper):
     (dict(sparsity_level=1.5), "outside the allowed range"),
     (dict(constraints={"rhyme": True}), "unknown constraint types"),
     (dict(constraints={"validators": ["lisp"]}), "unknown validator"),
+    (dict(num_drafts=1), r"num_drafts must be an int >= num_candidates \(2\)"),
+    (dict(num_drafts=2.0), "num_drafts must be an int"),
+    (dict(reference=b"bytes"), "reference"),
 ])
 def test_bad_arguments(wrapper, kwargs, match):
     args = dict(prompt=PROMPT, max_length=10, num_candidates=2)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        wrapper.generate_creative(**args)
+        wrapper.generate_candidates(**args)
 
 
 def test_seed_weights_tuple_and_quality_functional_name(smollm2):

@@ -365,7 +365,7 @@ def run_evaluate(args) -> None:
                     out=args.out, split=args.split, prompts=args.prompts,
                     num_outputs=args.outputs, settings=args.settings,
                     max_new_tokens=args.max_tokens, model_name=args.model,
-                    progress=not args.quiet)
+                    progress=not args.quiet, compute=args.compute)
     print(f"results: {path} ({time.perf_counter() - start:.0f} s); tables and plots: "
           f"creative-sparse report {path}", file=sys.stderr)
 
@@ -384,7 +384,8 @@ def _write_report(results_path, out_dir, *, no_plots: bool = False,
     out.mkdir(parents=True, exist_ok=True)
     h = results.header
     title = (f"Evaluation of {h.get('model') or 'the model'} on the {h.get('split')} split "
-             f"({len(results.units)} units, {h.get('num_outputs')} outputs each)")
+             f"({len(results.units)} units, {h.get('num_outputs')} outputs each"
+             + (", equal FLOPs" if h.get("compute") == "flops" else "") + ")")
     if human:
         title += "; human: win rate in paired votes (ties count 1/2)"
     (out / "report.md").write_text(format_markdown(rows, title=title) + "\n", encoding="utf-8")
@@ -601,6 +602,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="results file; an existing one of the same run is resumed")
     ev.add_argument("--model", default="smollm2-135m")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.add_argument("--compute", choices=("outputs", "flops"), default="outputs",
+                    help="outputs: equal output count (Creative-Sparse drafts 2x and picks); "
+                         "flops: also equal decoded tokens (Creative-Sparse drafts exactly as "
+                         "many as it returns and uses the run's greedy reference)")
     rep = sub.add_parser("report", help="tables (Markdown, CSV) and frontier plots of results",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     rep.add_argument("results", help="a results file written by `creative-sparse evaluate`")

@@ -35,7 +35,9 @@ FORMAT_VERSION = 1
 _TYPES = ("header", "reference", "unit")
 # fields of a header that must match for two runs to share a file
 IDENTITY = ("format", "format_version", "library_version", "model", "split", "num_outputs",
-            "max_new_tokens")
+            "max_new_tokens", "compute")
+# What a header written before a field existed means by its absence.
+_ABSENT = {"compute": "outputs"}
 
 
 def unit_id(task: str, prompt_index: int, method: str, setting: float, seed: int) -> str:
@@ -125,7 +127,7 @@ def check_header(found: Mapping | None, expected: Mapping, path: Path) -> None:
     if found is None:
         return
     for key in IDENTITY:
-        if found.get(key) != expected.get(key):
+        if found.get(key, _ABSENT.get(key)) != expected.get(key, _ABSENT.get(key)):
             raise ValueError(f"{path} holds results of another run ({key}: "
                              f"{found.get(key)!r} there, {expected.get(key)!r} now); "
                              "use another --out file or the same settings")

@@ -58,6 +58,9 @@ from ..tasks import load_task, list_tasks
 
 logger = logging.getLogger(__name__)
 
+# "outputs": equal output count; "flops": equal output count and equal decoded tokens.
+COMPUTE_MODES = ("outputs", "flops")
+
 __all__ = ["METHODS", "Method", "Unit", "evaluate", "plan_units", "run_code_tests"]
 
 
@@ -158,13 +161,14 @@ class _Scorer:
     novelty references."""
 
     def __init__(self, model, tokenizer, num_outputs: int, max_new_tokens: Mapping[str, int],
-                 references: dict, quality=None):
+                 references: dict, quality=None, compute: str = "outputs"):
         from ..generation import strategies
         from ..generation.wrapper import build_constraints
 
         self.model, self.tokenizer = model, tokenizer
         self.num_outputs, self.max_new_tokens = num_outputs, max_new_tokens
         self.references = references
+        self.compute = compute
         self._cs = strategies.CreativeSparse()
         wrapper = self._cs.wrapper(model, tokenizer)
         if quality is not None:       # one Q for drafting, selecting and scoring
@@ -196,9 +200,14 @@ class _Scorer:
     def run(self, unit: Unit, reference: str) -> dict:
         budget = self.max_new_tokens[unit.task]
         if unit.method == "creative_sparse":
+            # Equal FLOPs: as many drafts as outputs (no selection) and the run's own
+            # greedy reference, so it decodes num_outputs * budget tokens like sampling.
+            equal = self.compute == "flops"
             result = self._cs.generate(self.model, self.tokenizer, unit.prompt,
                                        num_candidates=self.num_outputs, max_new_tokens=budget,
-                                       seed=unit.seed, sparsity_level=unit.setting)
+                                       seed=unit.seed, sparsity_level=unit.setting,
+                                       num_drafts=self.num_outputs if equal else None,
+                                       reference=reference if equal else None)
         else:
             result = self.strategy(unit.method, unit.setting).generate(
                 self.model, self.tokenizer, unit.prompt, num_candidates=self.num_outputs,
@@ -293,7 +302,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
              settings: Mapping[str, Sequence[float]] | None = None,
              max_new_tokens: int | None = None, model_name: str = "",
              progress: bool = True, on_unit: Callable[[dict], None] | None = None,
-             quality=None) -> Path:
+             quality=None, compute: str = "outputs") -> Path:
     """Run (or resume) an evaluation; returns the path of the results file.
 
     Args:
@@ -312,6 +321,11 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
         on_unit: called with each new unit record (tests use it to interrupt a run).
         quality: a :class:`~creative_sparse.quality.QualityFunctional` to score with
             (and to select Creative-Sparse's drafts with); default the wrapper's own.
+        compute: ``"outputs"`` (every method returns ``num_outputs``; Creative-Sparse
+            drafts twice as many and picks, at about 1.4x the FLOPs of sampling) or
+            ``"flops"`` (also equal decoded tokens: Creative-Sparse makes exactly
+            ``num_outputs`` drafts, refines all of them, and takes the run's greedy
+            reference instead of decoding its own). Recorded in the header.
     """
     import torch
     from tqdm.auto import tqdm
@@ -321,13 +335,15 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
     if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 2:
         raise ValueError(f"num_outputs must be an int >= 2 (diversity needs two), got "
                          f"{num_outputs!r}")
+    if compute not in COMPUTE_MODES:
+        raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
     units = plan_units(tasks, methods, seeds, split=split, prompts=prompts, settings=settings)
     budgets = {t: (max_new_tokens or load_task(t).max_new_tokens) for t in dict.fromkeys(tasks)}
     header = {"type": "header", "format": FORMAT, "format_version": FORMAT_VERSION,
               "library_version": __version__, "model": model_name, "split": split,
               "num_outputs": num_outputs, "max_new_tokens": budgets,
               "tasks": list(budgets), "methods": list(dict.fromkeys(methods)),
-              "seeds": list(seeds), "torch": torch.__version__}
+              "seeds": list(seeds), "torch": torch.__version__, "compute": compute}
     out = Path(out)
     rank, world = _distributed()
     mine = units[rank::world]
@@ -336,7 +352,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
         done = set(writer.results.units)
         todo = [u for u in mine if u.id not in done]
         scorer = _Scorer(model, tokenizer, num_outputs, budgets, writer.results.references,
-                         quality)
+                         quality, compute)
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="unit",
                    desc=f"evaluate{f' rank {rank}' if world > 1 else ''}", disable=not progress)
         try:

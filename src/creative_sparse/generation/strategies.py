@@ -262,16 +262,19 @@ class CreativeSparse:
 
     def generate(self, model, tokenizer, prompt, *, num_candidates: int = 5,
                  max_new_tokens: int = 120, seed: int = 0,
-                 sparsity_level: float | None = None) -> StrategyResult:
+                 sparsity_level: float | None = None, num_drafts: int | None = None,
+                 reference: str | None = None) -> StrategyResult:
         """As :meth:`CreativeSparseWrapper.generate_candidates`; ``sparsity_level``
-        replaces the diverge level of ``schedule`` (refine = min(refine, diverge))."""
+        replaces the diverge level of ``schedule`` (refine = min(refine, diverge));
+        ``num_drafts`` and ``reference`` are passed on (equal-compute runs)."""
         wrapper = self.wrapper(model, tokenizer)
         if isinstance(prompt, torch.Tensor):
             prompt = tokenizer.decode(prompt[0], skip_special_tokens=True)
         start = time.perf_counter()
         result = wrapper.generate_candidates(prompt, max_length=max_new_tokens,
                                              num_candidates=num_candidates, seed=seed,
-                                             sparsity_level=sparsity_level)
+                                             sparsity_level=sparsity_level,
+                                             num_drafts=num_drafts, reference=reference)
         parts = [result.diverge_stats] + list(result.refine_stats)
         stats = replace(parts[0], generated_tokens=sum(p.generated_tokens for p in parts),
                         steps=sum(p.steps for p in parts),

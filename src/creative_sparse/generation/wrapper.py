@@ -236,8 +236,17 @@ class CreativeSparseWrapper:
     # ------------------------------------------------------------ the two stages
     def generate_candidates(self, prompt: str, max_length: int = 200, num_candidates: int = 5,
                             sparsity_level: float | None = None, constraints=None,
-                            seed: int | None = None) -> CreativeResult:
-        """Diverge -> select -> refine -> rank; every candidate with its Q breakdown."""
+                            seed: int | None = None, *, num_drafts: int | None = None,
+                            reference: str | None = None) -> CreativeResult:
+        """Diverge -> select -> refine -> rank; every candidate with its Q breakdown.
+
+        ``num_drafts`` (default ``ceil(num_candidates / keep_fraction)``, at least
+        ``num_candidates``) sets how many drafts are made to choose from. ``reference``
+        gives the novelty reference text (the dense greedy answer) instead of decoding
+        it as row 0 of the diverge batch. With ``num_drafts=num_candidates`` and a given
+        reference, the method decodes exactly ``num_candidates * max_length`` tokens,
+        as plain sampling does: the equal-compute setting of the evaluation.
+        """
         start = time.perf_counter()
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be an int >= 1 (new tokens), got {max_length!r}")
@@ -256,10 +265,19 @@ class CreativeSparseWrapper:
         model, tok = self.model, self.tokenizer
         # The caller gets num_candidates back; refining keep_fraction of the drafts
         # means drafting num_candidates / keep_fraction of them to choose from.
-        num_drafts = max(num_candidates, math.ceil(num_candidates / self.keep_fraction - 1e-9))
+        if num_drafts is None:
+            num_drafts = max(num_candidates,
+                             math.ceil(num_candidates / self.keep_fraction - 1e-9))
+        elif isinstance(num_drafts, bool) or not isinstance(num_drafts, int) \
+                or num_drafts < num_candidates:
+            raise ValueError(f"num_drafts must be an int >= num_candidates ({num_candidates}), "
+                             f"got {num_drafts!r}")
+        if reference is not None:
+            reference = check_text(reference, "reference")
 
         # Row 0 is the reference (greedy, exact attention), decoded in the same batch
-        # as the drafts (rows 1..N), so it costs a row, not a pass of its own. The
+        # as the drafts (rows 1..N), so it costs a row, not a pass of its own (none
+        # when the caller gives the reference). The
         # drafts open the final texts, so banned phrases are kept out of them already;
         # the other constraints are about the whole answer and steer the refinement.
         seeds = [seed * 1000 + i for i in range(num_drafts)]
@@ -270,13 +288,15 @@ class CreativeSparseWrapper:
         cache_limit = cache_budget(
             self.controller.get_sparsity_params(diverge).token_pruning_rate,
             ids.shape[1] + draft_len, protected=knobs.sink_tokens + knobs.local_window)
-        batch = generate(model, tok, ids, num_rows=num_drafts + 1, max_new_tokens=draft_len,
-                         schedule=self.knobs(diverge, [seed * 1000 - 1] + seeds),
-                         seeds=[seed * 1000 - 1] + seeds, keep_state=True, reference_rows=[0],
+        first = 0 if reference is not None else 1          # the first draft's batch row
+        row_seeds = seeds if reference is not None else [seed * 1000 - 1] + seeds
+        batch = generate(model, tok, ids, num_rows=num_drafts + first, max_new_tokens=draft_len,
+                         schedule=self.knobs(diverge, row_seeds), seeds=row_seeds,
+                         keep_state=True, reference_rows=[0] if first else [],
                          logit_processor=ConstraintSet(banned) if banned else None,
                          max_cache_tokens=cache_limit)
-        reference_text = batch.texts[0]
-        drafts = _without_first_row(batch)
+        reference_text = reference if reference is not None else batch.texts[0]
+        drafts = _without_first_row(batch) if first else batch
         ref_texts = [reference_text or " "]
         validators = list(constraint_set.validators)
         # Drafts are chosen as a set: good and different from each other.
@@ -291,7 +311,7 @@ class CreativeSparseWrapper:
         refine_stats = []
         if members:
             member_seeds = [seeds[i] for i in members]
-            result = generate(model, tok, batch.state.select([i + 1 for i in members]),
+            result = generate(model, tok, batch.state.select([i + first for i in members]),
                               num_rows=len(members),
                               max_new_tokens=max_length - draft_len,
                               schedule=self.knobs(refine, member_seeds), seeds=member_seeds,
