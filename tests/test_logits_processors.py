@@ -164,3 +164,44 @@ def test_as_logits_processor_rejects_bad_input():
         as_logits_processor(Tokenizer(), {"banned": ["w1"]}, prompt_length=-1)
     with pytest.raises(ValueError, match="unknown constraint types"):
         as_logits_processor(Tokenizer(), {"colour": "red"}, prompt_length=3)
+
+
+# --- through the wrapper (both stages) and the strategies --------------------------
+
+from test_generation_constraints import tiny_wrapper  # noqa: E402,F401  (fixture)
+
+
+def test_a_transformers_processor_acts_in_diverge_and_refine(tiny_wrapper):  # noqa: F811
+    """The tiny wrapper's model is biased towards "sea": suppressed by transformers'
+    own processor, it appears in no draft and no refined candidate; the processor
+    saw the prompt in front of every row in both stages."""
+    tok = tiny_wrapper.tokenizer
+    sea = tok.convert_tokens_to_ids("sea")
+    spy = Spy()
+    args = dict(max_length=10, num_candidates=3, seed=1)
+    free = tiny_wrapper.generate_candidates("the deep blue", **args)
+    assert any("sea" in d for d in free.drafts)                 # the bias works
+    result = tiny_wrapper.generate_candidates(
+        "the deep blue", logits_processor=[transformers.SuppressTokensLogitsProcessor([sea]),
+                                           spy], **args)
+    assert not [d for d in result.drafts if "sea" in d.split()]
+    assert not [c.text for c in result.candidates if "sea" in c.text.split()]
+    prompt = tiny_wrapper.prompt_ids("the deep blue")[0].tolist()
+    rows = {ids.shape[0] for ids, _ in spy.calls}
+    assert 7 in rows and min(rows) <= 3                          # 6 drafts + reference; refine
+    assert all(ids[:, :len(prompt)].tolist() == [prompt] * ids.shape[0] for ids, _ in spy.calls)
+
+
+def test_strategies_take_a_transformers_processor(tiny_wrapper):  # noqa: F811
+    from creative_sparse.generation.strategies import DenseTopP, Fixed
+
+    model, tok = tiny_wrapper.model, tiny_wrapper.tokenizer
+    sea = tok.convert_tokens_to_ids("sea")
+    suppress = transformers.SuppressTokensLogitsProcessor([sea])
+    for strategy in (DenseTopP(), Fixed(0.5)):
+        free = strategy.generate(model, tok, "the deep blue", num_candidates=3,
+                                 max_new_tokens=8)
+        assert any("sea" in t.split() for t in free.texts)
+        texts = strategy.generate(model, tok, "the deep blue", num_candidates=3,
+                                  max_new_tokens=8, logits_processor=suppress).texts
+        assert not [t for t in texts if "sea" in t.split()]
