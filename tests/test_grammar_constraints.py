@@ -162,3 +162,25 @@ def test_refine_returns_no_regex_violation_with_the_real_model(smollm2):
     for cand in result.candidates:
         assert re.fullmatch(pattern, cand.text.strip()), cand.text
         assert cand.quality.violations == 0
+
+
+def test_regex_holds_in_model_generate(tiny):
+    """Our regex constraint as a transformers LogitsProcessor in model.generate: every
+    sampled row that ends is a full match; without it, none is."""
+    from creative_sparse.generation.processors import as_logits_processor
+
+    model, tok = tiny
+    prompt = tok("the", return_tensors="pt").input_ids
+
+    def sample(processors):
+        torch.manual_seed(0)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                             top_k=0, max_new_tokens=60, num_return_sequences=6,
+                             pad_token_id=tok.eos_token_id,
+                             logits_processor=transformers.LogitsProcessorList(processors))
+        return [tok.decode(row[prompt.shape[1]:], skip_special_tokens=True)
+                for row in out]
+    proc = as_logits_processor(tok, {"regex": YES_NO}, prompt_length=prompt.shape[1])
+    assert not any(re.fullmatch(YES_NO, t.strip()) for t in sample([]))
+    texts = sample([proc])
+    assert all(re.fullmatch(YES_NO, t.strip()) for t in texts), texts

@@ -205,3 +205,10 @@ def test_strategies_take_a_transformers_processor(tiny_wrapper):  # noqa: F811
         texts = strategy.generate(model, tok, "the deep blue", num_candidates=3,
                                   max_new_tokens=8, logits_processor=suppress).texts
         assert not [t for t in texts if "sea" in t.split()]
+
+
+def test_progress_ticks_once_per_step(tiny):
+    ticks = []
+    out = generate(tiny, Tokenizer(), PROMPT, num_rows=2, max_new_tokens=9, schedule=SAMPLED,
+                   progress=ticks.append)
+    assert ticks == [1] * out.stats.steps and out.stats.steps == 9
