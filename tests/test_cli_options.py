@@ -96,10 +96,11 @@ def test_generate_quiet_and_csv(fake_wrapper, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["generate", "hi", "--device", "tpu"], "argument --device: unknown device 'tpu'"),
     (["generate", "hi", "--regex", "(open"], "argument --regex: invalid regex '(open'"),
+    (["generate", "hi", "--regex", "(?=a)a"], "cannot be a token mask"),
     (["generate", "hi", "--json-schema", "/no/such.json"], "is not a file"),
     (["generate", "hi", "--json", "--csv"], "not allowed with argument"),
     (["tune", "--task", "limericks"], "argument --task: invalid choice: 'limericks'"),
-], ids=["device", "regex", "schema-file", "json-and-csv", "task"])
+], ids=["device", "regex", "regex-not-rust", "schema-file", "json-and-csv", "task"])
 def test_bad_options_are_refused_up_front(fake_wrapper, capsys, argv, message):
     assert message in _refused(capsys, argv)
     assert "call" not in fake_wrapper

@@ -241,6 +241,15 @@ def _regex(text: str) -> str:
         re.compile(text)
     except re.error as exc:
         raise argparse.ArgumentTypeError(f"invalid regex {text!r}: {exc}") from None
+    if importlib.util.find_spec("llguidance") is not None:
+        # The mask speaks Rust's regex syntax (no look-around, no back-references).
+        from llguidance import LLMatcher
+
+        error = LLMatcher.validate_grammar(LLMatcher.grammar_from_regex(text))
+        if error and not error.startswith("WARNING"):
+            raise argparse.ArgumentTypeError(
+                f"regex {text!r} cannot be a token mask (Rust regex syntax: no look-around "
+                f"or back-references): {' '.join(error.split())}")
     return text
 
 

@@ -192,7 +192,13 @@ def _grammar_masks(tokenizer, regexes: list[str], spec: Mapping[str, Any],
     out = []
     for kind, kwargs, name in sources:
         source = grammar_source(**kwargs)
-        mask = GrammarMask(tokenizer, source, eos_ids, name=name)
+        try:
+            mask = GrammarMask(tokenizer, source, eos_ids, name=name)
+        except ValueError as exc:
+            if kind != "regex":
+                raise
+            raise ValueError(f"{exc} (the mask takes Rust regex syntax: no look-around or "
+                             "back-references; enforce='reject' takes Python's)") from None
         validator = (regex_validator(kwargs["regex"]) if kind == "regex"
                      else grammar_validator(tokenizer, source, name=name))
         out.append((mask, validator))
