@@ -184,3 +184,32 @@ def test_regex_holds_in_model_generate(tiny):
     assert not any(re.fullmatch(YES_NO, t.strip()) for t in sample([]))
     texts = sample([proc])
     assert all(re.fullmatch(YES_NO, t.strip()) for t in texts), texts
+
+
+class NoEAfterBecause:
+    """A validator no grammar here expresses (enforced by rejection): no letter "e"
+    after the word "because"."""
+
+    __name__ = "no_e"
+
+    def __call__(self, text):
+        return int("e" in text.split("because", 1)[1]) if "because" in text else 0
+
+    def rejects_prefix(self, text):
+        return self(text) > 0
+
+
+def test_mask_composes_with_a_rejection_validator(tiny):
+    """The mask first, then the guard: rows match the regex and keep the validator;
+    with the mask alone, the validator is broken (so this test can fail)."""
+    spec = {"regex": YES_NO, "validators": [NoEAfterBecause()]}
+    model, tok = tiny
+    cs = build_constraints(tok, spec, 60, [tok.eos_token_id])
+    assert [type(p).__name__ for p in cs.processors] == ["GrammarMask", "ValidatorGuard"]
+    assert [v.__name__ for v in cs.processors[1].validators] == ["no_e"]   # not the regex
+    masked_only, _ = _run(tiny, {"regex": YES_NO})
+    assert sum(NoEAfterBecause()(t) for t in masked_only.texts) >= 2
+    out, _ = _run(tiny, spec)
+    assert out.finish_reasons == ["eos"] * 8
+    for text in out.texts:
+        assert re.fullmatch(YES_NO, text.strip()) and NoEAfterBecause()(text) == 0, text
