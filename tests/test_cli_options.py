@@ -28,6 +28,7 @@ def test_help_shows_defaults_and_choices(capsys):
     text = _help(capsys, ["tune"])
     assert "one of ad_copy, code, creative_writing, music, poetry" in text
     assert "(default: 1.0)" in text and "--csv" in text
+    assert "2**64 - 1] (default: 0)" in text and "(default: False)" not in text
     assert "(default: smollm2-135m)" in _help(capsys, ["evaluate"])
 
 

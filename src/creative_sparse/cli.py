@@ -495,12 +495,24 @@ def run_report(args) -> None:
     print("\n".join(map(str, written)))
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` where there is a default to show (not for flags, empty
+    lists, ``None`` or required arguments)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if action.required or default is None or default is False or default == [] \
+                or default == argparse.SUPPRESS:   # (0 == False: hence "is")
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
-    fmt = argparse.ArgumentDefaultsHelpFormatter       # every --help shows the defaults
+    fmt = _DefaultsHelp                                # every --help shows the defaults
     parser = argparse.ArgumentParser(prog="creative-sparse", description=__doc__.splitlines()[0],
                                      formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
