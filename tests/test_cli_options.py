@@ -130,8 +130,8 @@ def no_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # import raises ImportError
 
 
-def test_tune_json_and_csv_need_no_matplotlib(fake, no_matplotlib, tmp_path, monkeypatch,  # noqa: F811
-                                              capsys):
+def test_tune_json_and_csv_need_no_matplotlib(fake, no_matplotlib,  # noqa: F811
+                                              tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CREATIVE_SPARSE_CACHE", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     assert main(["tune", "--task", "poetry", "--budget", "0.3", "--json"]) == 0

@@ -63,7 +63,8 @@ def _run(tiny, constraints, rows=8, max_new_tokens=60, schedule=SAMPLED):
 @pytest.mark.parametrize("spec,check", [
     ({"regex": YES_NO}, lambda t: re.fullmatch(YES_NO, t.strip())),
     ({"json_schema": SCHEMA},
-     lambda t: json.loads(t)["colour"] in ("red", "blue") and set(json.loads(t)) == {"colour", "n"}),
+     lambda t: json.loads(t)["colour"] in ("red", "blue")
+     and set(json.loads(t)) == {"colour", "n"}),
     ({"grammar": LARK}, lambda t: re.fullmatch(r"(hi|hello) [a-z]{2,5}\.", t)),
 ], ids=["regex", "json_schema", "lark_cfg"])
 def test_masked_rows_end_in_the_language(tiny, spec, check):

@@ -25,8 +25,9 @@ Example:
     >>> from transformers import RepetitionPenaltyLogitsProcessor    # doctest: +SKIP
     >>> generate(model, tok, "Once", logit_processor=[
     ...     RepetitionPenaltyLogitsProcessor(1.3)])                  # doctest: +SKIP
-    >>> model.generate(ids, logits_processor=LogitsProcessorList([
-    ...     as_logits_processor(tok, {"banned": ["robot"]}, prompt_length=ids.shape[1])]))  # doctest: +SKIP
+    >>> ban = as_logits_processor(tok, {"banned": ["robot"]},
+    ...                           prompt_length=ids.shape[1])        # doctest: +SKIP
+    >>> model.generate(ids, logits_processor=LogitsProcessorList([ban]))  # doctest: +SKIP
 """
 
 from __future__ import annotations
