@@ -6,13 +6,19 @@ Subcommands:
   on inputs with positional structure (accuracy and speed), then Creative-Sparse
   generation beside plain top-p sampling of as many candidates on three prompts,
   with Q breakdowns and the cost of each.
-* ``generate``: Creative-Sparse generation (diverge -> refine) of one prompt.
+* ``generate``: Creative-Sparse generation (diverge -> refine) of one prompt, with
+  constraints (``--ban``, ``--require``, ``--regex``, ``--json-schema``, ``--grammar``)
+  and a per-token progress bar (rate and ETA) on stderr unless ``--quiet``.
 * ``backends``: which attention backends can run here.
 * ``tune``: the sparsity s* that maximises Q on a task (``find_optimal_sparsity``):
-  the table of Q(s), the Goldilocks fit, its bounds and a plot.
+  the table of Q(s), the Goldilocks fit, its bounds and, with ``--plot``, a plot
+  (matplotlib is imported only then).
 * ``human serve|invite|report|export|import``: paired comparisons by people
   (:mod:`creative_sparse.human`); ``report --human`` fills the evaluation report's
   human column from their votes.
+
+``--help`` shows every default; ``--device`` (cpu, cuda, cuda:N, mps, auto) picks where
+the model runs; ``--json`` or ``--csv`` print machine-readable results on stdout.
 
 Every argument is checked before a model is loaded or a sweep runs: sizes against
 the documented maxima below, seeds against torch's seed range, the prompt for valid
@@ -218,6 +224,77 @@ def _prompt(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _device(text: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` (available here) or ``auto`` (cuda if any)."""
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    from .models.loading import _resolve_device
+
+    try:
+        _resolve_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or 'auto')") from None
+    return text
+
+
+def _regex(text: str) -> str:
+    import re
+
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"invalid regex {text!r}: {exc}") from None
+    if importlib.util.find_spec("llguidance") is not None:
+        # The mask speaks Rust's regex syntax (no look-around, no back-references).
+        from llguidance import LLMatcher
+
+        error = LLMatcher.validate_grammar(LLMatcher.grammar_from_regex(text))
+        if error and not error.startswith("WARNING"):
+            raise argparse.ArgumentTypeError(
+                f"regex {text!r} cannot be a token mask (Rust regex syntax: no look-around "
+                f"or back-references): {' '.join(error.split())}")
+    return text
+
+
+def _text_file(text: str) -> str:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: {exc}") from None
+
+
+def _json_schema_file(text: str) -> dict:
+    import json
+
+    try:
+        schema = json.loads(_text_file(text))
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} must hold a JSON object (a schema), got "
+                                         f"{type(schema).__name__}")
+    return schema
+
+
+def _constraints(args) -> dict | None:
+    """The constraints spec of ``generate``'s flags (None without any)."""
+    spec = {"banned": args.ban, "required": args.require, "regex": args.regex,
+            "json_schema": args.json_schema, "grammar": args.grammar}
+    spec = {k: v for k, v in spec.items() if v}
+    return spec or None
+
+
+def _write_csv(header: list[str], rows) -> None:
+    import csv
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+
+
 def _plot_path(text: str) -> Path:
     """A plot file in an existing directory we can write to (never created for you)."""
     path = Path(text).expanduser()
@@ -254,15 +331,26 @@ def run_generate(args) -> None:
 
     from .generation import CreativeSparseWrapper
 
-    with tqdm(total=2, desc="creative-sparse", unit="stage", disable=args.json) as bar:
-        bar.set_postfix_str("loading model")
-        wrapper = CreativeSparseWrapper(args.model, sparsity_schedule=args.schedule)
-        bar.update(1)
-        bar.set_postfix_str("diverge -> refine")
+    quiet = args.quiet or args.json or args.csv
+    if not quiet:
+        print(f"loading {args.model} on {args.device} ...", file=sys.stderr)
+    wrapper = CreativeSparseWrapper(args.model, sparsity_schedule=args.schedule,
+                                    device=args.device)
+    # One tick per decoding step (diverge, then refine): at most --max-tokens of them,
+    # so tqdm's rate and ETA are real; rows that all end early finish the bar sooner.
+    with tqdm(total=args.max_tokens, desc="diverge -> refine", unit="tok", disable=quiet,
+              file=sys.stderr) as bar:
         result = wrapper.generate_candidates(args.prompt, max_length=args.max_tokens,
                                              num_candidates=args.candidates,
-                                             sparsity_level=args.sparsity, seed=args.seed)
-        bar.update(1)
+                                             sparsity_level=args.sparsity, seed=args.seed,
+                                             constraints=_constraints(args),
+                                             progress=bar.update)
+    if args.csv:
+        fields = ["novelty", "diversity", "incoherence", "relevance", "violations", "q"]
+        _write_csv(["rank", "text", "draft"] + fields,
+                   [[i, c.text, c.draft] + [getattr(c.quality, f) for f in fields]
+                    for i, c in enumerate(result.candidates, 1)])
+        return
     if args.json:
         print(json.dumps({
             "prompt": args.prompt, "schedule": wrapper.sparsity_schedule,
@@ -306,7 +394,11 @@ def run_tune(args) -> None:
     from .autotune import OptimumNotIdentifiedWarning, sweep_sparsity
 
     common = dict(seed=args.seed, cache="refresh" if args.no_cache else True,
-                  progress=not args.json)
+                  progress=not (args.json or args.csv or args.quiet))
+    if args.device != "cpu":     # the default path loads on the CPU by name
+        from .models import load_model
+
+        common["model"], common["tokenizer"] = load_model(args.model, device=args.device)
     with warnings.catch_warnings():   # the table prints them
         warnings.simplefilter("ignore", OptimumNotIdentifiedWarning)
         result = sweep_sparsity(args.model, args.task, args.budget, **common)
@@ -315,21 +407,33 @@ def run_tune(args) -> None:
             levels = sorted({row.s for row in result.table} | {round(result.s_star, 4)})
             held = sweep_sparsity(args.model, args.task, args.budget, split="held_out",
                                   levels=levels, **common)
-    plot = result.plot(args.plot)
-    held_plot = held.plot(plot.with_name(f"{plot.stem}_held_out{plot.suffix}")) if held else None
+    # matplotlib is imported only here, when a plot was asked for (--plot)
+    plot = result.plot(args.plot) if args.plot is not None else None
+    held_plot = (held.plot(plot.with_name(f"{plot.stem}_held_out{plot.suffix}"))
+                 if held and plot is not None else None)
+    if args.csv:
+        _write_csv(["split", "s", "novelty", "diversity", "incoherence", "q", "q_low",
+                    "q_high", "violations", "prompts_ok"],
+                   [[r_split, r.s, r.novelty, r.diversity, r.incoherence, r.q, r.q_ci[0],
+                     r.q_ci[1], r.violations, r.prompts_ok]
+                    for r_split, res in (("tune", result), ("held_out", held)) if res
+                    for r in res.table])
+        return
     if args.json:
         print(json.dumps(_no_nan({"s_star": result.s_star, "tune": result.to_dict(),
                                   "held_out": held.to_dict() if held else None,
-                                  "plot": str(plot),
-                                  "held_out_plot": str(held_plot) if held else None}), indent=1))
+                                  "plot": str(plot) if plot else None,
+                                  "held_out_plot": str(held_plot) if held_plot else None}),
+                         indent=1))
         return
     print(result.format_table())
-    print(f"plot: {plot}")
+    if plot is not None:
+        print(f"plot: {plot}")
     if held is not None:
         at = held.row(round(result.s_star, 4))
         dense = held.row(0.0)
         best = max(held.table, key=lambda r: r.q)
-        print(f"\n{held.format_table()}\nplot: {held_plot}")
+        print(f"\n{held.format_table()}" + (f"\nplot: {held_plot}" if held_plot else ""))
         print(f"held-out: Q at the tuned s* = {result.s_star:.3f}: {at.q:+.3f} "
               f"[{at.q_ci[0]:+.3f}, {at.q_ci[1]:+.3f}]; at s = 0: {dense.q:+.3f}; best level "
               f"s = {best.s:.3f}: {best.q:+.3f}; the held-out prompts' own s* = "
@@ -359,7 +463,7 @@ def run_evaluate(args) -> None:
                        prompts=args.prompts, settings=args.settings)   # checked before loading
     print(f"{len(units)} units ({len(args.tasks)} tasks x prompts x methods x settings x "
           f"{len(args.seeds)} seeds) -> {args.out}", file=sys.stderr)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=args.device)
     start = time.perf_counter()
     path = evaluate(model, tokenizer, tasks=args.tasks, methods=args.methods, seeds=args.seeds,
                     out=args.out, split=args.split, prompts=args.prompts,
@@ -526,14 +630,29 @@ def _human_parser(sub) -> None:
     imp.add_argument("--db", default="human.sqlite", help=db_help)
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` where there is a default to show (not for flags, empty
+    lists, ``None`` or required arguments)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if action.required or default is None or default is False or default == [] \
+                or default == argparse.SUPPRESS:   # (0 == False: hence "is")
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="creative-sparse", description=__doc__.splitlines()[0])
+    fmt = _DefaultsHelp                                # every --help shows the defaults
+    parser = argparse.ArgumentParser(prog="creative-sparse", description=__doc__.splitlines()[0],
+                                     formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="sparse attention vs dense: accuracy and speed")
+    demo = sub.add_parser("demo", help="sparse attention vs dense: accuracy and speed",
+                          formatter_class=fmt)
     demo.add_argument("--length", type=_integer(1, DEMO_MAX_LENGTH), default=4096,
                       help=f"sequence length, at most {DEMO_MAX_LENGTH}")
     demo.add_argument("--heads", type=_integer(1, DEMO_MAX_HEADS), default=9,
@@ -543,9 +662,12 @@ def main(argv: list[str] | None = None) -> int:
                            f"{DEMO_MAX_ELEMENTS} (2**26)")
     demo.add_argument("--no-model", action="store_true",
                       help="skip the SmolLM2 part (attention kernels only)")
-    sub.add_parser("backends", help="list the attention backends available here")
-    gen = sub.add_parser("generate", help="Creative-Sparse generation: diverge -> refine")
-    gen.add_argument("prompt", type=_prompt)
+    sub.add_parser("backends", help="list the attention backends available here",
+                   formatter_class=fmt)
+    device_help = "cpu, cuda, cuda:N, mps or auto (cuda when there is one)"
+    gen = sub.add_parser("generate", help="Creative-Sparse generation: diverge -> refine",
+                         formatter_class=fmt)
+    gen.add_argument("prompt", type=_prompt, help="the prompt (the chat template is applied)")
     gen.add_argument("--candidates", type=_integer(1, MAX_CANDIDATES), default=5,
                      help="candidates returned (the diverge stage drafts candidates / "
                      f"keep_fraction of them and keeps this many, chosen as a set); at most "
@@ -559,35 +681,59 @@ def main(argv: list[str] | None = None) -> int:
                           "context")
     gen.add_argument("--seed", type=_integer(*SEED_RANGE), default=0,
                      help="any integer torch accepts as a seed: [-2**63, 2**64 - 1]")
-    gen.add_argument("--model", default="smollm2-135m")
-    gen.add_argument("--json", action="store_true", help="machine-readable output")
-    tune = sub.add_parser("tune", help="find the sparsity s* that maximises Q on a task")
-    tune.add_argument("--task", required=True,
-                      help="creative_writing, poetry, ad_copy, code or music")
+    gen.add_argument("--model", default="smollm2-135m", help="model name, HF id or local path")
+    gen.add_argument("--device", type=_device, default="cpu", help=device_help)
+    cons = gen.add_argument_group("constraints (enforced while decoding, counted as violations)")
+    cons.add_argument("--ban", action="append", default=[], metavar="PHRASE",
+                      help="a phrase that must not appear (any case); repeatable")
+    cons.add_argument("--require", action="append", default=[], metavar="WORD",
+                      help="a keyword that must appear; repeatable")
+    cons.add_argument("--regex", type=_regex, default=None,
+                      help="the whole answer must match (a token mask: guaranteed for rows "
+                           "that end before the length budget)")
+    cons.add_argument("--json-schema", type=_json_schema_file, default=None, metavar="FILE",
+                      help="the answer must be JSON valid against this schema (token mask)")
+    cons.add_argument("--grammar", type=_text_file, default=None, metavar="FILE",
+                      help="the answer must follow this Lark grammar (llguidance's dialect; "
+                           "token mask)")
+    out = gen.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="machine-readable output")
+    out.add_argument("--csv", action="store_true", help="the candidates as CSV on stdout")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .evaluation.runner import METHODS
+    from .tasks import list_tasks
+    tune = sub.add_parser("tune", help="find the sparsity s* that maximises Q on a task",
+                          formatter_class=fmt)
+    tune.add_argument("--task", required=True, choices=list_tasks(), metavar="TASK",
+                      help=f"one of {', '.join(list_tasks())}")
     tune.add_argument("--budget", type=float, default=1.0,
                       help="fraction of the reference cost (8 prompts x 6 samples x 7 levels x "
-                           "64 tokens); default 1.0")
-    tune.add_argument("--plot", type=_plot_path, default=None,
-                      help="PNG path (default tune_<task>.png) in an existing, writable "
-                           "directory")
+                           "64 tokens)")
+    tune.add_argument("--plot", type=_plot_path, default=None, nargs="?", const=True,
+                      metavar="PNG",
+                      help="write a plot (needs matplotlib) to PNG, in an existing, writable "
+                           "directory; --plot alone: tune_<task>.png. No plot without it")
     tune.add_argument("--held-out", action="store_true",
                       help="also measure the held-back prompts at the tuning levels and s*")
-    tune.add_argument("--model", default="smollm2-135m")
+    tune.add_argument("--model", default="smollm2-135m", help="model name, HF id or local path")
+    tune.add_argument("--device", type=_device, default="cpu", help=device_help)
     tune.add_argument("--seed", type=_integer(*SEED_RANGE), default=0,
                       help="any integer torch accepts as a seed: [-2**63, 2**64 - 1]")
     tune.add_argument("--no-cache", action="store_true",
                       help="measure again and replace the cached answer")
-    tune.add_argument("--json", action="store_true", help="machine-readable output")
-    from .evaluation.runner import METHODS
-    from .tasks import list_tasks
+    tune_out = tune.add_mutually_exclusive_group()
+    tune_out.add_argument("--json", action="store_true", help="machine-readable output")
+    tune_out.add_argument("--csv", action="store_true", help="the table as CSV on stdout")
+    tune.add_argument("--quiet", action="store_true", help="no progress bar")
     ev = sub.add_parser(
         "evaluate", help="compare methods as frontiers on held-back prompts (JSONL results)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=fmt)
     ev.add_argument("--tasks", nargs="+", choices=list_tasks(), default=list(list_tasks()),
                     metavar="TASK", help=f"tasks: {', '.join(list_tasks())}")
     ev.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                     metavar="METHOD", help=f"methods: {', '.join(METHODS)}")
-    ev.add_argument("--seeds", nargs="+", type=_integer(0, 2**31 - 1), default=[0, 1, 2])
+    ev.add_argument("--seeds", nargs="+", type=_integer(0, 2**31 - 1), default=[0, 1, 2],
+                    help="base seeds, each a full repetition")
     ev.add_argument("--prompts", type=_integer(1, 10_000), default=None,
                     help="first N prompts of each task (default: all of the split)")
     ev.add_argument("--outputs", type=_integer(2, MAX_CANDIDATES), default=5,
@@ -595,19 +741,21 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--setting", action="append", default=[], metavar="METHOD=V1,V2,...",
                     help="knob values to sweep for a method instead of its defaults "
                          "(temperature for top_p/min_p, level for the others); repeatable")
-    ev.add_argument("--split", default="evaluation", choices=("evaluation", "held_out", "tune"))
+    ev.add_argument("--split", default="evaluation", choices=("evaluation", "held_out", "tune"),
+                    help="which prompts")
     ev.add_argument("--max-tokens", type=_integer(1, MAX_NEW_TOKENS), default=None,
                     help="one length budget for every task (default: each task's own)")
     ev.add_argument("--out", default="results.jsonl",
                     help="results file; an existing one of the same run is resumed")
-    ev.add_argument("--model", default="smollm2-135m")
+    ev.add_argument("--model", default="smollm2-135m", help="model name, HF id or local path")
+    ev.add_argument("--device", type=_device, default="cpu", help=device_help)
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.add_argument("--compute", choices=("outputs", "flops"), default="outputs",
                     help="outputs: equal output count (Creative-Sparse drafts 2x and picks); "
                          "flops: also equal decoded tokens (Creative-Sparse drafts exactly as "
                          "many as it returns and uses the run's greedy reference)")
     rep = sub.add_parser("report", help="tables (Markdown, CSV) and frontier plots of results",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=fmt)
     rep.add_argument("results", help="a results file written by `creative-sparse evaluate`")
     rep.add_argument("--out-dir", default="report", help="where report.md, report.csv and "
                      "the frontier PNGs go (created if missing)")
@@ -627,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--heads x --length x --head-dim = {args.heads} x {args.length} x "
                      f"{args.head_dim} = {args.heads * args.length * args.head_dim} is more than "
                      f"{DEMO_MAX_ELEMENTS} (2**26) elements per tensor")
-    if args.command == "tune" and args.plot is None:
+    if args.command == "tune" and args.plot is True:     # --plot without a path
         try:
             args.plot = _plot_path(f"tune_{args.task}.png")
         except argparse.ArgumentTypeError as exc:

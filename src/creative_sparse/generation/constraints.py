@@ -16,14 +16,25 @@ Decoding-time constraints are logit processors for :func:`~creative_sparse.gener
   token of each missing keyword gets a logit bonus that grows to a forced choice
   in the last steps, so missing keywords are steered in before the budget ends.
 * :class:`MinLength`: no end-of-sequence before ``min_tokens`` tokens.
+* :class:`~creative_sparse.generation.grammar.GrammarMask`: a regex, a JSON schema
+  or a context-free grammar as a token mask (llguidance): only tokens that keep
+  the text inside the language can be sampled, so a finished row matches by
+  construction. It runs first; softer steering after it can never revive a
+  token it masked (a row left with nothing falls back to the mask alone).
 * :class:`ValidatorGuard`: the validators of :mod:`~creative_sparse.generation.validators`
-  (Python syntax, ABC notation, a regex) enforced while decoding: a sampled
-  token after which the text can no longer be valid is taken back and the row
-  samples again.
+  that no grammar expresses (Python syntax, ABC notation, a user's own; a regex
+  only when masks are switched off) enforced while decoding: a sampled token
+  after which the text can no longer be valid is taken back and the row samples
+  again (up to 8 times, then the best allowed of 1,024 candidates).
 
 Validators also count violations in finished texts; the quality functional adds
 ``lambda * violations`` to incoherence (see :mod:`~creative_sparse.generation.validators`
 for the rules and why ``codeop`` and the ``regex`` library do the parsing).
+
+The other way, :func:`~creative_sparse.generation.processors.as_logits_processor`
+turns a constraints spec into a ``transformers.LogitsProcessor`` for
+``model.generate``, and the engine takes transformers' processors
+(:mod:`~creative_sparse.generation.processors`).
 
 Banned and required words are token-level and need the tokenizer's variants,
 which a few lines handle exactly, so they use no grammar library.
@@ -38,10 +49,12 @@ import torch
 from torch import Tensor
 
 from ..quality.metrics import check_text
+from .processors import TokenGuard, as_logits_processor
 from .validators import abc_notation, python_syntax, regex_validator
 
-__all__ = ["BannedPhrases", "ConstraintSet", "MinLength", "RequiredKeywords", "ValidatorGuard",
-           "abc_notation", "python_syntax", "regex_validator"]
+__all__ = ["BannedPhrases", "ConstraintSet", "MinLength", "RequiredKeywords", "TokenGuard",
+           "ValidatorGuard", "abc_notation", "as_logits_processor", "python_syntax",
+           "regex_validator"]
 
 NEG_INF = float("-inf")
 
@@ -149,7 +162,11 @@ class RequiredKeywords:
             missing = self.missing(ids)
             if not missing:
                 continue
-            tokens = [self.first_tokens[k] for k in missing]
+            # a token another constraint masked (-inf) is never forced back in
+            tokens = [t for t in (self.first_tokens[k] for k in missing)
+                      if torch.isfinite(logits[row, t])]
+            if not tokens:
+                continue
             if self.budget - step <= len(missing):
                 best = max(tokens, key=lambda t: float(logits[row, t]))
                 forced = torch.full_like(logits[row], NEG_INF)
@@ -177,14 +194,28 @@ class MinLength:
 
 @dataclass
 class ConstraintSet:
-    """Several logit processors applied in order, plus validators for finished texts."""
+    """Several logit processors, plus validators for finished texts.
+
+    Processors that guarantee a language (``guarantees = True``: grammar masks) run
+    first; the others run after them in order. A row the later ones leave with no
+    token at all (e.g. a minimum length masking the end of sequence while the
+    grammar allows only that) gets the masks' logits back: the guarantee wins over
+    the steering."""
 
     processors: list[Callable] = field(default_factory=list)
     validators: list[Callable[[str], int]] = field(default_factory=list)
 
     def __call__(self, step, generated, logits):
-        for processor in self.processors:
+        hard = [p for p in self.processors if getattr(p, "guarantees", False)]
+        for processor in hard:
             logits = processor(step, generated, logits)
+        floor = logits
+        for processor in self.processors:
+            if processor not in hard:
+                logits = processor(step, generated, logits)
+        dead = torch.isneginf(logits).all(dim=-1)
+        if hard and bool(dead.any()):
+            logits = torch.where(dead[:, None], floor, logits)
         return logits
 
     def rejects(self, ids: list[int], token: int) -> bool:
@@ -254,6 +285,8 @@ class ValidatorGuard:
             ending = next((e for e in (end(text) for end in enders) if e), None)
             if ending:
                 first = self.tokenizer.encode(ending, add_special_tokens=False)[0]
+                if not torch.isfinite(logits[row, first]):
+                    continue          # another constraint masked it: do not force it back
                 steered = logits.clone() if steered is logits else steered
                 steered[row] = NEG_INF
                 steered[row, first] = 0.0

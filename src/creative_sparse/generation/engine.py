@@ -31,13 +31,17 @@ from ..models.kv_cache import CachePositions, cache_bytes, cache_kwargs, prefill
 from ..models.transformers import AttentionKnobs, set_knobs, sparsity
 from ..quality.metrics import check_text
 from .knobs import SamplingParams, sample
+from .processors import combine
 
 __all__ = ["DecodeState", "GenerationResult", "GenerationStats", "StepKnobs", "generate"]
 
 StepKnobs = tuple[SamplingParams, AttentionKnobs]
 Schedule = Union[StepKnobs, Callable[[int], StepKnobs]]
-# (step, token ids generated so far per running row, logits [rows, vocab]) -> logits
-LogitProcessor = Callable[[int, list[list[int]], Tensor], Tensor]
+# Ours: (step, token ids generated so far per running row, logits [rows, vocab]) -> logits;
+# or transformers': (input_ids [rows, L] with the prompt, scores [rows, vocab]) -> scores;
+# or a list of either (see processors.py).
+LogitProcessor = Union[Callable[[int, list[list[int]], Tensor], Tensor],
+                       Callable[[Tensor, Tensor], Tensor], Sequence[Callable]]
 
 
 @dataclass
@@ -68,7 +72,9 @@ class DecodeState:
     ``cache`` holds one row per entry of ``rows`` (the original row indices);
     ``pending`` is each cache row's last sampled token, not yet fed to the model;
     ``history`` is each cache row's generated tokens so far (``pending`` included),
-    which constraints see in front of the tokens a continuation adds.
+    which constraints see in front of the tokens a continuation adds;
+    ``prompts`` is each cache row's prompt ids (transformers processors see
+    prompt + history, as in ``model.generate``).
     """
 
     cache: object
@@ -76,6 +82,7 @@ class DecodeState:
     pending: Tensor
     rows: list[int]
     history: list[list[int]] = field(default_factory=list)
+    prompts: list[list[int]] = field(default_factory=list)
 
     def select(self, rows: Sequence[int]) -> "DecodeState":
         """Keep only the original ``rows`` (in that order). Consumes this state."""
@@ -86,7 +93,9 @@ class DecodeState:
         index = torch.tensor([self.rows.index(r) for r in rows])
         _keep_rows(self.cache, index.to(self.pending.device))
         history = [self.history[i] for i in index.tolist()] if self.history else []
-        return DecodeState(self.cache, self.positions, self.pending[index], list(rows), history)
+        prompts = [self.prompts[i] for i in index.tolist()] if self.prompts else []
+        return DecodeState(self.cache, self.positions, self.pending[index], list(rows), history,
+                           prompts)
 
 
 @dataclass
@@ -170,7 +179,8 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
              logit_processor: LogitProcessor | None = None,
              stream: Callable[[int, str], None] | None = None,
              max_cache_tokens: int | None = None, keep_state: bool = False,
-             reference_rows: Sequence[int] = ()) -> GenerationResult:
+             reference_rows: Sequence[int] = (),
+             progress: Callable[[int], None] | None = None) -> GenerationResult:
     """Generate ``num_rows`` continuations of one prompt in one batch.
 
     Args:
@@ -193,11 +203,15 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
             (inside, that is what torch does with a negative seed), so derived seeds
             such as ``seed * 1000 + i`` never overflow.
         stop_strings: a row ends when its text contains one (the text is cut there).
-        logit_processor: ``(step, generated ids per running row, logits) -> logits``
-            (the ids of a row resumed from a :class:`DecodeState` start with its history),
-            applied before temperature (constraints mask tokens here). If it also
-            has ``rejects(ids, token) -> bool`` (a ``ConstraintSet``), a sampled token
-            it refuses is taken back before it is fed and the row samples again.
+        logit_processor: ours, ``(step, generated ids per running row, logits) ->
+            logits`` (the ids of a row resumed from a :class:`DecodeState` start with
+            its history), or transformers', ``(input_ids, scores) -> scores`` (any
+            ``LogitsProcessor``: ``input_ids`` is each row's prompt + generated tokens),
+            or a list of either, applied in order before temperature (constraints
+            mask tokens here; see :mod:`~creative_sparse.generation.processors`). A
+            processor that also has ``rejects(ids, token) -> bool`` (a ``TokenGuard``,
+            e.g. a ``ConstraintSet``) takes a sampled token it refuses back before it
+            is fed, and the row samples again.
         stream: called as ``stream(row, new_text)`` whenever a row's text grows.
         max_cache_tokens: prune the cache (attention-mass eviction, sinks and the
             recent window of the attention knobs kept) to at most this many tokens.
@@ -207,6 +221,8 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
             same batch as the drafts instead of in a pass of its own). They share
             the prompt's prefill and the MoE routing with the other rows, and
             ignore ``logit_processor``.
+        progress: called as ``progress(1)`` after every decoding step (e.g. a tqdm
+            bar's ``update``); the library itself shows nothing.
 
     Returns:
         A :class:`GenerationResult`.
@@ -258,6 +274,12 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
     alive = list(range(num_rows))                  # original row index of each batch row
     generated: list[list[int]] = [[] for _ in range(num_rows)]
     prior = resume.history if resume is not None and resume.history else [[]] * num_rows
+    if resume is not None:
+        prompts = resume.prompts or [[]] * num_rows
+    else:
+        per_prompt = num_rows // ids.shape[0]
+        prompt_rows = ids.tolist()
+        prompts = [prompt_rows[r // per_prompt] for r in range(num_rows)]
 
     def context(row: int) -> list[int]:
         """What the constraints judge: earlier calls' tokens, then this call's."""
@@ -269,7 +291,11 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
     track = max_cache_tokens is not None
     watch_text = bool(stop_strings) or stream is not None
 
-    rejects = getattr(logit_processor, "rejects", None)
+    hook = combine(logit_processor)
+    if hook is not None and hook.needs_prompt and resume is not None and not resume.prompts:
+        raise ValueError("a transformers logits processor needs the rows' prompts, and this "
+                         "DecodeState has none (build it with generate(keep_state=True))")
+    rejects = hook.rejects if hook is not None and hook.guards else None
 
     def dense_positions(rows: list[int]) -> list[int]:
         return [i for i, r in enumerate(rows) if r in reference]
@@ -292,8 +318,9 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
         for step in range(max_new_tokens):
             greedy = dense_positions(alive)
             raw = logits[greedy].argmax(dim=-1) if greedy else None
-            if logit_processor is not None:
-                logits = logit_processor(step, [context(r) for r in alive], logits)
+            if hook is not None:
+                logits = hook(step, [context(r) for r in alive], [prompts[r] for r in alive],
+                              logits)
             tokens = sample(logits, sampling, [generators[r] for r in alive]).cpu()
             if greedy:
                 tokens[greedy] = raw.cpu().to(tokens.dtype)
@@ -301,6 +328,8 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
                 _resample_rejected(tokens, logits, alive, context, generators, sampling,
                                    rejects, skip=set(greedy))
             stats.steps += 1
+            if progress is not None:
+                progress(1)
             still = []
             for i, row in enumerate(alive):
                 token = int(tokens[i])
@@ -322,7 +351,8 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
                     still.append(i)
             if not still or step == max_new_tokens - 1:
                 state = DecodeState(cache, positions, tokens, list(alive),
-                                    [context(r) for r in alive]) if keep_state else None
+                                    [context(r) for r in alive],
+                                    [prompts[r] for r in alive]) if keep_state else None
                 alive = [alive[i] for i in still]
                 break
             if len(still) < len(alive):

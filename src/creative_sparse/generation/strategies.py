@@ -88,16 +88,23 @@ class _Strategy:
         raise NotImplementedError
 
     def generate(self, model, tokenizer, prompt, *, num_candidates: int = 5,
-                 max_new_tokens: int = 120, seed: int = 0) -> StrategyResult:
-        """``num_candidates`` continuations of ``prompt`` (text or ids ``[1, L]``)."""
+                 max_new_tokens: int = 120, seed: int = 0,
+                 logits_processor=None) -> StrategyResult:
+        """``num_candidates`` continuations of ``prompt`` (text or ids ``[1, L]``);
+        ``logits_processor``: one or a list, transformers' convention or ours (see
+        :mod:`~creative_sparse.generation.processors`), applied at every step."""
         if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) \
                 or num_candidates < 1:
             raise ValueError(f"num_candidates must be an int >= 1, got {num_candidates!r}")
         seeds = _seeds(seed, num_candidates)
         schedule, probe = self.schedule(model, seeds, max_new_tokens)
+        extra = [] if logits_processor is None else (
+            list(logits_processor) if isinstance(logits_processor, (list, tuple))
+            else [logits_processor])
+        hooks = ([probe] if probe is not None else []) + extra
         result = generate(model, tokenizer, _prompt_ids(tokenizer, prompt),
                           num_rows=num_candidates, max_new_tokens=max_new_tokens,
-                          schedule=schedule, seeds=seeds, logit_processor=probe)
+                          schedule=schedule, seeds=seeds, logit_processor=hooks or None)
         return StrategyResult(self.name, result.texts, result.stats)
 
 
@@ -263,10 +270,11 @@ class CreativeSparse:
     def generate(self, model, tokenizer, prompt, *, num_candidates: int = 5,
                  max_new_tokens: int = 120, seed: int = 0,
                  sparsity_level: float | None = None, num_drafts: int | None = None,
-                 reference: str | None = None) -> StrategyResult:
+                 reference: str | None = None, logits_processor=None) -> StrategyResult:
         """As :meth:`CreativeSparseWrapper.generate_candidates`; ``sparsity_level``
         replaces the diverge level of ``schedule`` (refine = min(refine, diverge));
-        ``num_drafts`` and ``reference`` are passed on (equal-compute runs)."""
+        ``num_drafts`` and ``reference`` are passed on (equal-compute runs);
+        ``logits_processor`` applies in both stages."""
         wrapper = self.wrapper(model, tokenizer)
         if isinstance(prompt, torch.Tensor):
             prompt = tokenizer.decode(prompt[0], skip_special_tokens=True)
@@ -274,7 +282,8 @@ class CreativeSparse:
         result = wrapper.generate_candidates(prompt, max_length=max_new_tokens,
                                              num_candidates=num_candidates, seed=seed,
                                              sparsity_level=sparsity_level,
-                                             num_drafts=num_drafts, reference=reference)
+                                             num_drafts=num_drafts, reference=reference,
+                                             logits_processor=logits_processor)
         parts = [result.diverge_stats] + list(result.refine_stats)
         stats = replace(parts[0], generated_tokens=sum(p.generated_tokens for p in parts),
                         steps=sum(p.steps for p in parts),

@@ -32,8 +32,10 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
@@ -48,6 +50,7 @@ from ..quality import LikelihoodScorer, OutputQuality, QualityFunctional
 from ..quality.metrics import check_text
 from .constraints import (BannedPhrases, ConstraintSet, MinLength, RequiredKeywords,
                           ValidatorGuard, abc_notation, python_syntax, regex_validator)
+from .grammar import GrammarMask, grammar_source, grammar_validator
 from .validators import banned_phrases
 from .engine import GenerationStats, generate
 from .knobs import SamplingParams
@@ -91,6 +94,10 @@ class CreativeResult:
 _VALIDATORS = {"python": python_syntax, "abc": abc_notation}
 
 
+_KEYS = ("banned", "required", "min_tokens", "validators", "regex", "json_schema", "grammar",
+         "enforce")
+
+
 def build_constraints(tokenizer, spec: Mapping[str, Any] | ConstraintSet | None, budget: int,
                       eos_ids: Sequence[int]) -> ConstraintSet:
     """A :class:`ConstraintSet` from a dict spec (or pass one through).
@@ -99,6 +106,14 @@ def build_constraints(tokenizer, spec: Mapping[str, Any] | ConstraintSet | None,
     ``validators`` (``"python"``, ``"abc"``, ``"regex:<pattern>"`` or callables):
     counted as violations in the finished texts, and enforced while decoding
     when they can judge a prefix (ours can; see :class:`ValidatorGuard`).
+    ``regex`` (a pattern, same as ``"regex:<pattern>"``), ``json_schema`` (a dict or
+    JSON text) and ``grammar`` (Lark text): the whole answer must match; enforced by a
+    token mask (:class:`~creative_sparse.generation.grammar.GrammarMask`, llguidance),
+    so a finished answer matches by construction, and counted as violations.
+    ``enforce``: ``"mask"`` (default) or ``"reject"``: regexes through the older
+    rejection path (partial matching, take back and resample; no guarantee), kept
+    for comparison. Without llguidance installed, a regex falls back to rejection
+    with a warning; a JSON schema or grammar raises ``ImportError``.
     Banned phrases are both: masked while decoding (:class:`BannedPhrases`) and
     counted in the finished texts (:func:`~creative_sparse.generation.validators.banned_phrases`).
     """
@@ -109,11 +124,23 @@ def build_constraints(tokenizer, spec: Mapping[str, Any] | ConstraintSet | None,
     if not isinstance(spec, Mapping):
         raise ValueError(f"constraints must be a dict or a ConstraintSet, got "
                          f"{type(spec).__name__}")
-    unknown = set(spec) - {"banned", "required", "min_tokens", "validators"}
+    unknown = set(spec) - set(_KEYS)
     if unknown:
-        raise ValueError(f"unknown constraint types {sorted(unknown)}; allowed: banned, "
-                         "required, min_tokens, validators")
+        raise ValueError(f"unknown constraint types {sorted(unknown)}; allowed: "
+                         f"{', '.join(_KEYS)}")
+    enforce = spec.get("enforce", "mask")
+    if enforce not in ("mask", "reject"):
+        raise ValueError(f"enforce must be 'mask' or 'reject', got {enforce!r}")
     processors, validators = [], []
+    regexes = [item[len("regex:"):] for item in spec.get("validators", ())
+               if isinstance(item, str) and item.startswith("regex:")]
+    if spec.get("regex"):
+        regexes.append(spec["regex"])
+    masked = _grammar_masks(tokenizer, regexes, spec, eos_ids, enforce)
+    processors.extend(mask for mask, _ in masked)
+    validators.extend(v for _, v in masked)
+    if enforce == "reject" or not masked:
+        validators.extend(regex_validator(r) for r in regexes)
     if spec.get("banned"):
         processors.append(BannedPhrases(tokenizer, spec["banned"]))
         validators.append(banned_phrases(spec["banned"]))
@@ -125,15 +152,57 @@ def build_constraints(tokenizer, spec: Mapping[str, Any] | ConstraintSet | None,
         if callable(item):
             validators.append(item)
         elif isinstance(item, str) and item.startswith("regex:"):
-            validators.append(regex_validator(item[len("regex:"):]))
+            continue                                   # handled with spec["regex"] above
         elif item in _VALIDATORS:
             validators.append(_VALIDATORS[item])
         else:
             raise ValueError(f"unknown validator {item!r}; allowed: 'python', 'abc', "
                              "'regex:<pattern>' or a callable text -> violations")
-    if any(hasattr(v, "rejects_prefix") for v in validators):
-        processors.append(ValidatorGuard(tokenizer, validators, eos_ids, budget))  # enforced
+    # The guard enforces by rejection what no mask covers (Python, ABC, a user's own).
+    guarded = [v for v in validators if hasattr(v, "rejects_prefix")
+               and not any(v is m for _, m in masked)]
+    if guarded:
+        processors.append(ValidatorGuard(tokenizer, guarded, eos_ids, budget))
     return ConstraintSet(processors, validators)
+
+
+def _grammar_masks(tokenizer, regexes: list[str], spec: Mapping[str, Any],
+                   eos_ids: Sequence[int], enforce: str) -> list[tuple[GrammarMask, Any]]:
+    """``(mask, validator)`` for each regex, JSON schema and grammar of ``spec``."""
+    sources = [("regex", dict(regex=r), f"regex({r})") for r in regexes]
+    if spec.get("json_schema") is not None:
+        sources.append(("json_schema", dict(json_schema=spec["json_schema"]), "json_schema"))
+    if spec.get("grammar") is not None:
+        sources.append(("grammar", dict(lark=spec["grammar"]), "grammar"))
+    if enforce == "reject":
+        if len(sources) > len(regexes):
+            raise ValueError("enforce='reject' covers regexes only; a JSON schema or grammar "
+                             "is enforced by its mask")
+        return []
+    if not sources:
+        return []
+    if importlib.util.find_spec("llguidance") is None:
+        if len(sources) > len(regexes):
+            raise ImportError("JSON-schema and grammar constraints need llguidance: pip "
+                              "install 'creative-sparse[hf]' (or pip install llguidance)")
+        warnings.warn("llguidance is not installed: regex constraints fall back to rejection "
+                      "and resampling, which does not guarantee a match (pip install "
+                      "'creative-sparse[hf]')", stacklevel=3)
+        return []
+    out = []
+    for kind, kwargs, name in sources:
+        source = grammar_source(**kwargs)
+        try:
+            mask = GrammarMask(tokenizer, source, eos_ids, name=name)
+        except ValueError as exc:
+            if kind != "regex":
+                raise
+            raise ValueError(f"{exc} (the mask takes Rust regex syntax: no look-around or "
+                             "back-references; enforce='reject' takes Python's)") from None
+        validator = (regex_validator(kwargs["regex"]) if kind == "regex"
+                     else grammar_validator(tokenizer, source, name=name))
+        out.append((mask, validator))
+    return out
 
 
 def dial_knobs(controller: SparsityController, model, s: float,
@@ -237,7 +306,8 @@ class CreativeSparseWrapper:
     def generate_candidates(self, prompt: str, max_length: int = 200, num_candidates: int = 5,
                             sparsity_level: float | None = None, constraints=None,
                             seed: int | None = None, *, num_drafts: int | None = None,
-                            reference: str | None = None) -> CreativeResult:
+                            reference: str | None = None, logits_processor=None,
+                            progress=None) -> CreativeResult:
         """Diverge -> select -> refine -> rank; every candidate with its Q breakdown.
 
         ``num_drafts`` (default ``ceil(num_candidates / keep_fraction)``, at least
@@ -246,6 +316,13 @@ class CreativeSparseWrapper:
         it as row 0 of the diverge batch. With ``num_drafts=num_candidates`` and a given
         reference, the method decodes exactly ``num_candidates * max_length`` tokens,
         as plain sampling does: the equal-compute setting of the evaluation.
+
+        ``logits_processor``: extra processors for both stages, after the constraints:
+        one or a list, in transformers' convention (any ``LogitsProcessor``: repetition
+        penalty, no-repeat-n-gram, typical or epsilon sampling, ...) or ours (see
+        :mod:`~creative_sparse.generation.processors`). ``progress``: called as
+        ``progress(1)`` after every decoding step of either stage; the steps of a call
+        are at most ``max_length`` (``draft_len`` diverge steps + the rest refining).
         """
         start = time.perf_counter()
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
@@ -281,7 +358,13 @@ class CreativeSparseWrapper:
         # drafts open the final texts, so banned phrases are kept out of them already;
         # the other constraints are about the whole answer and steer the refinement.
         seeds = [seed * 1000 + i for i in range(num_drafts)]
-        banned = [p for p in constraint_set.processors if isinstance(p, BannedPhrases)]
+        # Banned phrases and grammar masks hold in the drafts too: a draft opens the answer.
+        whole = [p for p in constraint_set.processors
+                 if isinstance(p, (BannedPhrases, GrammarMask))]
+        extra = [] if logits_processor is None else (
+            list(logits_processor) if isinstance(logits_processor, (list, tuple))
+            else [logits_processor])
+        draft_hooks = ([ConstraintSet(whole)] if whole else []) + extra
         # Token pruning: the drafts' cache is bounded to (1 - rate) of its context
         # (long contexts only, see control.cache_budget); refine continues from it.
         knobs = AttentionKnobs()
@@ -293,7 +376,7 @@ class CreativeSparseWrapper:
         batch = generate(model, tok, ids, num_rows=num_drafts + first, max_new_tokens=draft_len,
                          schedule=self.knobs(diverge, row_seeds), seeds=row_seeds,
                          keep_state=True, reference_rows=[0] if first else [],
-                         logit_processor=ConstraintSet(banned) if banned else None,
+                         logit_processor=draft_hooks or None, progress=progress,
                          max_cache_tokens=cache_limit)
         reference_text = reference if reference is not None else batch.texts[0]
         drafts = _without_first_row(batch) if first else batch
@@ -315,8 +398,9 @@ class CreativeSparseWrapper:
                               num_rows=len(members),
                               max_new_tokens=max_length - draft_len,
                               schedule=self.knobs(refine, member_seeds), seeds=member_seeds,
-                              logit_processor=constraint_set if constraint_set.processors
-                              else None)
+                              logit_processor=([constraint_set] if constraint_set.processors
+                                               else []) + extra or None,
+                              progress=progress)
             refine_stats.append(result.stats)
             for row, i in enumerate(members):
                 finals[i] = tok.decode(drafts.token_ids[i] + result.token_ids[row],
@@ -334,10 +418,10 @@ class CreativeSparseWrapper:
 
     def generate_creative(self, prompt: str, max_length: int = 200, num_candidates: int = 5,
                           return_best: bool = True, sparsity_level: float | None = None,
-                          constraints=None, seed: int | None = None):
+                          constraints=None, seed: int | None = None, *, logits_processor=None):
         """The seed API: the best text, or every candidate's text (best first)."""
         result = self.generate_candidates(prompt, max_length, num_candidates, sparsity_level,
-                                          constraints, seed)
+                                          constraints, seed, logits_processor=logits_processor)
         if return_best:
             return result.best.text
         return [c.text for c in result.candidates]
