@@ -131,12 +131,14 @@ def redact(text: str, flags: Sequence[Flag], mark: str = "[flagged]") -> str:
         >>> redact("a gloop b", [Flag(2, 7, "word_list", "gloop", 1.0, "w")])
         'a [flagged] b'
     """
-    spans = sorted((f.start, f.end) for f in flags)
+    merged: list[list[int]] = []
+    for a, b in sorted((f.start, f.end) for f in flags):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
     out, pos = [], 0
-    for a, b in spans:
-        if b <= pos:
-            continue
-        out.append(text[pos:max(a, pos)])
-        out.append(mark)
+    for a, b in merged:
+        out += [text[pos:a], mark]
         pos = b
     return "".join(out) + text[pos:]
