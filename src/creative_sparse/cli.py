@@ -331,7 +331,7 @@ def run_tune(args) -> None:
     from .autotune import OptimumNotIdentifiedWarning, sweep_sparsity
 
     common = dict(seed=args.seed, cache="refresh" if args.no_cache else True,
-                  progress=not args.json)
+                  progress=not args.json, safety="default" if args.flagged else None)
     with warnings.catch_warnings():   # the table prints them
         warnings.simplefilter("ignore", OptimumNotIdentifiedWarning)
         result = sweep_sparsity(args.model, args.task, args.budget, **common)
@@ -478,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--no-cache", action="store_true",
                       help="measure again and replace the cached answer")
     tune.add_argument("--json", action="store_true", help="machine-readable output")
+    tune.add_argument("--flagged", action="store_true",
+                      help="also record the safety checker's flagged rate per level (table "
+                           "and plot; needs creative-sparse[safety])")
     from .evaluation.runner import METHODS
     from .evaluation.tasks import list_tasks
     ev = sub.add_parser(

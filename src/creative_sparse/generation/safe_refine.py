@@ -6,14 +6,15 @@ ids each) and runs the checker over them, the drafts and the reference in one ca
 * a clean candidate is ``"passed"``;
 * a flagged one is cut before its first flagged span (at the last token boundary
   that ends before it) and generated again from there at the refine level, with
-  every phrase flagged so far banned (:class:`~creative_sparse.generation.constraints.BannedPhrases`:
-  token-level rejection, as for the user's banned phrases) and the caller's
+  every phrase flagged so far banned
+  (:class:`~creative_sparse.generation.constraints.BannedPhrases`: token-level rejection, as for the user's banned phrases) and the caller's
   constraints; checked again; up to ``repairs`` times, then ``"dropped"``;
 * when the checker fails (raises, times out, answers nonsense) every candidate is
   ``"withheld"`` with the reason: nothing unchecked is returned.
 
 Drafts and the reference are returned with their flagged spans redacted, so the
-result object never carries a flagged phrase outside its :class:`~creative_sparse.safety.SafetyReport`.
+result object never carries a flagged phrase outside its
+:class:`~creative_sparse.safety.SafetyReport`.
 """
 
 from __future__ import annotations

@@ -110,8 +110,8 @@ class CreativeResult:
     @property
     def best(self) -> Candidate:
         if not self.candidates:
-            raise ValueError(f"no candidate to return: "
-                             f"{self.withheld or 'every candidate was dropped by the safety checks'}")
+            why = self.withheld or "every candidate was dropped by the safety checks"
+            raise ValueError(f"no candidate to return: {why}")
         return self.candidates[0]
 
     @property
@@ -122,7 +122,8 @@ class CreativeResult:
     @property
     def flagged_outputs(self) -> int:
         """How many refined candidates the checker flagged before any repair."""
-        return sum(r.action in ("repaired", "dropped") or (r.action == "withheld" and bool(r.flags))
+        return sum(r.action in ("repaired", "dropped") or (r.action == "withheld"
+                                                            and bool(r.flags))
                    for r in self.safety)
 
     @property
