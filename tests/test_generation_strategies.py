@@ -49,13 +49,14 @@ def test_the_dial_at_zero_is_dense_sampling(tiny):
     plain = dense.generate(tiny, Tokenizer(), PROMPT, num_candidates=2, max_new_tokens=8)
     assert fixed.texts == plain.texts and fixed.stats.attended_fraction == 1.0
     # On a dense model the MoE-only strategy has nothing to turn: it is the dial at 0.
-    moe = MoEOnly(0.9).generate(tiny, Tokenizer(), PROMPT, num_candidates=2, max_new_tokens=8)
+    moe = MoEOnly(0.9, allow_high_sparsity=True).generate(tiny, Tokenizer(), PROMPT,
+                                                          num_candidates=2, max_new_tokens=8)
     assert moe.texts == plain.texts
 
 
 def test_higher_levels_attend_fewer_keys(tiny):
-    low, high = (Fixed(s).generate(tiny, Tokenizer(), PROMPT, num_candidates=2,
-                                   max_new_tokens=8) for s in (0.2, 0.9))
+    low, high = (Fixed(s, allow_high_sparsity=True).generate(
+        tiny, Tokenizer(), PROMPT, num_candidates=2, max_new_tokens=8) for s in (0.2, 0.9))
     assert high.stats.attended_fraction < low.stats.attended_fraction <= 1.0
 
 

@@ -335,7 +335,8 @@ def run_generate(args) -> None:
     if not quiet:
         print(f"loading {args.model} on {args.device} ...", file=sys.stderr)
     wrapper = CreativeSparseWrapper(args.model, sparsity_schedule=args.schedule,
-                                    device=args.device)
+                                    device=args.device, safety=_safety(args),
+                                    allow_high_sparsity=args.allow_high_sparsity)
     # One tick per decoding step (diverge, then refine): at most --max-tokens of them,
     # so tqdm's rate and ETA are real; rows that all end early finish the bar sooner.
     with tqdm(total=args.max_tokens, desc="diverge -> refine", unit="tok", disable=quiet,
@@ -357,9 +358,16 @@ def run_generate(args) -> None:
             "reference": result.reference, "drafts": result.drafts,
             "candidates": [{"text": c.text, "draft": c.draft,
                             **{k: v if math.isfinite(v) else None   # JSON has no inf
-                               for k, v in vars(c.quality).items()}}
+                               for k, v in vars(c.quality).items()},
+                            "safety": c.safety.to_dict() if c.safety else None}
                            for c in result.candidates],
+            "safety": [r.to_dict() for r in result.safety], "withheld": result.withheld,
+            "flagged_drafts": result.flagged_drafts,
             "wall_time": result.wall_time}, indent=2))
+        return
+    if not result.candidates:
+        reason = result.withheld or "every candidate was flagged and could not be repaired"
+        print(f"\nNo output: {reason}.", file=sys.stderr)
         return
     best, others = result.candidates[0], result.candidates[1:]
 
@@ -374,6 +382,25 @@ def run_generate(args) -> None:
         print(f"#{i} ({scores(cand)}):\n{cand.text}\n")
     print(f"{len(result.drafts)} drafts, {len(result.candidates)} chosen and refined, "
           f"{result.wall_time:.1f} s")
+    if result.safety:
+        actions = [r.action for r in result.safety]
+        print(f"safety ({wrapper.safety.name}): {result.flagged_drafts} of "
+              f"{len(result.draft_flags)} drafts flagged; candidates "
+              + ", ".join(f"{actions.count(a)} {a}" for a in dict.fromkeys(actions)))
+
+
+def _safety(args):
+    """The checker of ``--no-safety`` / ``--block-list``: None, the default, or the default
+    plus the file's words (:meth:`WordListChecker.from_file`)."""
+    if args.no_safety:
+        return None
+    if args.block_list is None:
+        return "default"
+    from .safety import CompositeChecker, WordListChecker, resolve_checker
+
+    words = WordListChecker.from_file(args.block_list)
+    base = resolve_checker("default")
+    return words if base is None else CompositeChecker([base, words])
 
 
 def _no_nan(value):
@@ -394,7 +421,8 @@ def run_tune(args) -> None:
     from .autotune import OptimumNotIdentifiedWarning, sweep_sparsity
 
     common = dict(seed=args.seed, cache="refresh" if args.no_cache else True,
-                  progress=not (args.json or args.csv or args.quiet))
+                  progress=not (args.json or args.csv or args.quiet),
+                  safety="default" if args.flagged else None)
     if args.device != "cpu":     # the default path loads on the CPU by name
         from .models import load_model
 
@@ -469,7 +497,8 @@ def run_evaluate(args) -> None:
                     out=args.out, split=args.split, prompts=args.prompts,
                     num_outputs=args.outputs, settings=args.settings,
                     max_new_tokens=args.max_tokens, model_name=args.model,
-                    progress=not args.quiet, compute=args.compute)
+                    progress=not args.quiet, compute=args.compute,
+                    safety=None if args.no_safety else "default")
     print(f"results: {path} ({time.perf_counter() - start:.0f} s); tables and plots: "
           f"creative-sparse report {path}", file=sys.stderr)
 
@@ -683,6 +712,13 @@ def main(argv: list[str] | None = None) -> int:
                      help="any integer torch accepts as a seed: [-2**63, 2**64 - 1]")
     gen.add_argument("--model", default="smollm2-135m", help="model name, HF id or local path")
     gen.add_argument("--device", type=_device, default="cpu", help=device_help)
+    gen.add_argument("--allow-high-sparsity", action="store_true",
+                     help="opt in to returned text above the safety gate (refine level > "
+                          "0.8, or diverge level > 0.8 with --no-safety)")
+    gen.add_argument("--no-safety", action="store_true",
+                     help="no content checks on the candidates (default: alt-profanity-check)")
+    gen.add_argument("--block-list", default=None, metavar="FILE",
+                     help="also flag these words (one per line; re:PATTERN for a regex)")
     cons = gen.add_argument_group("constraints (enforced while decoding, counted as violations)")
     cons.add_argument("--ban", action="append", default=[], metavar="PHRASE",
                       help="a phrase that must not appear (any case); repeatable")
@@ -725,6 +761,9 @@ def main(argv: list[str] | None = None) -> int:
     tune_out.add_argument("--json", action="store_true", help="machine-readable output")
     tune_out.add_argument("--csv", action="store_true", help="the table as CSV on stdout")
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    tune.add_argument("--flagged", action="store_true",
+                      help="also record the safety checker's flagged rate per level (table "
+                           "and plot; needs creative-sparse[safety])")
     ev = sub.add_parser(
         "evaluate", help="compare methods as frontiers on held-back prompts (JSONL results)",
         formatter_class=fmt)
@@ -754,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="outputs: equal output count (Creative-Sparse drafts 2x and picks); "
                          "flops: also equal decoded tokens (Creative-Sparse drafts exactly as "
                          "many as it returns and uses the run's greedy reference)")
+    ev.add_argument("--no-safety", action="store_true",
+                    help="no flagged-rate monitoring and no screening of Creative-Sparse")
     rep = sub.add_parser("report", help="tables (Markdown, CSV) and frontier plots of results",
                          formatter_class=fmt)
     rep.add_argument("results", help="a results file written by `creative-sparse evaluate`")
@@ -780,6 +821,20 @@ def main(argv: list[str] | None = None) -> int:
             args.plot = _plot_path(f"tune_{args.task}.png")
         except argparse.ArgumentTypeError as exc:
             parser.error(f"argument --plot: {exc}")
+    if args.command == "generate":   # the gate, before a model loads
+        from .safety import DEFAULT_SAFETY_GATE, check_gate
+
+        diverge, refine = args.schedule
+        diverge = diverge if args.sparsity is None else args.sparsity
+        try:
+            check_gate(min(refine, diverge), DEFAULT_SAFETY_GATE, args.allow_high_sparsity,
+                       "--schedule's refine level")
+            if args.no_safety:
+                check_gate(diverge, DEFAULT_SAFETY_GATE, args.allow_high_sparsity,
+                           "the diverge level with --no-safety")
+        except ValueError as exc:
+            parser.error(str(exc).replace("allow_high_sparsity=True (CLI: --allow-high-sparsity)",
+                                          "--allow-high-sparsity"))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from .autotune import SweepFailedError

@@ -73,7 +73,7 @@ def sweep_sparsity(model_name: str = "smollm2-135m", task_type: str = "creative_
                    seed: int = 0, max_new_tokens: int | None = None,
                    sparsity_config: SparsityConfig | None = None, n_bootstrap: int = N_BOOTSTRAP,
                    cache: bool | str = True, cache_dir: str | os.PathLike | None = None,
-                   progress: bool = True) -> SweepResult:
+                   progress: bool = True, safety=None) -> SweepResult:
     """Measure Q(s) on a task's prompts, fit the Goldilocks model, find s*.
 
     Args:
@@ -93,6 +93,11 @@ def sweep_sparsity(model_name: str = "smollm2-135m", task_type: str = "creative_
             ``"refresh"`` measures again and replaces the cached entry.
         cache_dir: cache root (default ``$CREATIVE_SPARSE_CACHE`` or the user cache).
         progress: show a progress bar.
+        safety: a content checker (``"default"`` or a
+            :class:`~creative_sparse.safety.SafetyChecker`) whose flagged rate (share of
+            samples flagged) is recorded per level, shown in the table and plotted over s.
+            None (the default) records none; the cache key (and the shipped
+            measurements) stay those of a sweep without it.
 
     Returns:
         A :class:`SweepResult` (``.table``, ``.fit``, ``.bounds``, ``.s_star``, ``.plot(path)``).
@@ -128,6 +133,14 @@ def sweep_sparsity(model_name: str = "smollm2-135m", task_type: str = "creative_
            "weights": asdict(weights), "seed": int(seed),
            "sparsity_config": asdict(sparsity_config or SparsityConfig()),
            "quality": _quality_identity(), "n_bootstrap": n_bootstrap}
+    if safety is not None:
+        from ..safety import resolve_checker
+
+        checker = resolve_checker(safety)
+        if checker is None:
+            raise ImportError("sweep_sparsity(safety='default') needs alt-profanity-check: "
+                              "pip install 'creative-sparse[safety]'")
+        key["safety"] = checker.name
     path = _cache_file(cache_dir, task.name, split, key)
     if cache not in (True, False, "refresh"):
         raise ValueError(f"cache must be True, False or 'refresh', got {cache!r}")
@@ -146,6 +159,8 @@ def sweep_sparsity(model_name: str = "smollm2-135m", task_type: str = "creative_
         start = time.perf_counter()
         measurer = _make_measurer(model_name, model, tokenizer, task, plan, weights,
                                   sparsity_config, int(seed))
+        if safety is not None:
+            measurer.safety = checker
         grid = levels if levels is not None else [round(float(x), 4) for x in
                                                   np.linspace(0, 1, plan.coarse)]
         m = _measure_sweep(measurer, prompts[: plan.prompts], grid, plan.levels - len(grid),

@@ -29,6 +29,7 @@ class _Measurer:
         checks = build_constraints(tokenizer, {"validators": list(task.validators)}, 1, [])
         self.validators = list(checks.validators)
         self.plan, self.seed = plan, seed
+        self.safety = None     # a SafetyChecker: measure() also gives the flagged rate
         self._ids: dict[str, Any] = {}
         self._references: dict[str, str] = {}
 
@@ -45,8 +46,10 @@ class _Measurer:
         return self._references[prompt]
 
     def measure(self, index: int, prompt: str, s: float) -> tuple[tuple[float, ...], str]:
-        """``((novelty, diversity, incoherence, violations), first text)``: means over the
-        samples of prompt ``index`` at level ``s`` (the same seeds at every level)."""
+        """``((novelty, diversity, incoherence, violations, flagged), first text)``: means
+        over the samples of prompt ``index`` at level ``s`` (the same seeds at every
+        level); ``flagged`` is the share of samples :attr:`safety` flags (NaN without a
+        checker; a checker that fails makes the point fail)."""
         from ..generation import generate
 
         w, n = self.wrapper, self.plan.samples
@@ -59,7 +62,15 @@ class _Measurer:
                                      validators=self.validators)
         means = tuple(float(np.mean([getattr(q, k) for q in scores]))
                       for k in ("novelty", "diversity", "incoherence", "violations"))
-        return means, texts[0]
+        flagged = math.nan
+        if self.safety is not None:
+            from ..safety import run_checks
+
+            outcome = run_checks(self.safety, texts)
+            if not outcome.ok:
+                raise RuntimeError(outcome.reason)
+            flagged = sum(bool(f) for f in outcome.flags) / len(texts)
+        return (*means, flagged), texts[0]
 
 
 def _make_measurer(model_name, model, tokenizer, task, plan, weights, sparsity_config, seed):
@@ -86,15 +97,16 @@ def _measure_sweep(measurer, prompts: Sequence[str], levels: Sequence[float], re
         for k, prompt in enumerate(prompts):
             try:
                 point, text = measurer.measure(k, prompt, s)
+                point = tuple(point) + (math.nan,) * (5 - len(point))   # no flagged rate
                 examples.setdefault(s, text)
             except Exception as err:  # one failed point must not lose the sweep
                 logger.warning("sweep point s=%.4f, prompt %d failed: %r", s, k, err)
                 errors.append(f"s={s:.4f}, prompt {k}: {type(err).__name__}: {err}")
-                point = (math.nan,) * 4
+                point = (math.nan,) * 5
             row.append(point)
             bar.update(1)
         values[s] = row
-        q = np.asarray(row, float) @ w
+        q = np.asarray(row, float)[:, :4] @ w[:4]   # the flagged rate is not part of Q
         return float(np.nanmean(q)) if np.isfinite(q).any() else -math.inf
 
     try:
@@ -115,9 +127,10 @@ def _measure_sweep(measurer, prompts: Sequence[str], levels: Sequence[float], re
         bar.close()
     order = sorted(values)
     cols = [[values[s][k] for s in order] for k in range(len(prompts))]
-    per = [tuple(tuple(c[g][i] for g in range(len(order))) for c in cols) for i in range(4)]
-    return Measurements(tuple(order), *per, tuple(examples.get(s, "") for s in order),
-                        tuple(errors))
+    per = [tuple(tuple(c[g][i] for g in range(len(order))) for c in cols) for i in range(5)]
+    flagged = per[4] if any(not math.isnan(v) for row in per[4] for v in row) else ()
+    return Measurements(tuple(order), *per[:4], tuple(examples.get(s, "") for s in order),
+                        tuple(errors), flagged)
 
 
 def _analyse(m: Measurements, weights: QualityWeights, seed: int, n_boot: int

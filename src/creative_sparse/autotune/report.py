@@ -27,13 +27,15 @@ def _ci(ci: tuple[float, float] | None) -> str:
 
 
 def format_sweep(r: "SweepResult") -> str:
-    """A sweep's table (s, N, D, I, Q with intervals) and its verdict, as text."""
+    """A sweep's table (s, N, D, I, Q with intervals; the flagged rate when a safety
+    checker was given) and its verdict, as text."""
     p = r.plan
+    flagged = bool(r.measurements.flagged)
     lines = [f"{r.task} ({r.split} split, {r.model}): {p.prompts} prompts x {p.samples} samples "
              f"x {p.levels} levels x {p.max_new_tokens} tokens (budget {p.budget:g}), "
              f"{r.runtime_s:.0f} s{' (from cache)' if r.from_cache else ''}",
              f"{'s':>6}  {'novelty':<22}{'diversity':<22}{'incoherence':<22}{'Q':<23}"
-             f"{'viol':>5}{'ok':>4}"]
+             f"{'viol':>5}{'ok':>4}" + (f"{'flagged':>9}" if flagged else "")]
     for row in r.table:
         lines.append(f"{row.s:6.3f}  " + "".join(
             f"{v:+.3f} {_ci(c):<16}" if name == "q" else f"{v:.3f} {_ci(c):<16}"
@@ -41,7 +43,8 @@ def format_sweep(r: "SweepResult") -> str:
                                ("d", row.diversity, row.diversity_ci),
                                ("i", row.incoherence, row.incoherence_ci),
                                ("q", row.q, row.q_ci)))
-            + f"{row.violations:5.2f}{row.prompts_ok:4d}")
+            + f"{row.violations:5.2f}{row.prompts_ok:4d}"
+            + (f"{row.flagged:9.3f}" if flagged else ""))
     lines.append(f"s* = {r.s_star:.3f} {_ci(r.s_star_ci)} ({r.method}); measured optimum "
                  f"{r.s_star_measured:.3f}"
                  + (f" {_ci(r.bootstrap.s_star_measured)}" if r.bootstrap else ""))
@@ -75,7 +78,8 @@ def format_sweep(r: "SweepResult") -> str:
 
 
 def plot_sweep(r: "SweepResult", path: Path) -> Path:
-    """PNG of a sweep: measured N, D, I and Q over s with intervals, the fit, s* and the bounds."""
+    """PNG of a sweep: measured N, D, I and Q over s with intervals, the fit, s* and the
+    bounds; the flagged rate over s on a second axis when the sweep recorded it."""
     try:
         import matplotlib
     except ImportError as err:
@@ -115,6 +119,13 @@ def plot_sweep(r: "SweepResult", path: Path) -> Path:
         bottom.axvspan(*r.s_star_ci, color="tab:purple", alpha=0.1)
     bottom.axvline(r.s_star_measured, color="tab:gray", ls="--",
                    label=f"measured optimum {r.s_star_measured:.3f}")
+    if r.measurements.flagged:   # the safety monitor over s, on its own axis
+        rate = bottom.twinx()
+        rate.plot(s, [row.flagged for row in rows], "s--", color="tab:brown",
+                  label="flagged rate (safety checker)")
+        rate.set_ylabel("flagged rate (share of samples)", color="tab:brown")
+        rate.set_ylim(0, max(0.05, 1.2 * np.nanmax([row.flagged for row in rows] + [0])))
+        rate.legend(fontsize=8, loc="lower right")
     bottom.set_xlabel("sparsity level s")
     bottom.set_ylabel(f"Q = {r.weights.alpha:g} N + {r.weights.beta:g} D - {r.weights.gamma:g} I")
     bottom.legend(fontsize=8, loc="best")

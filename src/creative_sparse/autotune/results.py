@@ -103,7 +103,9 @@ def plan_sweep(compute_budget: float, max_new_tokens: int, available_prompts: in
 @dataclass(frozen=True)
 class Measurements:
     """Per-prompt means over the samples, ``[P][G]`` (NaN where the point failed), at
-    ``levels`` (sorted); ``examples``: the first output of the first prompt per level."""
+    ``levels`` (sorted); ``examples``: the first output of the first prompt per level;
+    ``flagged``: the share of samples a safety checker flagged, ``[P][G]``, or empty
+    when the sweep ran without one (``sweep_sparsity(safety=...)``)."""
 
     levels: tuple[float, ...]
     novelty: tuple[tuple[float, ...], ...]
@@ -112,6 +114,7 @@ class Measurements:
     violations: tuple[tuple[float, ...], ...]
     examples: tuple[str, ...]
     errors: tuple[str, ...]
+    flagged: tuple[tuple[float, ...], ...] = ()
 
     def means(self, weights: QualityWeights) -> dict[str, np.ndarray]:
         """Means over prompts per level: novelty, diversity, incoherence, violations, q."""
@@ -119,6 +122,8 @@ class Measurements:
             warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN level: stays NaN
             out = {k: np.nanmean(np.asarray(getattr(self, k), float), axis=0)
                    for k in ("novelty", "diversity", "incoherence", "violations")}
+            out["flagged"] = (np.nanmean(np.asarray(self.flagged, float), axis=0) if self.flagged
+                              else np.full(len(self.levels), np.nan))
         w = weights
         out["q"] = w.alpha * out["novelty"] + w.beta * out["diversity"] - w.gamma * out["incoherence"]
         return out
@@ -139,6 +144,7 @@ class LevelRow:
     q_ci: tuple[float, float]
     violations: float
     prompts_ok: int
+    flagged: float | None = None   # share of samples flagged; None: no checker in the sweep
 
 
 @dataclass(frozen=True)
@@ -193,7 +199,8 @@ class SweepResult:
                                  float(means["diversity"][g]), ci["diversity"],
                                  float(means["incoherence"][g]), ci["incoherence"],
                                  float(means["q"][g]), ci["q"], float(means["violations"][g]),
-                                 int(ok[g])))
+                                 int(ok[g]),
+                                 float(means["flagged"][g]) if m.flagged else None))
         return tuple(rows)
 
     def row(self, s: float) -> LevelRow | None:
@@ -316,5 +323,10 @@ def _check_result(r: SweepResult) -> None:
                 if not math.isnan(v) and not (math.isfinite(v) and v >= low):
                     raise ValueError(f"result.measurements.{name}[{i}][{g}] = {v!r}, expected "
                                      f"NaN (a failed point) or {allowed}")
+    if m.flagged and (len(m.flagged) != len(m.novelty) or any(
+            len(row) != len(m.levels) for row in m.flagged) or any(
+            not math.isnan(v) and not 0.0 <= v <= 1.0 for row in m.flagged for v in row)):
+        raise ValueError("result.measurements.flagged must be empty or [prompts][levels] of "
+                         "rates in [0, 1] (NaN for a failed point)")
     if r.fit is not None:
         unit("fit.s_star", r.fit.s_star)

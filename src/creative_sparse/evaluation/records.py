@@ -3,7 +3,8 @@
 One record per line (format ``creative-sparse/evaluation-results``, version 1):
 
 * ``{"type": "header", ...}``: first line; the run's identity (library version, model,
-  split, outputs per unit, length budgets). A file whose header disagrees with the run
+  split, outputs per unit, length budgets, the safety checker's name or null). A file
+  whose header disagrees with the run
   that would extend it is refused, never mixed.
 * ``{"type": "reference", "task", "prompt_index", "text"}``: the dense greedy answer
   to a prompt (the novelty reference), once per prompt.
@@ -35,7 +36,7 @@ FORMAT_VERSION = 1
 _TYPES = ("header", "reference", "unit")
 # fields of a header that must match for two runs to share a file
 IDENTITY = ("format", "format_version", "library_version", "model", "split", "num_outputs",
-            "max_new_tokens", "compute")
+            "max_new_tokens", "compute", "safety")   # safety: the checker that screens
 # What a header written before a field existed means by its absence.
 _ABSENT = {"compute": "outputs"}
 

@@ -32,6 +32,16 @@ mean pairwise embedding distance, distinct answers, pass@k and pass rate, valid 
 Cost: FLOPs (attention actually computed included), wall time, peak KV-cache bytes,
 tokens.
 
+Safety monitoring: one content checker (``safety``, by default
+:class:`~creative_sparse.safety.ProfanityCheck`) reads every method's outputs; each
+output records ``flagged`` and the set the ``flagged`` rate (share of outputs
+flagged), so the report can compare methods, tasks and levels. Creative-Sparse also
+screens with it inside (repair or drop, see the wrapper) and its record adds
+``set.flagged_drafts`` (share of the diverge drafts flagged) and ``set.safety`` (the
+counts of the screen stage). The runner measures, so it opts in to levels above the
+safety gate (``allow_high_sparsity``) for every method. A unit whose outputs were
+all dropped or withheld is scored on one blank output, with ``set.withheld`` saying why.
+
 Under ``torchrun`` (``torch.distributed``, gloo on CPU) each rank takes every
 ``world``-th unit and writes its own shard ``<out>.rank<r>.jsonl``; rank 0 merges the
 shards into ``<out>`` once all ranks are done. The same command runs unchanged on
@@ -161,15 +171,17 @@ class _Scorer:
     novelty references."""
 
     def __init__(self, model, tokenizer, num_outputs: int, max_new_tokens: Mapping[str, int],
-                 references: dict, quality=None, compute: str = "outputs"):
+                 references: dict, quality=None, compute: str = "outputs", safety="default"):
         from ..generation import strategies
         from ..generation.wrapper import build_constraints
+        from ..safety import resolve_checker
 
         self.model, self.tokenizer = model, tokenizer
         self.num_outputs, self.max_new_tokens = num_outputs, max_new_tokens
         self.references = references
         self.compute = compute
-        self._cs = strategies.CreativeSparse()
+        self.checker = resolve_checker(safety)
+        self._cs = strategies.CreativeSparse(safety=self.checker, allow_high_sparsity=True)
         wrapper = self._cs.wrapper(model, tokenizer)
         if quality is not None:       # one Q for drafting, selecting and scoring
             wrapper.quality = quality
@@ -181,12 +193,14 @@ class _Scorer:
 
     def strategy(self, method: str, setting: float):
         s = self._strategies
+        opt_in = dict(allow_high_sparsity=True)   # measuring, with the flagged rate recorded
         return {"top_p": lambda: s.DenseTopP(temperature=setting),
                 "min_p": lambda: s.MinP(temperature=setting),
-                "fixed": lambda: s.Fixed(setting),
-                "progressive": lambda: s.Progressive(start=setting, end=round(setting / 2, 4)),
-                "adaptive": lambda: s.Adaptive(base=setting),
-                "moe_only": lambda: s.MoEOnly(setting)}[method]()
+                "fixed": lambda: s.Fixed(setting, **opt_in),
+                "progressive": lambda: s.Progressive(start=setting, end=round(setting / 2, 4),
+                                                     **opt_in),
+                "adaptive": lambda: s.Adaptive(base=setting, **opt_in),
+                "moe_only": lambda: s.MoEOnly(setting, **opt_in)}[method]()
 
     def reference(self, task: str, index: int, prompt: str) -> tuple[str, bool]:
         """The dense greedy answer; ``(text, new)``."""
@@ -213,10 +227,39 @@ class _Scorer:
                 self.model, self.tokenizer, unit.prompt, num_candidates=self.num_outputs,
                 max_new_tokens=budget, seed=unit.seed)
         texts = [t or " " for t in result.texts]
-        return {"type": "unit", "id": unit.id, "task": unit.task,
-                "prompt_index": unit.prompt_index, "method": unit.method,
-                "knob": METHODS[unit.method].knob, "setting": unit.setting, "seed": unit.seed,
-                **self.score(unit, texts, reference), "cost": _cost(result.stats)}
+        withheld = None
+        if not texts:
+            withheld = ((result.safety or {}).get("withheld")
+                        or "every output was dropped by the safety checks")
+            texts = [" "]
+        record = {"type": "unit", "id": unit.id, "task": unit.task,
+                  "prompt_index": unit.prompt_index, "method": unit.method,
+                  "knob": METHODS[unit.method].knob, "setting": unit.setting, "seed": unit.seed,
+                  **self.score(unit, texts, reference), "cost": _cost(result.stats)}
+        self.monitor(record, result.safety, withheld)
+        return record
+
+    def monitor(self, record: dict, screen: dict | None, withheld: str | None) -> None:
+        """Add the flagged fields (module doc) to a unit record."""
+        from ..safety import run_checks
+
+        sets = record["set"]
+        if withheld is not None:
+            sets["withheld"] = withheld
+        if screen is not None:
+            sets["safety"] = screen
+            sets["flagged_drafts"] = (screen["flagged_drafts"] / screen["drafts"]
+                                      if screen["drafts"] else None)
+        if self.checker is None:
+            return
+        texts = [o["text"] for o in record["outputs"]]
+        outcome = run_checks(self.checker, texts)
+        if not outcome.ok:      # monitoring failed: say so, count nothing
+            sets["flagged"], sets["flag_error"] = None, outcome.reason
+            return
+        for out, flags in zip(record["outputs"], outcome.flags):
+            out["flagged"] = bool(flags)
+        sets["flagged"] = sum(bool(f) for f in outcome.flags) / len(texts)
 
     def score(self, unit: Unit, texts: list[str], reference: str) -> dict:
         from ..quality import metrics
@@ -302,7 +345,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
              settings: Mapping[str, Sequence[float]] | None = None,
              max_new_tokens: int | None = None, model_name: str = "",
              progress: bool = True, on_unit: Callable[[dict], None] | None = None,
-             quality=None, compute: str = "outputs") -> Path:
+             quality=None, compute: str = "outputs", safety="default") -> Path:
     """Run (or resume) an evaluation; returns the path of the results file.
 
     Args:
@@ -326,6 +369,9 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
             ``"flops"`` (also equal decoded tokens: Creative-Sparse makes exactly
             ``num_outputs`` drafts, refines all of them, and takes the run's greedy
             reference instead of decoding its own). Recorded in the header.
+        safety: the content checker that monitors every output and screens
+            Creative-Sparse's (``"default"``, a :class:`~creative_sparse.safety.SafetyChecker`
+            or None: no monitoring); its name goes in the header.
     """
     import torch
     from tqdm.auto import tqdm
@@ -338,12 +384,16 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
     if compute not in COMPUTE_MODES:
         raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
     units = plan_units(tasks, methods, seeds, split=split, prompts=prompts, settings=settings)
+    from ..safety import resolve_checker
+
+    checker = resolve_checker(safety)
     budgets = {t: (max_new_tokens or load_task(t).max_new_tokens) for t in dict.fromkeys(tasks)}
     header = {"type": "header", "format": FORMAT, "format_version": FORMAT_VERSION,
               "library_version": __version__, "model": model_name, "split": split,
               "num_outputs": num_outputs, "max_new_tokens": budgets,
               "tasks": list(budgets), "methods": list(dict.fromkeys(methods)),
-              "seeds": list(seeds), "torch": torch.__version__, "compute": compute}
+              "seeds": list(seeds), "torch": torch.__version__, "compute": compute,
+              "safety": None if checker is None else checker.name}
     out = Path(out)
     rank, world = _distributed()
     mine = units[rank::world]
@@ -352,7 +402,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
         done = set(writer.results.units)
         todo = [u for u in mine if u.id not in done]
         scorer = _Scorer(model, tokenizer, num_outputs, budgets, writer.results.references,
-                         quality, compute)
+                         quality, compute, checker)
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="unit",
                    desc=f"evaluate{f' rank {rank}' if world > 1 else ''}", disable=not progress)
         try:

@@ -42,6 +42,7 @@ from ..control import SparsityController, check_level
 from ..models.transformers import AttentionKnobs
 from .engine import GenerationStats, generate
 from .knobs import SamplingParams
+from ..safety import DEFAULT_SAFETY_GATE, check_gate, check_gate_value
 from .wrapper import CreativeSparseWrapper, dial_knobs
 
 __all__ = ["Adaptive", "CreativeSparse", "DenseTopP", "Fixed", "MinP", "MoEOnly",
@@ -50,11 +51,15 @@ __all__ = ["Adaptive", "CreativeSparse", "DenseTopP", "Fixed", "MinP", "MoEOnly"
 
 @dataclass
 class StrategyResult:
-    """The candidates of one strategy on one prompt, and their cost."""
+    """The candidates of one strategy on one prompt, and their cost; ``safety``: what
+    the content checks of :class:`CreativeSparse` counted (``drafts``,
+    ``flagged_drafts``, ``outputs`` refined, ``flagged_outputs`` before repair,
+    ``repaired``, ``dropped``, ``withheld``: the reason or None), None elsewhere."""
 
     name: str
     texts: list[str]
     stats: GenerationStats = field(default_factory=GenerationStats)
+    safety: dict | None = None
 
 
 def _prompt_ids(tokenizer, prompt) -> torch.Tensor:
@@ -76,13 +81,24 @@ def _seeds(seed: int, n: int) -> list[int]:
 
 @dataclass(frozen=True)
 class _Strategy:
-    """Shared driver: subclasses give the schedule (and may watch the logits)."""
+    """Shared driver: subclasses give the schedule (and may watch the logits).
+
+    The gate: a strategy whose level (``top_level``) is above ``safety_gate``
+    (default 0.8) raises :class:`~creative_sparse.safety.HighSparsityError` unless
+    ``allow_high_sparsity=True``: its outputs go to the caller unchecked."""
 
     config: SparsityConfig | None = field(default=None, kw_only=True)
+    safety_gate: float = field(default=DEFAULT_SAFETY_GATE, kw_only=True)
+    allow_high_sparsity: bool = field(default=False, kw_only=True)
 
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    @property
+    def top_level(self) -> float | None:
+        """The highest sparsity level the outputs are generated at (None: not the dial)."""
+        return None
 
     def schedule(self, model, seeds: list[int], max_new_tokens: int):
         raise NotImplementedError
@@ -96,6 +112,9 @@ class _Strategy:
         if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) \
                 or num_candidates < 1:
             raise ValueError(f"num_candidates must be an int >= 1, got {num_candidates!r}")
+        if self.top_level is not None:
+            check_gate(self.top_level, check_gate_value(self.safety_gate),
+                       self.allow_high_sparsity, self.name)
         seeds = _seeds(seed, num_candidates)
         schedule, probe = self.schedule(model, seeds, max_new_tokens)
         extra = [] if logits_processor is None else (
@@ -145,6 +164,10 @@ class Fixed(_Strategy):
     def name(self) -> str:
         return f"Fixed({self.level:g})"
 
+    @property
+    def top_level(self) -> float:
+        return self.level
+
     def schedule(self, model, seeds, max_new_tokens):
         return dial_knobs(SparsityController(self.config), model, self.level, seeds), None
 
@@ -163,6 +186,10 @@ class Progressive(_Strategy):
     @property
     def name(self) -> str:
         return f"Progressive({self.start:g}->{self.end:g})"
+
+    @property
+    def top_level(self) -> float:
+        return max(self.start, self.end)
 
     def schedule(self, model, seeds, max_new_tokens):
         controller = SparsityController(self.config)
@@ -196,7 +223,8 @@ class _EntropyProbe:
 class Adaptive(_Strategy):
     """The level at each step is ``base + gain * (target_entropy - H)``, clipped to
     [0, 1], where ``H`` is the rows' mean next-token entropy (nats) at the last step:
-    confident steps explore more, uncertain ones stay closer to dense."""
+    confident steps explore more, uncertain ones stay closer to dense. Without
+    ``allow_high_sparsity`` the level is also capped at ``safety_gate``."""
 
     base: float = 0.5
     target_entropy: float = 2.0
@@ -209,6 +237,10 @@ class Adaptive(_Strategy):
             raise ValueError(f"Adaptive: target_entropy must be > 0 and gain >= 0, got "
                              f"{self.target_entropy!r}, {self.gain!r}")
 
+    @property
+    def top_level(self) -> float:
+        return self.base
+
     def schedule(self, model, seeds, max_new_tokens):
         controller = SparsityController(self.config)
         probe = _EntropyProbe()
@@ -216,7 +248,8 @@ class Adaptive(_Strategy):
 
         def at(step: int):
             error = 0.0 if probe.entropy is None else self.target_entropy - probe.entropy
-            s = round(min(1.0, max(0.0, self.base + self.gain * error)), 2)
+            top = 1.0 if self.allow_high_sparsity else max(self.safety_gate, self.base)
+            s = round(min(top, max(0.0, self.base + self.gain * error)), 2)
             if s not in cache:
                 cache[s] = dial_knobs(controller, model, s, seeds)
             return cache[s]
@@ -237,6 +270,10 @@ class MoEOnly(_Strategy):
     def name(self) -> str:
         return f"MoEOnly({self.level:g})"
 
+    @property
+    def top_level(self) -> float:
+        return self.level
+
     def schedule(self, model, seeds, max_new_tokens):
         controller = SparsityController(self.config)
         dense_sampling, _ = dial_knobs(controller, model, 0.0)
@@ -248,11 +285,15 @@ class MoEOnly(_Strategy):
 @dataclass(frozen=True)
 class CreativeSparse:
     """Diverge -> select -> refine, through :class:`CreativeSparseWrapper` (built once per
-    model: its quality functional loads an embedder)."""
+    model: its quality functional loads an embedder). ``safety``,
+    ``allow_high_sparsity`` and ``safety_gate`` go to the wrapper (its doc)."""
 
     schedule: tuple[float, float] = (0.7, 0.3)
     config: SparsityConfig | None = None
     _wrappers: dict = field(default_factory=dict, compare=False, repr=False)
+    safety: object = "default"
+    allow_high_sparsity: bool = False
+    safety_gate: float = DEFAULT_SAFETY_GATE
 
     @property
     def name(self) -> str:
@@ -264,7 +305,8 @@ class CreativeSparse:
         if id(model) not in self._wrappers:
             self._wrappers[id(model)] = CreativeSparseWrapper(
                 model=model, tokenizer=tokenizer, sparsity_schedule=self.schedule,
-                sparsity_config=self.config)
+                sparsity_config=self.config, safety=self.safety,
+                allow_high_sparsity=self.allow_high_sparsity, safety_gate=self.safety_gate)
         return self._wrappers[id(model)]
 
     def generate(self, model, tokenizer, prompt, *, num_candidates: int = 5,
@@ -292,4 +334,13 @@ class CreativeSparse:
                         wall_time=time.perf_counter() - start,
                         peak_cache_bytes=result.peak_cache_bytes,
                         evicted_tokens=sum(p.evicted_tokens for p in parts))
-        return StrategyResult(self.name, [c.text for c in result.candidates], stats)
+        safety = None
+        if wrapper.safety is not None:
+            actions = [r.action for r in result.safety]
+            safety = {"checker": wrapper.safety.name, "drafts": len(result.draft_flags),
+                      "flagged_drafts": result.flagged_drafts, "outputs": len(actions),
+                      "flagged_outputs": result.flagged_outputs,
+                      "repaired": actions.count("repaired"), "dropped": actions.count("dropped"),
+                      "withheld_outputs": actions.count("withheld"),
+                      "withheld": result.withheld}
+        return StrategyResult(self.name, [c.text for c in result.candidates], stats, safety)

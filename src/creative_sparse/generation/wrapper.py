@@ -15,10 +15,23 @@
    level, under the constraints (banned phrases, required keywords, minimum
    length, validators: enforced while decoding, and counted as violations; a
    banned phrase anywhere in the final text, draft included, is a violation).
-5. **Rank** the finished candidates by Q given the prompt (novelty and diversity
+5. **Screen** (safety, a hard constraint): a content checker (``safety``, by
+   default :class:`~creative_sparse.safety.ProfanityCheck`) reads every candidate,
+   draft and the reference; a flagged candidate is cut before the flagged span and
+   continued at the refine level with the flagged phrases banned, up to
+   ``safety_repairs`` times, else dropped; a checker that fails withholds every
+   candidate (:mod:`~creative_sparse.generation.safe_refine`). Each candidate's
+   :class:`~creative_sparse.safety.SafetyReport` says what was flagged, where, and
+   what was done.
+6. **Rank** the finished candidates by Q given the prompt (novelty and diversity
    as far as on task, incoherence with degeneration and violations; a candidate
    with a violation after every one without) and return the best, or all
    ``num_candidates``.
+
+The gate: text returned to the caller is generated at the refine level, and at the
+diverge level too when no checker screens the drafts; a level above
+``safety_gate`` (default 0.8, the top of the diverge range) there raises
+:class:`~creative_sparse.safety.HighSparsityError` unless ``allow_high_sparsity``.
 
 The refined drafts continue together in one batch from the diverge stage's
 cache (KV reuse): neither the prompt nor the drafts are computed again. Drafts
@@ -48,12 +61,15 @@ from ..models.moe import find_routers
 from ..models.transformers import AttentionKnobs
 from ..quality import LikelihoodScorer, OutputQuality, QualityFunctional
 from ..quality.metrics import check_text
+from ..safety import (DEFAULT_SAFETY_GATE, Flag, SafetyReport, check_gate, check_gate_value,
+                      resolve_checker)
 from .constraints import (BannedPhrases, ConstraintSet, MinLength, RequiredKeywords,
                           ValidatorGuard, abc_notation, python_syntax, regex_validator)
 from .grammar import GrammarMask, grammar_source, grammar_validator
 from .validators import banned_phrases
 from .engine import GenerationStats, generate
 from .knobs import SamplingParams
+from .safe_refine import screen
 
 __all__ = ["Candidate", "CreativeResult", "CreativeSparseWrapper", "build_constraints",
            "dial_knobs"]
@@ -61,17 +77,27 @@ __all__ = ["Candidate", "CreativeResult", "CreativeSparseWrapper", "build_constr
 
 @dataclass(frozen=True)
 class Candidate:
-    """One finished candidate: its text, the draft it grew from and its Q breakdown."""
+    """One finished candidate: its text, the draft it grew from (flagged spans redacted)
+    and its Q breakdown; ``safety``: what the checks found and did (None: no checker)."""
 
     text: str
     draft: str
     quality: OutputQuality
+    safety: SafetyReport | None = None
 
 
 @dataclass
 class CreativeResult:
     """Every candidate (best first), the reference, the drafts and the cost of each stage
-    (``diverge_stats`` covers the diverge batch, the reference row included)."""
+    (``diverge_stats`` covers the diverge batch, the reference row included; the
+    ``refine_stats`` list holds the refine batch, then each safety repair).
+
+    Safety (with a checker): ``drafts`` and ``reference`` have their flagged spans
+    redacted; ``draft_flags`` holds each draft's flags; ``safety`` one report per
+    refined draft, dropped and withheld ones included (candidates carry theirs);
+    ``withheld`` says why no candidate was returned when the checker failed.
+    ``candidates`` may hold fewer than ``num_candidates`` (dropped ones), or none.
+    """
 
     candidates: list[Candidate]
     drafts: list[str]
@@ -79,10 +105,28 @@ class CreativeResult:
     diverge_stats: GenerationStats
     refine_stats: list[GenerationStats] = field(default_factory=list)
     wall_time: float = 0.0
+    safety: list[SafetyReport] = field(default_factory=list)
+    draft_flags: list[list[Flag]] = field(default_factory=list)
+    withheld: str | None = None
 
     @property
     def best(self) -> Candidate:
+        if not self.candidates:
+            why = self.withheld or "every candidate was dropped by the safety checks"
+            raise ValueError(f"no candidate to return: {why}")
         return self.candidates[0]
+
+    @property
+    def flagged_drafts(self) -> int:
+        """How many drafts the checker flagged."""
+        return sum(bool(f) for f in self.draft_flags)
+
+    @property
+    def flagged_outputs(self) -> int:
+        """How many refined candidates the checker flagged before any repair."""
+        return sum(r.action in ("repaired", "dropped") or (r.action == "withheld"
+                                                            and bool(r.flags))
+                   for r in self.safety)
 
     @property
     def peak_cache_bytes(self) -> int:
@@ -238,13 +282,26 @@ class CreativeSparseWrapper:
         draft_fraction: share of the length budget spent on a draft.
         keep_fraction: share of the drafts that is refined: ``num_candidates /
             keep_fraction`` drafts are made for ``num_candidates`` candidates.
+        safety: the content checker of the screen stage: ``"default"``
+            (:func:`~creative_sparse.safety.default_checker`, alt-profanity-check;
+            without the ``safety`` extra, a warning and no checks), a
+            :class:`~creative_sparse.safety.SafetyChecker`, or None (checks off).
+        safety_gate: the highest level whose text is returned without opt-in (default
+            0.8, the top of the diverge range).
+        allow_high_sparsity: opt in to returned text above ``safety_gate``.
+        safety_repairs: repairs per flagged candidate before it is dropped.
+        safety_timeout: seconds per checker call (None: no limit); a checker that
+            runs longer withholds the candidates.
     """
 
     def __init__(self, model_name: str = "smollm2-135m",
                  sparsity_schedule: Sequence[float] = (0.7, 0.3),
                  quality_weights: QualityWeights | Sequence[float] | None = None,
                  sparsity_config: SparsityConfig | None = None, *, model=None, tokenizer=None,
-                 device: str = "cpu", draft_fraction: float = 0.4, keep_fraction: float = 0.5):
+                 device: str = "cpu", draft_fraction: float = 0.4, keep_fraction: float = 0.5,
+                 safety="default", safety_gate: float = DEFAULT_SAFETY_GATE,
+                 allow_high_sparsity: bool = False, safety_repairs: int = 2,
+                 safety_timeout: float | None = 10.0):
         if len(tuple(sparsity_schedule)) != 2:
             raise ValueError(f"sparsity_schedule must be (diverge, refine), got "
                              f"{sparsity_schedule!r}")
@@ -256,6 +313,17 @@ class CreativeSparseWrapper:
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
         quality_weights = as_quality_weights(quality_weights)
+        if isinstance(safety_repairs, bool) or not isinstance(safety_repairs, int) \
+                or safety_repairs < 0:
+            raise ValueError(f"safety_repairs must be an int >= 0, got {safety_repairs!r}")
+        if safety_timeout is not None and (isinstance(safety_timeout, bool) or not isinstance(
+                safety_timeout, (int, float)) or not safety_timeout > 0):
+            raise ValueError(f"safety_timeout must be None or a number of seconds > 0, got "
+                             f"{safety_timeout!r}")
+        self.safety_gate = check_gate_value(safety_gate)
+        self.allow_high_sparsity = bool(allow_high_sparsity)
+        self.safety_repairs, self.safety_timeout = safety_repairs, safety_timeout
+        self.safety = resolve_checker(safety)
         if model is None:
             from ..models import load_model
             model, tokenizer = load_model(model_name, device=device)
@@ -334,6 +402,13 @@ class CreativeSparseWrapper:
         if sparsity_level is not None:
             diverge = check_level(sparsity_level)
             refine = min(refine, diverge)
+        # Returned text comes from the refine level, and from the diverge level when
+        # no checker screens the drafts before they reach the caller.
+        check_gate(refine, self.safety_gate, self.allow_high_sparsity,
+                   f"the refine level {refine:g}")
+        if self.safety is None:
+            check_gate(diverge, self.safety_gate, self.allow_high_sparsity,
+                       f"the diverge level {diverge:g} without safety checks")
         seed = 0 if seed is None else int(seed)
         ids = self.prompt_ids(prompt)
         draft_len = max(1, min(max_length, math.ceil(max_length * self.draft_fraction)))
@@ -387,6 +462,7 @@ class CreativeSparseWrapper:
                                      ref_texts, prompt, validators=validators)
 
         finals = {i: drafts.texts[i] for i in chosen}   # finished drafts stay as they are
+        final_ids = {i: list(drafts.token_ids[i]) for i in chosen}
         # Drafts that used their whole budget continue from their cached keys and
         # values (KV reuse): the prompt and the draft are not computed again.
         members = [i for i in chosen if drafts.finish_reasons[i] == "length"
@@ -403,25 +479,49 @@ class CreativeSparseWrapper:
                               progress=progress)
             refine_stats.append(result.stats)
             for row, i in enumerate(members):
-                finals[i] = tok.decode(drafts.token_ids[i] + result.token_ids[row],
-                                       skip_special_tokens=True)
+                final_ids[i] = drafts.token_ids[i] + result.token_ids[row]
+                finals[i] = tok.decode(final_ids[i], skip_special_tokens=True)
         finals = [finals[i] for i in chosen]
-
-        breakdown = self.quality.breakdown([t or " " for t in finals], ref_texts, prompt,
-                                           validators=validators)
-        candidates = [Candidate(text, drafts.texts[i], q)
-                      for text, i, q in zip(finals, chosen, breakdown)]
+        draft_texts, reports, draft_flags, withheld = list(drafts.texts), [None] * len(chosen), \
+            [], None
+        if self.safety is not None:
+            screened = screen(self.safety, model=model, tokenizer=tok, prompt_ids=ids,
+                              texts=finals, token_ids=[final_ids[i] for i in chosen],
+                              drafts=drafts.texts, chosen=chosen, reference=reference_text,
+                              max_length=max_length, knobs=lambda s: self.knobs(refine, s),
+                              seeds=[seeds[i] for i in chosen],
+                              processors=constraint_set.processors,
+                              repairs=self.safety_repairs, timeout=self.safety_timeout)
+            finals, reports = screened.texts, screened.reports
+            draft_texts, reference_text = screened.drafts, screened.reference
+            draft_flags, withheld = screened.draft_flags, screened.withheld
+            refine_stats += screened.repair_stats
+        kept = [k for k, text in enumerate(finals) if text is not None]
+        breakdown = self.quality.breakdown([finals[k] or " " for k in kept], ref_texts, prompt,
+                                           validators=validators) if kept else []
+        candidates = [Candidate(finals[k], draft_texts[chosen[k]] if draft_texts else "", q,
+                                reports[k])
+                      for k, q in zip(kept, breakdown)]
         # A candidate that breaks a constraint ranks below every one that keeps them.
         candidates.sort(key=lambda c: (c.quality.violations > 0, -c.quality.q))
-        return CreativeResult(candidates, drafts.texts, reference_text, batch.stats,
-                              refine_stats, time.perf_counter() - start)
+        return CreativeResult(candidates, draft_texts, reference_text, batch.stats,
+                              refine_stats, time.perf_counter() - start,
+                              [r for r in reports if r is not None], draft_flags, withheld)
 
     def generate_creative(self, prompt: str, max_length: int = 200, num_candidates: int = 5,
                           return_best: bool = True, sparsity_level: float | None = None,
                           constraints=None, seed: int | None = None, *, logits_processor=None):
-        """The seed API: the best text, or every candidate's text (best first)."""
+        """The seed API: the best text, or every candidate's text (best first).
+
+        When the safety checks leave no candidate (all dropped, or withheld because the
+        checker failed) the answer is ``""`` (or ``[]``) and a warning gives the reason;
+        :meth:`generate_candidates` returns the reports."""
         result = self.generate_candidates(prompt, max_length, num_candidates, sparsity_level,
                                           constraints, seed, logits_processor=logits_processor)
+        if not result.candidates:
+            reason = result.withheld or "every candidate was flagged and could not be repaired"
+            warnings.warn(f"no output returned: {reason}", RuntimeWarning, stacklevel=2)
+            return "" if return_best else []
         if return_best:
             return result.best.text
         return [c.text for c in result.candidates]
