@@ -42,15 +42,14 @@ import torch
 from ..attention import sparse_attention
 from ..config import QualityWeights, SparsityConfig, as_quality_weights
 from ..control import SparsityController, check_level
-from ..models.moe import find_routers
-from ..models.transformers import AttentionKnobs
+from ..models.transformers import AttentionKnobs, dial_params
 from ..quality import LikelihoodScorer, OutputQuality, QualityFunctional
 from ..quality.metrics import check_text
 from .constraints import (BannedPhrases, ConstraintSet, MinLength, RequiredKeywords,
                           ValidatorGuard, abc_notation, python_syntax, regex_validator)
 from .validators import banned_phrases
 from .engine import GenerationStats, generate
-from .knobs import SamplingParams
+from .knobs import Knobs, SamplingParams
 
 __all__ = ["Candidate", "CreativeResult", "CreativeSparseWrapper", "build_constraints",
            "dial_knobs"]
@@ -141,12 +140,8 @@ def dial_knobs(controller: SparsityController, model, s: float,
     """``(SamplingParams, AttentionKnobs)`` of every knob of the dial at level ``s`` for
     ``model`` (its MoE routers, if any, set the expert knobs); ``seeds`` give each
     row its attention sub-network."""
-    routers = find_routers(model)
-    experts = (routers[0].num_experts, routers[0].top_k) if routers else (None, None)
-    params = controller.get_sparsity_params(s, num_experts=experts[0],
-                                            default_experts=experts[1])
-    sampling = SamplingParams(temperature=params.temperature, top_p=params.top_p)
-    return sampling, AttentionKnobs.from_params(params, row_seeds=seeds)
+    knobs = Knobs.from_params(dial_params(model, s, controller), seeds)
+    return knobs.sampling, knobs.attention
 
 
 def _without_first_row(result):
