@@ -42,6 +42,7 @@ from ..control import SparsityController, check_level
 from ..models.transformers import AttentionKnobs
 from .engine import GenerationStats, generate
 from .knobs import SamplingParams
+from .prompts import prompt_ids
 from .wrapper import CreativeSparseWrapper, dial_knobs
 
 __all__ = ["Adaptive", "CreativeSparse", "DenseTopP", "Fixed", "MinP", "MoEOnly",
@@ -58,16 +59,11 @@ class StrategyResult:
 
 
 def _prompt_ids(tokenizer, prompt) -> torch.Tensor:
-    """``[1, L]`` ids: a tensor as is; text through the chat template when there is one."""
+    """``[1, L]`` ids: a tensor as is; a string or chat messages through the chat template
+    when there is one (:func:`~creative_sparse.generation.prompts.prompt_ids`)."""
     if isinstance(prompt, torch.Tensor):
         return prompt
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"prompt must be a non-empty string or ids [1, L], got {prompt!r}")
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, return_tensors="pt",
-                                             return_dict=True)["input_ids"]
-    return tokenizer(prompt, return_tensors="pt").input_ids
+    return prompt_ids(tokenizer, prompt)
 
 
 def _seeds(seed: int, n: int) -> list[int]:
@@ -89,7 +85,8 @@ class _Strategy:
 
     def generate(self, model, tokenizer, prompt, *, num_candidates: int = 5,
                  max_new_tokens: int = 120, seed: int = 0) -> StrategyResult:
-        """``num_candidates`` continuations of ``prompt`` (text or ids ``[1, L]``)."""
+        """``num_candidates`` continuations of ``prompt``: a string, chat messages
+        (:mod:`~creative_sparse.generation.prompts`) or ids ``[1, L]``."""
         if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) \
                 or num_candidates < 1:
             raise ValueError(f"num_candidates must be an int >= 1, got {num_candidates!r}")

@@ -44,12 +44,12 @@ from ..config import QualityWeights, SparsityConfig, as_quality_weights
 from ..control import SparsityController, check_level
 from ..models.transformers import AttentionKnobs, dial_params
 from ..quality import LikelihoodScorer, OutputQuality, QualityFunctional
-from ..quality.metrics import check_text
 from .constraints import (BannedPhrases, ConstraintSet, MinLength, RequiredKeywords,
                           ValidatorGuard, abc_notation, python_syntax, regex_validator)
 from .validators import banned_phrases
 from .engine import GenerationStats, generate
 from .knobs import Knobs, SamplingParams
+from .prompts import Prompt, prompt_ids, prompt_text
 
 __all__ = ["Candidate", "CreativeResult", "CreativeSparseWrapper", "build_constraints",
            "dial_knobs"]
@@ -197,22 +197,17 @@ class CreativeSparseWrapper:
         return self.quality
 
     # ------------------------------------------------------------ helpers
-    def prompt_ids(self, prompt: str) -> torch.Tensor:
-        """``[1, L]`` ids: the chat template for chat models, the raw prompt otherwise.
+    def prompt_ids(self, prompt: Prompt) -> torch.Tensor:
+        """``[1, L]`` ids of a string or of chat messages (see
+        :mod:`~creative_sparse.generation.prompts`): the chat template for chat models,
+        the raw string otherwise.
 
-        ``ValueError`` for an empty prompt or one that is not valid Unicode (a lone
-        surrogate such as ``"\\ud800"``: refused, not replaced; see `check_text`)."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-        check_text(prompt, "prompt")
-        if getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}]
-            return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt",
-                return_dict=True)["input_ids"]
-        return self.tokenizer(prompt, return_tensors="pt").input_ids
+        ``ValueError`` for an empty prompt, bad messages, or text that is not valid
+        Unicode (a lone surrogate such as ``"\\ud800"``: refused, not replaced; see
+        `check_text`)."""
+        return prompt_ids(self.tokenizer, prompt)
 
-    def greedy_reference(self, prompt: str, max_new_tokens: int) -> str:
+    def greedy_reference(self, prompt: Prompt, max_new_tokens: int) -> str:
         """The dense greedy answer to ``prompt`` (the novelty reference of sweeps and
         evaluations); a single space when the model answers nothing."""
         out = generate(self.model, self.tokenizer, self.prompt_ids(prompt),
@@ -229,10 +224,14 @@ class CreativeSparseWrapper:
         return [eos] if isinstance(eos, int) else list(eos or [])
 
     # ------------------------------------------------------------ the two stages
-    def generate_candidates(self, prompt: str, max_length: int = 200, num_candidates: int = 5,
+    def generate_candidates(self, prompt: Prompt, max_length: int = 200, num_candidates: int = 5,
                             sparsity_level: float | None = None, constraints=None,
                             seed: int | None = None) -> CreativeResult:
-        """Diverge -> select -> refine -> rank; every candidate with its Q breakdown."""
+        """Diverge -> select -> refine -> rank; every candidate with its Q breakdown.
+
+        ``prompt``: a string or chat messages (a system prompt included; see
+        :mod:`~creative_sparse.generation.prompts`); Q judges relevance against the
+        user turns."""
         start = time.perf_counter()
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be an int >= 1 (new tokens), got {max_length!r}")
@@ -245,6 +244,7 @@ class CreativeSparseWrapper:
             refine = min(refine, diverge)
         seed = 0 if seed is None else int(seed)
         ids = self.prompt_ids(prompt)
+        task = prompt_text(prompt)          # what Q judges relevance against
         draft_len = max(1, min(max_length, math.ceil(max_length * self.draft_fraction)))
         constraint_set = build_constraints(self.tokenizer, constraints, max_length - draft_len,
                                            self._eos_ids())
@@ -269,7 +269,7 @@ class CreativeSparseWrapper:
         validators = list(constraint_set.validators)
         # Drafts are chosen as a set: good and different from each other.
         chosen = self.quality.select([t or " " for t in drafts.texts], num_candidates,
-                                     ref_texts, prompt, validators=validators)
+                                     ref_texts, task, validators=validators)
 
         finals = {i: drafts.texts[i] for i in chosen}   # finished drafts stay as they are
         # Drafts that used their whole budget continue from their cached keys and
@@ -291,7 +291,7 @@ class CreativeSparseWrapper:
                                        skip_special_tokens=True)
         finals = [finals[i] for i in chosen]
 
-        breakdown = self.quality.breakdown([t or " " for t in finals], ref_texts, prompt,
+        breakdown = self.quality.breakdown([t or " " for t in finals], ref_texts, task,
                                            validators=validators)
         candidates = [Candidate(text, drafts.texts[i], q)
                       for text, i, q in zip(finals, chosen, breakdown)]
@@ -300,7 +300,7 @@ class CreativeSparseWrapper:
         return CreativeResult(candidates, drafts.texts, reference_text, batch.stats,
                               refine_stats, time.perf_counter() - start)
 
-    def generate_creative(self, prompt: str, max_length: int = 200, num_candidates: int = 5,
+    def generate_creative(self, prompt: Prompt, max_length: int = 200, num_candidates: int = 5,
                           return_best: bool = True, sparsity_level: float | None = None,
                           constraints=None, seed: int | None = None):
         """The seed API: the best text, or every candidate's text (best first)."""
