@@ -186,6 +186,21 @@ def test_set_sparsity_rejects_a_model_it_cannot_patch():
 
 
 @torch.no_grad()
+def test_layers_without_one_config_take_a_block_but_cannot_carry(ids):
+    import copy
+
+    model = _tiny_llama()
+    layer = model.model.layers[1].self_attn
+    layer.config = copy.deepcopy(layer.config)
+    with pytest.raises(ValueError, match="do not share one config"):
+        set_sparsity(model, 0.5)
+    with sparsity(model, KNOBS) as stats:
+        model(ids)
+    # layer 0 ran sparse; layer 1's copied config still names "sdpa" (what it runs)
+    assert stats.sparse_calls == 1 and model.config._attn_implementation == "sdpa"
+
+
+@torch.no_grad()
 def test_moe_routing_is_carried_and_restored():
     config = transformers.MixtralConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

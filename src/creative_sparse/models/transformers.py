@@ -298,8 +298,9 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
             and any(name in dict(m.named_children()) for name in ("q_proj", "qkv_proj"))]
 
 
-def _patchable(model) -> list:
-    """The distinct configs of ``model``'s attention layers; ``ValueError`` if it has none."""
+def _patchable(model):
+    """The config ``model``'s attention layers share (where its dial is kept), or None
+    when they have none in common; ``ValueError`` for a model we cannot patch."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise ValueError(f"{type(model).__name__} is not a Hugging Face transformers model "
@@ -308,11 +309,19 @@ def _patchable(model) -> list:
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention layers that we can patch "
                          "(expected modules with q_proj, layer_idx and is_causal)")
-    configs = {id(m.config): m.config for m in modules if getattr(m, "config", None) is not None}
-    if len(configs) != 1 or len([m for m in modules if hasattr(m, "config")]) != len(modules):
+    configs = {id(getattr(m, "config", None)): getattr(m, "config", None) for m in modules}
+    shared = next(iter(configs.values())) if len(configs) == 1 else None
+    return shared
+
+
+def _carrier(model):
+    """:func:`_patchable`, for the functions that need the shared config."""
+    config = _patchable(model)
+    if config is None:
         raise ValueError(f"{type(model).__name__}'s attention layers do not share one config "
-                         "(module.config), which is where the carried dial is looked up")
-    return list(configs.values())[0]
+                         "(module.config), where a carried dial is looked up; use "
+                         "`with sparsity(model, ...)` around each call instead")
+    return config
 
 
 def set_sparsity(model, dial: Any) -> AttentionStats:
@@ -337,7 +346,7 @@ def set_sparsity(model, dial: Any) -> AttentionStats:
     if dial is None:
         clear_sparsity(model)
         return AttentionStats()
-    config = _patchable(model)
+    config = _carrier(model)
     knobs = as_knobs(dial, model)
     from .moe import moe_routing
     register()
@@ -352,8 +361,8 @@ def set_sparsity(model, dial: Any) -> AttentionStats:
         state.routing = routing
         state.carried = _Active(knobs, AttentionStats(), False)
         setattr(config, CONFIG_KEY, _knobs_dict(knobs))
-        if config._attn_implementation != ATTENTION_NAME:
-            state.previous_impl = config._attn_implementation
+        if model.config._attn_implementation != ATTENTION_NAME:
+            state.previous_impl = model.config._attn_implementation
             model.set_attn_implementation(ATTENTION_NAME)
         return state.carried.stats
 
@@ -362,7 +371,7 @@ def clear_sparsity(model) -> None:
     """Remove the dial ``model`` carries (:func:`set_sparsity`): routers, the config entry
     and the attention implementation are restored (to ``"sdpa"`` when the model was
     loaded with ``attn_implementation="creative_sparse"``). Nothing to clear is fine."""
-    config = _patchable(model)
+    config = _carrier(model)
     with _LOCK:
         state = _dial_of(config)
         if state is not None:
@@ -371,7 +380,7 @@ def clear_sparsity(model) -> None:
             state.routing, state.carried = None, None
         if hasattr(config, CONFIG_KEY):
             delattr(config, CONFIG_KEY)
-        if not (state and state.scoped) and config._attn_implementation == ATTENTION_NAME:
+        if not (state and state.scoped) and model.config._attn_implementation == ATTENTION_NAME:
             previous = state.previous_impl if state is not None else None
             model.set_attn_implementation(previous if previous not in (None, ATTENTION_NAME)
                                           else "sdpa")
@@ -382,7 +391,7 @@ def clear_sparsity(model) -> None:
 def sparsity_stats(model) -> AttentionStats | None:
     """The :class:`AttentionStats` of the dial ``model`` carries (every thread's calls
     since :func:`set_sparsity`), or None when it carries none."""
-    state = _dial_of(_patchable(model))
+    state = _dial_of(_carrier(model))
     return state.carried.stats if state is not None and state.carried is not None else None
 
 
@@ -403,16 +412,17 @@ def sparsity(model, knobs: Any, *, track_key_mass: bool = False) -> Iterator[Att
         ...     model(input_ids)
         >>> stats.attended_fraction  # doctest: +SKIP
     """
-    config = _patchable(model)
+    config = _patchable(model)      # None: layers without one shared config (no carried dial)
     knobs = as_knobs(knobs, model)
     from .moe import moe_routing
     register()
-    previous = config._attn_implementation
+    previous = model.config._attn_implementation
     stats = AttentionStats()
     active = _Active(knobs, stats, track_key_mass)
-    if _dial_of(config) is None and getattr(config, CONFIG_KEY, None) is not None:
+    if config is not None and _dial_of(config) is None \
+            and getattr(config, CONFIG_KEY, None) is not None:
         set_sparsity(model, _knobs_from_config(config))       # a dial saved with the model
-    state = _dial_of(config, create=True)
+    state = _dial_of(config, create=True) if config is not None else _Dial()
     token = _ACTIVE.set(active)
     carried_routing = state.routing
     try:
