@@ -35,6 +35,15 @@ def _tiny_llama(seed=0):
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def _tiny_mixtral():
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+        num_experts_per_tok=2)
+    return transformers.MixtralForCausalLM(config).eval()
+
+
 @pytest.fixture
 def tiny_llama():
     model = _tiny_llama()
@@ -185,6 +194,20 @@ def test_set_sparsity_rejects_a_model_it_cannot_patch():
         set_sparsity(torch.nn.Linear(2, 2), 0.5)
 
 
+def test_a_model_that_carries_a_dial_can_still_be_freed():
+    import gc
+    import weakref
+
+    from creative_sparse.models import transformers as integration
+
+    model = _tiny_mixtral()           # MoE: the carried routing holds hooks on the model
+    set_sparsity(model, AttentionKnobs(keep_fraction=0.5, router_temperature=2.0))
+    before, gone = len(integration._DIALS), weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None and len(integration._DIALS) == before - 1
+
+
 @torch.no_grad()
 def test_layers_without_one_config_take_a_block_but_cannot_carry(ids):
     import copy
@@ -202,12 +225,7 @@ def test_layers_without_one_config_take_a_block_but_cannot_carry(ids):
 
 @torch.no_grad()
 def test_moe_routing_is_carried_and_restored():
-    config = transformers.MixtralConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-        num_experts_per_tok=2)
-    torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(config).eval()
+    model = _tiny_mixtral()
     from creative_sparse.models.moe import find_routers
     router = find_routers(model)[0]
     set_sparsity(model, AttentionKnobs(experts_per_token=5, router_temperature=2.0))

@@ -82,11 +82,11 @@ class _Dial:
     """What one model carries, kept per attention config (``module.config``, which the
     attention function receives through ``module``): the dial from :func:`set_sparsity`,
     the :func:`sparsity` blocks open on it (seen by threads that have none of their own),
-    and what to restore."""
+    and what to restore. Nothing here refers to the model (the registry is global and
+    must not keep models alive): the carried MoE routing lives on the model itself."""
 
     carried: _Active | None = None
     scoped: list[_Active] = field(default_factory=list)
-    routing: contextlib.ExitStack | None = None     # the carried MoE routing, while applied
     previous_impl: str | None = None
     warned: bool = False
 
@@ -324,6 +324,24 @@ def _carrier(model):
     return config
 
 
+_ROUTING_ATTR = "_creative_sparse_routing"
+
+
+def _set_routing(model, knobs: AttentionKnobs | None) -> None:
+    """Apply ``knobs``' MoE routing to ``model`` until the next call (``None``: restore)."""
+    from .moe import moe_routing
+
+    routing = model.__dict__.pop(_ROUTING_ATTR, None)
+    if routing is not None:
+        routing.close()
+    if knobs is not None and (knobs.experts_per_token is not None
+                              or knobs.router_temperature != 1.0):
+        routing = contextlib.ExitStack()
+        routing.enter_context(moe_routing(model, knobs.experts_per_token,
+                                          knobs.router_temperature))
+        model.__dict__[_ROUTING_ATTR] = routing
+
+
 def set_sparsity(model, dial: Any) -> AttentionStats:
     """Give ``model`` a dial it carries: every forward, in every thread, until cleared.
 
@@ -348,17 +366,10 @@ def set_sparsity(model, dial: Any) -> AttentionStats:
         return AttentionStats()
     config = _carrier(model)
     knobs = as_knobs(dial, model)
-    from .moe import moe_routing
     register()
     with _LOCK:
         state = _dial_of(config, create=True)
-        if state.routing is not None:
-            state.routing.close()
-            state.routing = None
-        routing = contextlib.ExitStack()
-        routing.enter_context(moe_routing(model, knobs.experts_per_token,
-                                          knobs.router_temperature))
-        state.routing = routing
+        _set_routing(model, knobs)
         state.carried = _Active(knobs, AttentionStats(), False)
         setattr(config, CONFIG_KEY, _knobs_dict(knobs))
         if model.config._attn_implementation != ATTENTION_NAME:
@@ -375,9 +386,8 @@ def clear_sparsity(model) -> None:
     with _LOCK:
         state = _dial_of(config)
         if state is not None:
-            if state.routing is not None:
-                state.routing.close()
-            state.routing, state.carried = None, None
+            state.carried = None
+        _set_routing(model, None)
         if hasattr(config, CONFIG_KEY):
             delattr(config, CONFIG_KEY)
         if not (state and state.scoped) and model.config._attn_implementation == ATTENTION_NAME:
@@ -424,11 +434,8 @@ def sparsity(model, knobs: Any, *, track_key_mass: bool = False) -> Iterator[Att
         set_sparsity(model, _knobs_from_config(config))       # a dial saved with the model
     state = _dial_of(config, create=True) if config is not None else _Dial()
     token = _ACTIVE.set(active)
-    carried_routing = state.routing
     try:
-        if carried_routing is not None:     # one routing at a time: the block's
-            carried_routing.close()
-            state.routing = None
+        _set_routing(model, None)       # one routing at a time: the block's
         with _LOCK:
             state.scoped.append(active)
         model.set_attn_implementation(ATTENTION_NAME)
@@ -439,12 +446,8 @@ def sparsity(model, knobs: Any, *, track_key_mass: bool = False) -> Iterator[Att
         with _LOCK:
             state.scoped[:] = [a for a in state.scoped if a is not active]
         model.set_attn_implementation(previous)
-        if carried_routing is not None and state.carried is not None:
-            carried = state.carried.knobs
-            routing = contextlib.ExitStack()
-            routing.enter_context(moe_routing(model, carried.experts_per_token,
-                                              carried.router_temperature))
-            state.routing = routing
+        if state.carried is not None and not state.scoped:
+            _set_routing(model, state.carried.knobs)
 
 
 try:    # registered on import, so `from_pretrained(attn_implementation=...)` knows the name
