@@ -451,8 +451,6 @@ def sparsity(model, knobs: Any, *, track_key_mass: bool = False) -> Iterator[Att
 
 
 try:    # registered on import, so `from_pretrained(attn_implementation=...)` knows the name
-    import transformers as _transformers  # noqa: F401
-except ImportError:     # transformers is the optional [hf] extra
-    pass
-else:
     register()
+except ImportError:     # transformers is the optional [hf] extra (or one without the
+    pass                # interfaces); using a model says so then
