@@ -219,14 +219,14 @@ def _prompt(text: str) -> str:
 def _chat_prompt(prompt: str | None, system: str | None, chat: Path | None):
     """The prompt of ``generate``: the text, or chat messages when ``--system`` or
     ``--chat`` is given (checked here, before the model loads)."""
-    import json
-
-    from .generation.prompts import check_prompt
-
     if system is None and chat is None:
         if prompt is None:
             raise ValueError("give a prompt, or --chat FILE.json")
         return prompt
+    import json
+
+    from .generation.prompts import check_prompt
+
     messages = []
     if chat is not None:
         try:
