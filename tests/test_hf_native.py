@@ -144,6 +144,22 @@ def test_the_dial_survives_save_and_load(tiny_llama, ids, tmp_path):
 
 
 @torch.no_grad()
+def test_a_saved_moe_dial_says_its_routing_needs_set_sparsity(tmp_path, ids):
+    model = _tiny_mixtral()
+    set_sparsity(model, AttentionKnobs(keep_fraction=0.5, experts_per_token=4))
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation=ATTENTION_NAME).eval()
+    with pytest.warns(UserWarning, match="sets MoE routing, which needs the model: call "
+                                         r"set_sparsity\(model, model.config.creative_sparse\)"):
+        loaded(ids)
+    from creative_sparse.models.moe import find_routers
+    assert find_routers(loaded)[0].top_k == 2
+    set_sparsity(loaded, loaded.config.creative_sparse)
+    assert find_routers(loaded)[0].top_k == 4
+
+
+@torch.no_grad()
 def test_no_dial_runs_exact_and_says_so_once(tiny_llama, ids):
     ref = tiny_llama(ids).logits
     tiny_llama.set_attn_implementation(ATTENTION_NAME)

@@ -123,6 +123,7 @@ def _lookup(module) -> _Active | None:
         return active
     config = getattr(module, "config", None)
     if config is None:
+        _warn_exact(module, _NO_CONFIG)         # no config: nothing can be carried
         return None
     dial = _dial_of(config)
     if dial is None or (dial.carried is None and not dial.scoped):
@@ -138,19 +139,28 @@ def _lookup(module) -> _Active | None:
                             "call set_sparsity(model, model.config.creative_sparse) to apply "
                             "it; until then only the attention part is applied", stacklevel=3)
     if dial is not None:
-        if dial.scoped:
-            return dial.scoped[-1]
-        if dial.carried is not None:
-            return dial.carried
-    dial = _dial_of(config, create=True)
+        latest = dial.scoped[-1:]       # a slice: another thread may close its block now
+        if latest:
+            return latest[0]
+        carried = dial.carried
+        if carried is not None:
+            return carried
+    _warn_exact(module, _dial_of(config, create=True))
+    return None
+
+
+_NO_CONFIG = _Dial()       # the warning state of attention layers without a config
+
+
+def _warn_exact(module, dial: _Dial) -> None:
+    """Warn once per model that it runs exact attention under our name, for want of a level."""
     if not dial.warned and getattr(module, "is_causal", True):
         dial.warned = True
         warnings.warn(
             f"{type(module).__name__} uses attn_implementation={ATTENTION_NAME!r} but the "
             "model carries no sparsity level: running exact attention. Give it one with "
             "creative_sparse.models.transformers.set_sparsity(model, s) (s in [0, 1]) or "
-            "`with sparsity(model, s):`", stacklevel=3)
-    return None
+            "`with sparsity(model, s):`", stacklevel=4)
 
 
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
