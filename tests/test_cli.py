@@ -171,3 +171,45 @@ def test_late_errors_are_one_line_with_status_2(capsys, monkeypatch):
     line = _refused(capsys, ["demo", "--no-model"])
     assert line == ("creative-sparse: error: DefaultCPUAllocator: not enough memory: you tried "
                     "to allocate 1 TB")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"role": "user", "content": "hi"}', "must hold a JSON list of messages, got dict"),
+    ('[{"role": "user", "content": "hi"', "cannot read"),
+    ('[{"role": "bot", "content": "hi"}]', "chat message 0 has role 'bot'; allowed: system, "
+                                           "user, assistant"),
+    ('[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]',
+     "the chat must end with a user message"),
+    ('[{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"}]',
+     "--system and a system message in --chat: give one of them"),
+], ids=["not-a-list", "broken-json", "bad-role", "ends-with-assistant", "two-systems"])
+def test_bad_chats_are_refused_before_any_work(capsys, nothing_runs, tmp_path, content,
+                                               message):
+    chat = tmp_path / "chat.json"
+    chat.write_text(content)
+    argv = ["generate", "--chat", str(chat)] + (["--system", "x"] if message.startswith(
+        "--system") else [])
+    assert message in _refused(capsys, argv)
+
+
+def test_generate_needs_a_prompt_or_a_chat(capsys, nothing_runs):
+    assert "give a prompt, or --chat FILE.json" in _refused(capsys, ["generate"])
+
+
+def test_system_prompt_and_chat_become_messages(capsys, monkeypatch, tmp_path):
+    """The wrapper gets the messages: --system first, the chat, then PROMPT as the last
+    user turn."""
+    import creative_sparse.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run_generate", lambda args: seen.append(args.prompt))
+    chat = tmp_path / "chat.json"
+    chat.write_text('[{"role": "user", "content": "Name a colour."}, '
+                    '{"role": "assistant", "content": "Teal."}]')
+    assert main(["generate", "Another one.", "--system", "Answer in one word.",
+                 "--chat", str(chat)]) == 0
+    assert main(["generate", "Plain text."]) == 0
+    assert seen == [[{"role": "system", "content": "Answer in one word."},
+                     {"role": "user", "content": "Name a colour."},
+                     {"role": "assistant", "content": "Teal."},
+                     {"role": "user", "content": "Another one."}], "Plain text."]

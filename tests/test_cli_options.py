@@ -51,8 +51,8 @@ def fake_wrapper(monkeypatch):
     class Wrapper:
         sparsity_schedule = (0.7, 0.3)
 
-        def __init__(self, model, sparsity_schedule, device):
-            seen["init"] = dict(model=model, device=device)
+        def __init__(self, model, sparsity_schedule, device, **kwargs):
+            seen["init"] = dict(model=model, device=device, **kwargs)
 
         def generate_candidates(self, prompt, **kwargs):
             seen["call"] = kwargs
@@ -61,9 +61,10 @@ def fake_wrapper(monkeypatch):
             quality = SimpleNamespace(q=0.5, novelty=0.4, diversity=0.3, incoherence=0.2,
                                       relevance=0.9, violations=0.0)
             cands = [SimpleNamespace(text=f"text {i}, with a comma", draft=f"d{i}",
-                                     quality=quality) for i in range(2)]
+                                     quality=quality, safety=None) for i in range(2)]
             return SimpleNamespace(candidates=cands, drafts=["d0", "d1"], reference="ref",
-                                   wall_time=1.0)
+                                   wall_time=1.0, safety=[], withheld=None, flagged_drafts=0,
+                                   draft_flags=[])
     monkeypatch.setattr(generation, "CreativeSparseWrapper", Wrapper)
     return seen
 

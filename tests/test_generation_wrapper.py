@@ -128,3 +128,22 @@ def test_build_constraints_passthrough(smollm2):
     assert build_constraints(tokenizer, None, 10, [0]).processors == []
     with pytest.raises(ValueError, match="dict or a ConstraintSet"):
         build_constraints(tokenizer, ["banned"], 10, [0])
+
+
+def test_chat_messages_with_a_system_prompt(wrapper, monkeypatch):
+    """A chat (system prompt included) reaches the model through the chat template, and Q
+    judges relevance against the user turn, not the instructions."""
+    chat = [{"role": "system", "content": "You answer in French."},
+            {"role": "user", "content": PROMPT}]
+    ids = wrapper.prompt_ids(chat)
+    text = wrapper.tokenizer.decode(ids[0])
+    assert "You answer in French." in text and PROMPT in text
+    assert "You answer in French." not in wrapper.tokenizer.decode(wrapper.prompt_ids(PROMPT)[0])
+    seen = []
+    breakdown = wrapper.quality.breakdown
+    monkeypatch.setattr(wrapper.quality, "breakdown",
+                        lambda *a, **k: seen.append(a[2]) or breakdown(*a, **k))
+    result = wrapper.generate_candidates(chat, max_length=12, num_candidates=2, seed=1)
+    assert len(result.candidates) == 2 and seen and set(seen) == {PROMPT}
+    with pytest.raises(ValueError, match="the chat must end with a user message"):
+        wrapper.generate_candidates(chat[:1], max_length=12, num_candidates=2)

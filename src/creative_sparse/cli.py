@@ -6,9 +6,10 @@ Subcommands:
   on inputs with positional structure (accuracy and speed), then Creative-Sparse
   generation beside plain top-p sampling of as many candidates on three prompts,
   with Q breakdowns and the cost of each.
-* ``generate``: Creative-Sparse generation (diverge -> refine) of one prompt, with
-  constraints (``--ban``, ``--require``, ``--regex``, ``--json-schema``, ``--grammar``)
-  and a per-token progress bar (rate and ETA) on stderr unless ``--quiet``.
+* ``generate``: Creative-Sparse generation (diverge -> refine) of one prompt, or of
+  a chat (``--system TEXT``, ``--chat FILE.json``), with constraints (``--ban``,
+  ``--require``, ``--regex``, ``--json-schema``, ``--grammar``) and a per-token progress
+  bar (rate and ETA) on stderr unless ``--quiet``.
 * ``backends``: which attention backends can run here.
 * ``tune``: the sparsity s* that maximises Q on a task (``find_optimal_sparsity``):
   the table of Q(s), the Goldilocks fit, its bounds and, with ``--plot``, a plot
@@ -293,6 +294,36 @@ def _write_csv(header: list[str], rows) -> None:
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
+
+
+def _chat_prompt(prompt: str | None, system: str | None, chat: Path | None):
+    """The prompt of ``generate``: the text, or chat messages when ``--system`` or
+    ``--chat`` is given (checked here, before the model loads)."""
+    if system is None and chat is None:
+        if prompt is None:
+            raise ValueError("give a prompt, or --chat FILE.json")
+        return prompt
+    import json
+
+    from .generation.prompts import check_prompt
+
+    messages = []
+    if chat is not None:
+        try:
+            messages = json.loads(chat.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"argument --chat: cannot read {str(chat)!r} as JSON: "
+                             f"{exc}") from None
+        if not isinstance(messages, list):
+            raise ValueError(f"argument --chat: {str(chat)!r} must hold a JSON list of "
+                             f"messages, got {type(messages).__name__}")
+    if system is not None:
+        if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+            raise ValueError("--system and a system message in --chat: give one of them")
+        messages = [{"role": "system", "content": system}] + messages
+    if prompt is not None:
+        messages.append({"role": "user", "content": prompt})
+    return check_prompt(messages)
 
 
 def _plot_path(text: str) -> Path:
@@ -696,7 +727,15 @@ def main(argv: list[str] | None = None) -> int:
     device_help = "cpu, cuda, cuda:N, mps or auto (cuda when there is one)"
     gen = sub.add_parser("generate", help="Creative-Sparse generation: diverge -> refine",
                          formatter_class=fmt)
-    gen.add_argument("prompt", type=_prompt, help="the prompt (the chat template is applied)")
+    gen.add_argument("prompt", type=_prompt, nargs="?", default=None,
+                     help="the request (the chat template is applied; the last user turn "
+                          "after --chat's messages)")
+    gen.add_argument("--system", type=_prompt, default=None,
+                     help="a system prompt, sent before the conversation")
+    gen.add_argument("--chat", type=Path, default=None, metavar="FILE.json",
+                     help="chat messages: a JSON list of {\"role\": \"system\" | \"user\" | "
+                          "\"assistant\", \"content\": \"...\"} ending with a user turn "
+                          "(or followed by PROMPT)")
     gen.add_argument("--candidates", type=_integer(1, MAX_CANDIDATES), default=5,
                      help="candidates returned (the diverge stage drafts candidates / "
                      f"keep_fraction of them and keeps this many, chosen as a set); at most "
@@ -816,6 +855,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--heads x --length x --head-dim = {args.heads} x {args.length} x "
                      f"{args.head_dim} = {args.heads * args.length * args.head_dim} is more than "
                      f"{DEMO_MAX_ELEMENTS} (2**26) elements per tensor")
+    if args.command == "generate":
+        try:
+            args.prompt = _chat_prompt(args.prompt, args.system, args.chat)
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.command == "tune" and args.plot is True:     # --plot without a path
         try:
             args.plot = _plot_path(f"tune_{args.task}.png")

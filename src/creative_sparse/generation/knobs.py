@@ -16,19 +16,25 @@ The order, applied by :func:`sample` to ``[N, vocab]`` logits:
 The most probable token always survives every filter, so a row never ends up
 with an empty distribution (unless every logit was ``-inf`` to begin with,
 which :func:`sample` reports as an error).
+
+:func:`dial` bundles the dial's knobs at one level into :class:`Knobs` (sampling
+and attention, MoE included), which exports its sampling part to a transformers
+``GenerationConfig``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingParams", "apply_temperature", "min_p_filter", "sample", "top_k_filter",
-           "top_p_filter"]
+from ..models.transformers import AttentionKnobs, dial_params
+
+__all__ = ["Knobs", "SamplingParams", "apply_temperature", "dial", "min_p_filter", "sample",
+           "top_k_filter", "top_p_filter"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,72 @@ class SamplingParams:
             raise ValueError(f"top_k must be an int >= 0 (0 disables), got {self.top_k!r}")
         if not 0.0 <= self.min_p < 1.0:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p!r}")
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Every knob of the dial at one level ``s``: sampling, and attention with the MoE
+    routing (:class:`~creative_sparse.models.transformers.AttentionKnobs`).
+
+    ``set_sparsity(model, knobs)`` applies the attention part to a transformers model;
+    :meth:`generation_config` exports the sampling part.
+    """
+
+    s: float
+    sampling: SamplingParams
+    attention: AttentionKnobs
+
+    @classmethod
+    def from_params(cls, params, seeds: Sequence[int] | None = None) -> "Knobs":
+        """From a :class:`~creative_sparse.control.SparsityParams` (the dial at one level);
+        ``seeds`` give each batch row its attention sub-network."""
+        return cls(params.s, SamplingParams(temperature=params.temperature, top_p=params.top_p),
+                   AttentionKnobs.from_params(params, row_seeds=seeds))
+
+    def generation_config(self, **overrides: Any):
+        """The sampling knobs as a ``transformers.GenerationConfig`` for ``model.generate``.
+
+        Every sampling field is set explicitly (``top_k=0``, ``min_p=0.0`` included), so
+        the model's own generation defaults (transformers fills unset fields from them,
+        e.g. ``top_k=50``) do not change the distribution. Temperature 0 is greedy
+        (``do_sample=False``). ``overrides`` are further ``GenerationConfig`` fields
+        (``max_new_tokens=...``).
+
+        Example:
+            >>> dial(0.5).generation_config(max_new_tokens=40).top_k     # doctest: +SKIP
+            0
+        """
+        from transformers import GenerationConfig
+
+        p = self.sampling
+        fields: dict[str, Any] = dict(do_sample=p.temperature > 0, top_p=p.top_p, top_k=p.top_k,
+                                      min_p=p.min_p)
+        fields["temperature"] = p.temperature if p.temperature > 0 else 1.0
+        fields.update(overrides)
+        return GenerationConfig(**fields)
+
+
+def dial(s: float, model=None, *, config=None, seeds: Sequence[int] | None = None) -> Knobs:
+    """:class:`Knobs` of the dial at level ``s`` in [0, 1].
+
+    Args:
+        s: the sparsity level (0 = the dense model's knobs).
+        model: a transformers model whose MoE routers set the expert knobs (E and its
+            own experts per token); ``None``: no MoE knobs.
+        config: a :class:`~creative_sparse.config.SparsityConfig` (default one).
+        seeds: one attention sub-network seed per batch row (noise ``s``), or ``None``.
+
+    Example:
+        >>> knobs = dial(0.7)
+        >>> knobs.sampling.temperature > dial(0.0).sampling.temperature
+        True
+        >>> knobs.attention.keep_fraction < 1.0
+        True
+    """
+    from ..control import SparsityController, check_level
+
+    return Knobs.from_params(dial_params(model, check_level(s), SparsityController(config)),
+                             seeds)
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:

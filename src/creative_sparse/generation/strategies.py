@@ -43,6 +43,7 @@ from ..models.transformers import AttentionKnobs
 from .engine import GenerationStats, generate
 from .knobs import SamplingParams
 from ..safety import DEFAULT_SAFETY_GATE, check_gate, check_gate_value
+from .prompts import prompt_ids
 from .wrapper import CreativeSparseWrapper, dial_knobs
 
 __all__ = ["Adaptive", "CreativeSparse", "DenseTopP", "Fixed", "MinP", "MoEOnly",
@@ -63,16 +64,11 @@ class StrategyResult:
 
 
 def _prompt_ids(tokenizer, prompt) -> torch.Tensor:
-    """``[1, L]`` ids: a tensor as is; text through the chat template when there is one."""
+    """``[1, L]`` ids: a tensor as is; a string or chat messages through the chat template
+    when there is one (:func:`~creative_sparse.generation.prompts.prompt_ids`)."""
     if isinstance(prompt, torch.Tensor):
         return prompt
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"prompt must be a non-empty string or ids [1, L], got {prompt!r}")
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, return_tensors="pt",
-                                             return_dict=True)["input_ids"]
-    return tokenizer(prompt, return_tensors="pt").input_ids
+    return prompt_ids(tokenizer, prompt)
 
 
 def _seeds(seed: int, n: int) -> list[int]:
@@ -106,7 +102,8 @@ class _Strategy:
     def generate(self, model, tokenizer, prompt, *, num_candidates: int = 5,
                  max_new_tokens: int = 120, seed: int = 0,
                  logits_processor=None) -> StrategyResult:
-        """``num_candidates`` continuations of ``prompt`` (text or ids ``[1, L]``);
+        """``num_candidates`` continuations of ``prompt``: a string, chat messages
+        (:mod:`~creative_sparse.generation.prompts`) or ids ``[1, L]``;
         ``logits_processor``: one or a list, transformers' convention or ours (see
         :mod:`~creative_sparse.generation.processors`), applied at every step."""
         if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) \

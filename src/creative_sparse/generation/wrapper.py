@@ -57,8 +57,7 @@ import torch
 from ..attention import sparse_attention
 from ..config import QualityWeights, SparsityConfig, as_quality_weights
 from ..control import SparsityController, cache_budget, check_level
-from ..models.moe import find_routers
-from ..models.transformers import AttentionKnobs
+from ..models.transformers import AttentionKnobs, dial_params
 from ..quality import LikelihoodScorer, OutputQuality, QualityFunctional
 from ..quality.metrics import check_text
 from ..safety import (DEFAULT_SAFETY_GATE, Flag, SafetyReport, check_gate, check_gate_value,
@@ -68,7 +67,8 @@ from .constraints import (BannedPhrases, ConstraintSet, MinLength, RequiredKeywo
 from .grammar import GrammarMask, grammar_source, grammar_validator
 from .validators import banned_phrases
 from .engine import GenerationStats, generate
-from .knobs import SamplingParams
+from .knobs import Knobs, SamplingParams
+from .prompts import Prompt, prompt_ids, prompt_text
 from .safe_refine import screen
 
 __all__ = ["Candidate", "CreativeResult", "CreativeSparseWrapper", "build_constraints",
@@ -254,12 +254,8 @@ def dial_knobs(controller: SparsityController, model, s: float,
     """``(SamplingParams, AttentionKnobs)`` of every knob of the dial at level ``s`` for
     ``model`` (its MoE routers, if any, set the expert knobs); ``seeds`` give each
     row its attention sub-network."""
-    routers = find_routers(model)
-    experts = (routers[0].num_experts, routers[0].top_k) if routers else (None, None)
-    params = controller.get_sparsity_params(s, num_experts=experts[0],
-                                            default_experts=experts[1])
-    sampling = SamplingParams(temperature=params.temperature, top_p=params.top_p)
-    return sampling, AttentionKnobs.from_params(params, row_seeds=seeds)
+    knobs = Knobs.from_params(dial_params(model, s, controller), seeds)
+    return knobs.sampling, knobs.attention
 
 
 def _without_first_row(result):
@@ -339,22 +335,17 @@ class CreativeSparseWrapper:
         return self.quality
 
     # ------------------------------------------------------------ helpers
-    def prompt_ids(self, prompt: str) -> torch.Tensor:
-        """``[1, L]`` ids: the chat template for chat models, the raw prompt otherwise.
+    def prompt_ids(self, prompt: Prompt) -> torch.Tensor:
+        """``[1, L]`` ids of a string or of chat messages (see
+        :mod:`~creative_sparse.generation.prompts`): the chat template for chat models,
+        the raw string otherwise.
 
-        ``ValueError`` for an empty prompt or one that is not valid Unicode (a lone
-        surrogate such as ``"\\ud800"``: refused, not replaced; see `check_text`)."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-        check_text(prompt, "prompt")
-        if getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}]
-            return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt",
-                return_dict=True)["input_ids"]
-        return self.tokenizer(prompt, return_tensors="pt").input_ids
+        ``ValueError`` for an empty prompt, bad messages, or text that is not valid
+        Unicode (a lone surrogate such as ``"\\ud800"``: refused, not replaced; see
+        `check_text`)."""
+        return prompt_ids(self.tokenizer, prompt)
 
-    def greedy_reference(self, prompt: str, max_new_tokens: int) -> str:
+    def greedy_reference(self, prompt: Prompt, max_new_tokens: int) -> str:
         """The dense greedy answer to ``prompt`` (the novelty reference of sweeps and
         evaluations); a single space when the model answers nothing."""
         out = generate(self.model, self.tokenizer, self.prompt_ids(prompt),
@@ -371,7 +362,7 @@ class CreativeSparseWrapper:
         return [eos] if isinstance(eos, int) else list(eos or [])
 
     # ------------------------------------------------------------ the two stages
-    def generate_candidates(self, prompt: str, max_length: int = 200, num_candidates: int = 5,
+    def generate_candidates(self, prompt: Prompt, max_length: int = 200, num_candidates: int = 5,
                             sparsity_level: float | None = None, constraints=None,
                             seed: int | None = None, *, num_drafts: int | None = None,
                             reference: str | None = None, logits_processor=None,
@@ -384,6 +375,10 @@ class CreativeSparseWrapper:
         it as row 0 of the diverge batch. With ``num_drafts=num_candidates`` and a given
         reference, the method decodes exactly ``num_candidates * max_length`` tokens,
         as plain sampling does: the equal-compute setting of the evaluation.
+
+        ``prompt``: a string or chat messages (a system prompt included; see
+        :mod:`~creative_sparse.generation.prompts`); Q judges relevance against the
+        user turns.
 
         ``logits_processor``: extra processors for both stages, after the constraints:
         one or a list, in transformers' convention (any ``LogitsProcessor``: repetition
@@ -411,6 +406,7 @@ class CreativeSparseWrapper:
                        f"the diverge level {diverge:g} without safety checks")
         seed = 0 if seed is None else int(seed)
         ids = self.prompt_ids(prompt)
+        task = prompt_text(prompt)          # what Q judges relevance against
         draft_len = max(1, min(max_length, math.ceil(max_length * self.draft_fraction)))
         constraint_set = build_constraints(self.tokenizer, constraints, max_length - draft_len,
                                            self._eos_ids())
@@ -459,7 +455,7 @@ class CreativeSparseWrapper:
         validators = list(constraint_set.validators)
         # Drafts are chosen as a set: good and different from each other.
         chosen = self.quality.select([t or " " for t in drafts.texts], num_candidates,
-                                     ref_texts, prompt, validators=validators)
+                                     ref_texts, task, validators=validators)
 
         finals = {i: drafts.texts[i] for i in chosen}   # finished drafts stay as they are
         final_ids = {i: list(drafts.token_ids[i]) for i in chosen}
@@ -497,7 +493,7 @@ class CreativeSparseWrapper:
             draft_flags, withheld = screened.draft_flags, screened.withheld
             refine_stats += screened.repair_stats
         kept = [k for k, text in enumerate(finals) if text is not None]
-        breakdown = self.quality.breakdown([finals[k] or " " for k in kept], ref_texts, prompt,
+        breakdown = self.quality.breakdown([finals[k] or " " for k in kept], ref_texts, task,
                                            validators=validators) if kept else []
         candidates = [Candidate(finals[k], draft_texts[chosen[k]] if draft_texts else "", q,
                                 reports[k])
@@ -508,7 +504,7 @@ class CreativeSparseWrapper:
                               refine_stats, time.perf_counter() - start,
                               [r for r in reports if r is not None], draft_flags, withheld)
 
-    def generate_creative(self, prompt: str, max_length: int = 200, num_candidates: int = 5,
+    def generate_creative(self, prompt: Prompt, max_length: int = 200, num_candidates: int = 5,
                           return_best: bool = True, sparsity_level: float | None = None,
                           constraints=None, seed: int | None = None, *, logits_processor=None):
         """The seed API: the best text, or every candidate's text (best first).

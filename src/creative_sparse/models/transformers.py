@@ -16,203 +16,57 @@ applies the active :class:`AttentionKnobs`:
 * **statistics** for compute accounting (:class:`AttentionStats`).
 
 With ``keep_fraction == 1`` the function is exactly SDPA, so a patched model
-at s = 0 gives the unpatched logits. The knobs travel in a ``ContextVar`` set
-by :func:`sparsity`, which also switches the model's attention implementation
-and MoE routers and restores everything on exit, exception or not.
+at s = 0 gives the unpatched logits.
+
+Importing this module registers the function (when transformers is installed),
+so ``from_pretrained(..., attn_implementation="creative_sparse")`` works after
+the import. Where the knobs come from, for each attention call, first found wins:
+
+1. the :func:`sparsity` context of the calling thread (a ``ContextVar``);
+2. the latest :func:`sparsity` context open on the model in any thread (a thread
+   started inside the block, e.g. ``generate`` under a ``TextIteratorStreamer``,
+   does not inherit the ``ContextVar``);
+3. the dial the model carries, from :func:`set_sparsity` (every forward, every
+   thread, until :func:`clear_sparsity`), or a dial saved in its config
+   (``config.creative_sparse``, written by :func:`set_sparsity`, so it survives
+   ``save_pretrained`` / ``from_pretrained``);
+4. none: exact attention, with a warning once per model (the implementation was
+   asked for, but no level was given).
+
+:func:`sparsity` switches the model's attention implementation and MoE
+routers and restores everything on exit, exception or not.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
+import numbers
+import threading
+import warnings
+import weakref
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
 from ..attention import block_sparse_attention
 from ..attention.dispatch import predict
+from .attention_knobs import AttentionKnobs, AttentionStats
 from .token_topk import token_topk
 
-__all__ = ["ATTENTION_NAME", "AttentionKnobs", "AttentionStats", "register", "set_knobs",
-           "sparsity", "creative_sparse_attention"]
+__all__ = ["ATTENTION_NAME", "AttentionKnobs", "AttentionStats", "as_knobs", "clear_sparsity",
+           "creative_sparse_attention", "dial_params", "register", "set_knobs", "set_sparsity",
+           "sparsity", "sparsity_stats"]
 
 ATTENTION_NAME = "creative_sparse"
+CONFIG_KEY = "creative_sparse"       # the carried dial in a model config (a plain dict)
 
 
-@dataclass(frozen=True)
-class AttentionKnobs:
-    """Attention knobs at one sparsity level (see :mod:`creative_sparse.control`).
-
-    Attributes:
-        keep_fraction: fraction of visible keys each query attends to, in (0, 1];
-            1.0 is exact dense attention everywhere.
-        sink_tokens: first tokens always kept (attention sinks), >= 0.
-        local_window: most recent tokens always kept, >= 0.
-        simthreshd1, cdfthreshd, topk: SpargeAttn prefill thresholds
-            (``topk`` overrides ``cdfthreshd`` when set).
-        pvthreshd: the prefill kernel may skip a P·V product whose weights are all
-            below ``2**-pvthreshd`` of the running maximum (log2 units, > 0); honoured
-            by the Triton GPU kernel, exact elsewhere. ``None`` never skips.
-        min_prefill_len: queries per call from which the block-sparse path is used.
-        noise: Gumbel-noise scale on the key selection scores, >= 0 (0 = none).
-        row_seeds: one int seed per batch row for the noise; ``None`` = no noise.
-        dense_rows: batch rows whose decode attention stays exact (a reference
-            row generated beside sparse drafts); the prompt prefill, which all
-            rows share, and the MoE routing follow the knobs as usual.
-        experts_per_token: MoE experts per token, or ``None`` to leave routers alone.
-        router_temperature: MoE router softmax temperature, > 0.
-
-    Example:
-        >>> AttentionKnobs(keep_fraction=0.5, noise=0.3, row_seeds=(1, 2, 3)).keep_fraction
-        0.5
-    """
-
-    keep_fraction: float = 1.0
-    sink_tokens: int = 4
-    local_window: int = 32
-    simthreshd1: float = 0.6
-    cdfthreshd: float = 0.97
-    topk: float | None = None
-    pvthreshd: float | None = None
-    min_prefill_len: int = 256
-    noise: float = 0.0
-    row_seeds: tuple[int, ...] | None = None
-    dense_rows: tuple[int, ...] = ()
-    experts_per_token: int | None = None
-    router_temperature: float = 1.0
-
-    def __post_init__(self):
-        def check(name, ok, allowed):
-            if not ok:
-                raise ValueError(f"AttentionKnobs.{name} must be {allowed}, got "
-                                 f"{getattr(self, name)!r}")
-        check("keep_fraction", 0.0 < self.keep_fraction <= 1.0, "in (0, 1]")
-        check("sink_tokens", isinstance(self.sink_tokens, int) and self.sink_tokens >= 0, ">= 0")
-        check("local_window", isinstance(self.local_window, int) and self.local_window >= 0,
-              ">= 0")
-        check("simthreshd1", -1.0 <= self.simthreshd1 <= 1.0, "in [-1, 1]")
-        check("cdfthreshd", 0.0 < self.cdfthreshd <= 1.0, "in (0, 1]")
-        check("topk", self.topk is None or 0.0 < self.topk <= 1.0, "None or in (0, 1]")
-        check("pvthreshd", self.pvthreshd is None or (self.pvthreshd > 0
-                                                      and not math.isnan(self.pvthreshd)),
-              "None or > 0")
-        check("min_prefill_len", isinstance(self.min_prefill_len, int)
-              and self.min_prefill_len >= 1, "an int >= 1")
-        check("noise", self.noise >= 0.0 and math.isfinite(self.noise), "finite and >= 0")
-        check("experts_per_token", self.experts_per_token is None
-              or (isinstance(self.experts_per_token, int) and self.experts_per_token >= 1),
-              "None or an int >= 1")
-        check("router_temperature", self.router_temperature > 0
-              and math.isfinite(self.router_temperature), "finite and > 0")
-        if self.row_seeds is not None:
-            object.__setattr__(self, "row_seeds", tuple(int(x) for x in self.row_seeds))
-        object.__setattr__(self, "dense_rows", tuple(int(x) for x in self.dense_rows))
-        check("dense_rows", all(r >= 0 for r in self.dense_rows), "batch indices >= 0")
-
-    @classmethod
-    def from_params(cls, params, *, row_seeds: Sequence[int] | None = None,
-                    noise_per_level: float = 1.0, **overrides) -> "AttentionKnobs":
-        """Knobs from the dial: a :class:`creative_sparse.control.SparsityParams` at level s.
-
-        The key budget is ``params.keep_fraction`` (dense at s = 0); prefill uses
-        ``params.simthreshd1``/``cdfthreshd``/``pvthreshd``; sub-network noise is
-        ``noise_per_level * s`` when ``row_seeds`` are given. ``overrides`` set
-        any other field.
-
-        Example:
-            >>> from creative_sparse.control import SparsityController
-            >>> p = SparsityController().get_sparsity_params(0.0)
-            >>> AttentionKnobs.from_params(p).dense
-            True
-        """
-        fields = dict(
-            keep_fraction=params.keep_fraction if params.keep_fraction is not None else 1.0,
-            simthreshd1=params.simthreshd1, cdfthreshd=params.cdfthreshd,
-            pvthreshd=params.pvthreshd,
-            noise=noise_per_level * params.s if row_seeds is not None else 0.0,
-            row_seeds=tuple(row_seeds) if row_seeds is not None else None,
-            experts_per_token=params.experts_per_token,
-            router_temperature=params.router_temperature or 1.0)
-        fields.update(overrides)
-        return cls(**fields)
-
-    @property
-    def dense(self) -> bool:
-        """True when attention is exact (nothing is skipped)."""
-        return self.keep_fraction >= 1.0
-
-
-_COUNTS = ("pairs_computed", "pairs_dense", "blocks_kept", "blocks_total")
-
-
-def _count(name: str, doc: str) -> property:
-    """A read-only int attribute of :class:`AttentionStats` (device counts read here)."""
-    return property(lambda stats: stats._read(name), doc=doc)
-
-
-@dataclass
-class AttentionStats:
-    """Work done by the patched attention since the context was entered.
-
-    ``pairs_*`` count (query, key) score pairs summed over layers, batch and
-    heads; ``attended_fraction`` is computed / dense-equivalent.
-
-    Counts computed on a GPU are added there and read back only when a count is
-    read: an ``int()`` per layer would make the CPU wait for the GPU at every
-    layer, where it should be queueing the next kernels.
-    """
-
-    calls: int = 0
-    sparse_calls: int = 0
-    # H2O: attention mass received by each cached key, per layer, summed over
-    # heads and queries of the token-level path ([B, k_len] per layer index).
-    key_mass: dict[int, Tensor] = field(default_factory=dict)
-    _totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0),
-                                    repr=False)
-    _pending: dict[tuple[str, torch.device], Tensor] = field(default_factory=dict, repr=False)
-
-    def add(self, **counts: int | Tensor) -> None:
-        """Add to the named counts (``pairs_computed=...``, ...): ints, or integer
-        tensors of one element, which stay on their device until a count is read."""
-        for name, amount in counts.items():
-            if name not in self._totals:
-                raise ValueError(f"unknown count {name!r}; the counts are {', '.join(_COUNTS)}")
-            if isinstance(amount, Tensor):
-                key = (name, amount.device)
-                amount = amount.reshape(()).to(torch.int64)
-                pending = self._pending.get(key)
-                self._pending[key] = amount if pending is None else pending + amount
-            else:
-                self._totals[name] += int(amount)
-
-    def _read(self, name: str) -> int:
-        for key in [key for key in self._pending if key[0] == name]:
-            self._totals[name] += int(self._pending.pop(key))
-        return self._totals[name]
-
-    pairs_computed = _count("pairs_computed", "(query, key) pairs the attention computed.")
-    pairs_dense = _count("pairs_dense", "(query, key) pairs dense causal attention would "
-                                        "have computed.")
-    blocks_kept = _count("blocks_kept", "Blocks the block-sparse prefill computed (over "
-                                        "batch and heads).")
-    blocks_total = _count("blocks_total", "Blocks dense causal prefill would have computed "
-                                          "(over batch and heads).")
-
-    @property
-    def attended_fraction(self) -> float:
-        dense = self.pairs_dense
-        return self.pairs_computed / dense if dense else 1.0
-
-    @property
-    def block_sparsity(self) -> float:
-        total = self.blocks_total
-        return 1.0 - self.blocks_kept / total if total else 0.0
-
-
-@dataclass
+@dataclass(eq=False)      # identity: two blocks with equal knobs are still two
 class _Active:
     knobs: AttentionKnobs
     stats: AttentionStats
@@ -221,6 +75,92 @@ class _Active:
 
 _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar(
     "creative_sparse_attention", default=None)
+
+
+@dataclass
+class _Dial:
+    """What one model carries, kept per attention config (``module.config``, which the
+    attention function receives through ``module``): the dial from :func:`set_sparsity`,
+    the :func:`sparsity` blocks open on it (seen by threads that have none of their own),
+    and what to restore. Nothing here refers to the model (the registry is global and
+    must not keep models alive): the carried MoE routing lives on the model itself."""
+
+    carried: _Active | None = None
+    scoped: list[_Active] = field(default_factory=list)
+    previous_impl: str | None = None
+    warned: bool = False
+
+
+_LOCK = threading.RLock()
+_DIALS: dict[int, _Dial] = {}       # id(config) -> dial; entries leave with their config
+
+
+def _dial_of(config, create: bool = False) -> _Dial | None:
+    dial = _DIALS.get(id(config))
+    if dial is None and create:
+        with _LOCK:
+            dial = _DIALS.get(id(config))
+            if dial is None:
+                dial = _DIALS[id(config)] = _Dial()
+                weakref.finalize(config, _DIALS.pop, id(config), None)
+    return dial
+
+
+def _knobs_from_config(config) -> AttentionKnobs | None:
+    spec = getattr(config, CONFIG_KEY, None)
+    if spec is None:
+        return None
+    try:
+        return as_knobs(spec)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config.{CONFIG_KEY} = {spec!r} is not a valid dial: {err}") from None
+
+
+def _lookup(module) -> _Active | None:
+    """The knobs for one call (see the module docstring for the order)."""
+    active = _ACTIVE.get()
+    if active is not None:
+        return active
+    config = getattr(module, "config", None)
+    if config is None:
+        _warn_exact(module, _NO_CONFIG)         # no config: nothing can be carried
+        return None
+    dial = _dial_of(config)
+    if dial is None or (dial.carried is None and not dial.scoped):
+        knobs = _knobs_from_config(config)      # a dial saved with the model
+        if knobs is not None:
+            dial = _dial_of(config, create=True)
+            with _LOCK:
+                if dial.carried is None:
+                    dial.carried = _Active(knobs, AttentionStats(), False)
+                    if knobs.experts_per_token is not None or knobs.router_temperature != 1.0:
+                        warnings.warn(
+                            f"config.{CONFIG_KEY} sets MoE routing, which needs the model: "
+                            "call set_sparsity(model, model.config.creative_sparse) to apply "
+                            "it; until then only the attention part is applied", stacklevel=3)
+    if dial is not None:
+        latest = dial.scoped[-1:]       # a slice: another thread may close its block now
+        if latest:
+            return latest[0]
+        carried = dial.carried
+        if carried is not None:
+            return carried
+    _warn_exact(module, _dial_of(config, create=True))
+    return None
+
+
+_NO_CONFIG = _Dial()       # the warning state of attention layers without a config
+
+
+def _warn_exact(module, dial: _Dial) -> None:
+    """Warn once per model that it runs exact attention under our name, for want of a level."""
+    if not dial.warned and getattr(module, "is_causal", True):
+        dial.warned = True
+        warnings.warn(
+            f"{type(module).__name__} uses attn_implementation={ATTENTION_NAME!r} but the "
+            "model carries no sparsity level: running exact attention. Give it one with "
+            "creative_sparse.models.transformers.set_sparsity(model, s) (s in [0, 1]) or "
+            "`with sparsity(model, s):`", stacklevel=4)
 
 
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
@@ -250,7 +190,7 @@ def creative_sparse_attention(module: torch.nn.Module, query: Tensor, key: Tenso
     ``query`` is ``[B, H, q, D]``, ``key``/``value`` ``[B, H_kv, k, D]`` (KV heads
     not repeated); returns ``([B, q, H, Dv], None)``.
     """
-    active = _ACTIVE.get()
+    active = _lookup(module)
     # Dense knobs mean exact SDPA, except for the short (decode) calls whose
     # attention mass is being recorded for cache pruning.
     exact = active is None or not getattr(module, "is_causal", True) or (
@@ -260,13 +200,12 @@ def creative_sparse_attention(module: torch.nn.Module, query: Tensor, key: Tenso
         if active is not None:
             pairs = _causal_pairs(query, key)
             active.stats.add(pairs_computed=pairs, pairs_dense=pairs)
-            active.stats.calls += 1
+            active.stats.count_call(sparse=False)
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                      **kwargs)
     knobs, stats = active.knobs, active.stats
     scaling = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else scaling
-    stats.calls += 1
-    stats.sparse_calls += 1
+    stats.count_call(sparse=True)
     q_len = query.shape[2]
     if q_len >= knobs.min_prefill_len and attention_mask is None:
         topk = knobs.topk
@@ -299,11 +238,70 @@ def set_knobs(knobs: AttentionKnobs) -> None:
 
 
 def register() -> None:
-    """Register the attention and mask functions under ``"creative_sparse"`` (idempotent)."""
+    """Register the attention and mask functions under ``"creative_sparse"`` (idempotent;
+    done when this module is imported, if transformers is installed)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     AttentionInterface.register(ATTENTION_NAME, creative_sparse_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def dial_params(model, s: float, controller=None):
+    """Every knob of the dial at level ``s`` for ``model``: a
+    :class:`~creative_sparse.control.SparsityParams` whose MoE knobs follow the model's
+    routers (E and its own experts per token; none for a dense model or ``model=None``).
+
+    ``controller`` is a :class:`~creative_sparse.control.SparsityController` (default one).
+    """
+    from ..control import SparsityController
+    from .moe import find_routers
+
+    controller = SparsityController() if controller is None else controller
+    routers = find_routers(model) if model is not None else []
+    experts = (routers[0].num_experts, routers[0].top_k) if routers else (None, None)
+    return controller.get_sparsity_params(s, num_experts=experts[0], default_experts=experts[1])
+
+
+_KNOB_FIELDS = tuple(f.name for f in dataclasses.fields(AttentionKnobs))
+
+
+def as_knobs(dial: Any, model=None) -> AttentionKnobs:
+    """:class:`AttentionKnobs` from any form of the dial.
+
+    ``dial`` is a level ``s`` in [0, 1] (the dial's knobs for ``model``), a
+    :class:`~creative_sparse.control.SparsityParams`, an :class:`AttentionKnobs`, an
+    object with an ``attention`` attribute holding one (``creative_sparse.dial(s)``),
+    or a dict of :class:`AttentionKnobs` fields (the form saved in a model config).
+
+    Example:
+        >>> as_knobs(0.0).dense, as_knobs({"keep_fraction": 0.5}).keep_fraction
+        (True, 0.5)
+    """
+    if isinstance(dial, AttentionKnobs):
+        return dial
+    if isinstance(getattr(dial, "attention", None), AttentionKnobs):
+        return dial.attention
+    if isinstance(dial, numbers.Real) and not isinstance(dial, bool):
+        from ..control import check_level
+        return AttentionKnobs.from_params(dial_params(model, check_level(dial)))
+    if isinstance(dial, Mapping):
+        unknown = sorted(set(dial) - set(_KNOB_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown attention knobs {unknown}; allowed: "
+                             f"{', '.join(_KNOB_FIELDS)}")
+        return AttentionKnobs(**dial)
+    if all(hasattr(dial, name) for name in ("s", "keep_fraction", "simthreshd1", "cdfthreshd")):
+        return AttentionKnobs.from_params(dial)       # a SparsityParams
+    raise ValueError(f"the dial must be a level s in [0, 1], a SparsityParams, an "
+                     f"AttentionKnobs, creative_sparse.dial(s) or a dict of knobs; got "
+                     f"{type(dial).__name__} {dial!r}")
+
+
+def _knobs_dict(knobs: AttentionKnobs) -> dict[str, Any]:
+    # Row seeds and dense rows belong to one batch, not to the model.
+    out = dataclasses.asdict(knobs)
+    del out["row_seeds"], out["dense_rows"]
+    return out
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -311,39 +309,159 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
             and any(name in dict(m.named_children()) for name in ("q_proj", "qkv_proj"))]
 
 
+def _patchable(model):
+    """The config ``model``'s attention layers share (where its dial is kept), or None
+    when they have none in common; ``ValueError`` for a model we cannot patch."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise ValueError(f"{type(model).__name__} is not a Hugging Face transformers model "
+                         "(no config / set_attn_implementation)")
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no attention layers that we can patch "
+                         "(expected modules with q_proj, layer_idx and is_causal)")
+    configs = {id(getattr(m, "config", None)): getattr(m, "config", None) for m in modules}
+    shared = next(iter(configs.values())) if len(configs) == 1 else None
+    return shared
+
+
+def _carrier(model):
+    """:func:`_patchable`, for the functions that need the shared config."""
+    config = _patchable(model)
+    if config is None:
+        raise ValueError(f"{type(model).__name__}'s attention layers do not share one config "
+                         "(module.config), where a carried dial is looked up; use "
+                         "`with sparsity(model, ...)` around each call instead")
+    return config
+
+
+_ROUTING_ATTR = "_creative_sparse_routing"
+
+
+def _set_routing(model, knobs: AttentionKnobs | None) -> None:
+    """Apply ``knobs``' MoE routing to ``model`` until the next call (``None``: restore)."""
+    from .moe import moe_routing
+
+    routing = model.__dict__.pop(_ROUTING_ATTR, None)
+    if routing is not None:
+        routing.close()
+    if knobs is not None and (knobs.experts_per_token is not None
+                              or knobs.router_temperature != 1.0):
+        routing = contextlib.ExitStack()
+        routing.enter_context(moe_routing(model, knobs.experts_per_token,
+                                          knobs.router_temperature))
+        model.__dict__[_ROUTING_ATTR] = routing
+
+
+def set_sparsity(model, dial: Any) -> AttentionStats:
+    """Give ``model`` a dial it carries: every forward, in every thread, until cleared.
+
+    ``dial``: anything :func:`as_knobs` takes (a level ``s`` in [0, 1], a
+    ``SparsityParams``, ``AttentionKnobs``, ``creative_sparse.dial(s)``, a dict), or
+    ``None`` to clear it (:func:`clear_sparsity`). Switches the model to the
+    ``"creative_sparse"`` attention implementation, sets its MoE routers, and writes
+    the knobs into ``model.config.creative_sparse`` (a dict; ``save_pretrained`` keeps
+    it). A :func:`sparsity` block overrides the carried dial while it is open.
+    Calling it again replaces the dial (and starts new statistics).
+
+    Returns the model's :class:`AttentionStats`, counting every call made with the
+    carried dial from now on (also :func:`sparsity_stats`).
+
+    Example:
+        >>> stats = set_sparsity(model, 0.8)                              # doctest: +SKIP
+        >>> model.generate(ids, max_new_tokens=20)                       # doctest: +SKIP
+        >>> stats.attended_fraction                                      # doctest: +SKIP
+    """
+    if dial is None:
+        clear_sparsity(model)
+        return AttentionStats()
+    config = _carrier(model)
+    knobs = as_knobs(dial, model)
+    register()
+    with _LOCK:
+        state = _dial_of(config, create=True)
+        _set_routing(model, knobs)
+        state.carried = _Active(knobs, AttentionStats(), False)
+        setattr(config, CONFIG_KEY, _knobs_dict(knobs))
+        if model.config._attn_implementation != ATTENTION_NAME:
+            state.previous_impl = model.config._attn_implementation
+            model.set_attn_implementation(ATTENTION_NAME)
+        return state.carried.stats
+
+
+def clear_sparsity(model) -> None:
+    """Remove the dial ``model`` carries (:func:`set_sparsity`): routers, the config entry
+    and the attention implementation are restored (to ``"sdpa"`` when the model was
+    loaded with ``attn_implementation="creative_sparse"``). Nothing to clear is fine."""
+    config = _carrier(model)
+    with _LOCK:
+        state = _dial_of(config)
+        if state is not None:
+            state.carried = None
+        _set_routing(model, None)
+        if hasattr(config, CONFIG_KEY):
+            delattr(config, CONFIG_KEY)
+        if not (state and state.scoped) and model.config._attn_implementation == ATTENTION_NAME:
+            previous = state.previous_impl if state is not None else None
+            model.set_attn_implementation(previous if previous not in (None, ATTENTION_NAME)
+                                          else "sdpa")
+        if state is not None:
+            state.previous_impl = None
+
+
+def sparsity_stats(model) -> AttentionStats | None:
+    """The :class:`AttentionStats` of the dial ``model`` carries (every thread's calls
+    since :func:`set_sparsity`), or None when it carries none."""
+    state = _dial_of(_carrier(model))
+    return state.carried.stats if state is not None and state.carried is not None else None
+
+
 @contextlib.contextmanager
-def sparsity(model, knobs: AttentionKnobs, *, track_key_mass: bool = False
-             ) -> Iterator[AttentionStats]:
+def sparsity(model, knobs: Any, *, track_key_mass: bool = False) -> Iterator[AttentionStats]:
     """Apply ``knobs`` to ``model`` inside a ``with`` block; yields live :class:`AttentionStats`.
 
-    Switches the model to the ``"creative_sparse"`` attention implementation,
-    sets the MoE routers (when ``knobs.experts_per_token`` is set or the router
-    temperature is not 1), and restores the model exactly on exit, including
-    after an exception.
+    ``knobs``: anything :func:`as_knobs` takes (a level ``s``, a ``SparsityParams``,
+    an :class:`AttentionKnobs`, ...). Switches the model to the ``"creative_sparse"``
+    attention implementation, sets the MoE routers (when ``knobs.experts_per_token``
+    is set or the router temperature is not 1), and restores the model exactly on
+    exit, including after an exception. Overrides the dial the model carries
+    (:func:`set_sparsity`) while open; threads started inside the block without a
+    block of their own use it too.
 
     Example:
         >>> with sparsity(model, AttentionKnobs(keep_fraction=0.5)) as stats:  # doctest: +SKIP
         ...     model(input_ids)
         >>> stats.attended_fraction  # doctest: +SKIP
     """
-    if not isinstance(knobs, AttentionKnobs):
-        raise ValueError(f"knobs must be an AttentionKnobs, got {type(knobs).__name__}")
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "set_attn_implementation"):
-        raise ValueError(f"{type(model).__name__} is not a Hugging Face transformers model "
-                         "(no config / set_attn_implementation)")
-    if not _attention_modules(model):
-        raise ValueError(f"{type(model).__name__} has no attention layers that we can patch "
-                         "(expected modules with q_proj, layer_idx and is_causal)")
+    config = _patchable(model)      # None: layers without one shared config (no carried dial)
+    knobs = as_knobs(knobs, model)
     from .moe import moe_routing
     register()
-    previous = config._attn_implementation
+    previous = model.config._attn_implementation
     stats = AttentionStats()
-    token = _ACTIVE.set(_Active(knobs, stats, track_key_mass))
+    active = _Active(knobs, stats, track_key_mass)
+    if config is not None and _dial_of(config) is None \
+            and getattr(config, CONFIG_KEY, None) is not None:
+        set_sparsity(model, _knobs_from_config(config))       # a dial saved with the model
+    state = _dial_of(config, create=True) if config is not None else _Dial()
+    token = _ACTIVE.set(active)
     try:
+        _set_routing(model, None)       # one routing at a time: the block's
+        with _LOCK:
+            state.scoped.append(active)
         model.set_attn_implementation(ATTENTION_NAME)
         with moe_routing(model, knobs.experts_per_token, knobs.router_temperature):
             yield stats
     finally:
         _ACTIVE.reset(token)
+        with _LOCK:
+            state.scoped[:] = [a for a in state.scoped if a is not active]
         model.set_attn_implementation(previous)
+        if state.carried is not None and not state.scoped:
+            _set_routing(model, state.carried.knobs)
+
+
+try:    # registered on import, so `from_pretrained(attn_implementation=...)` knows the name
+    register()
+except ImportError:     # transformers is the optional [hf] extra (or one without the
+    pass                # interfaces); using a model says so then

