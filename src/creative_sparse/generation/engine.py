@@ -9,6 +9,13 @@ independently (EOS, a stop string, the length budget); finished rows leave the
 batch, so the cost follows the rows still running. With ``max_cache_tokens``
 the cache is pruned H2O-style after each step.
 
+The pieces, in the order one call uses them: :func:`_check_call` (arguments, ids),
+:func:`_prefill_or_resume` (the first logits), then per step :meth:`_Rows.next_tokens`
+(processors, one draw per row, reference rows' argmax, take-backs),
+:meth:`_Rows.record` (EOS, stop strings, streaming), :meth:`_Rows.keep` (finished rows
+leave the batch and the cache) and :func:`_decode_forward` (one token per row); last
+:func:`_flops`. :class:`_Rows` owns the rows: generators, histories, prompts, texts.
+
 Example:
     >>> from creative_sparse.models import load_model          # doctest: +SKIP
     >>> model, tok = load_model()                              # doctest: +SKIP
@@ -172,6 +179,163 @@ def _with_rows(knobs: AttentionKnobs, seeds: list[int], dense: Sequence[int] = (
     return replace(knobs, dense_rows=tuple(dense)) if dense or knobs.dense_rows else knobs
 
 
+class _Rows:
+    """The rows of one call and what each owns: its generator (seeded by its seed), its
+    token history (an earlier call's, then this call's), its prompt ids, its text and
+    why it ended. ``alive`` lists the original indices of the rows still in the batch,
+    in batch order; ``reference`` the rows decoded greedily with exact attention."""
+
+    def __init__(self, seeds: list[int], prior: list[list[int]], prompts: list[list[int]],
+                 reference: set[int]):
+        n = len(seeds)
+        self.seeds, self.prior, self.prompts, self.reference = seeds, prior, prompts, reference
+        self.generators = [torch.Generator(device="cpu").manual_seed(s % 2**64) for s in seeds]
+        self.alive = list(range(n))
+        self.generated: list[list[int]] = [[] for _ in range(n)]
+        self.texts = [""] * n
+        self.reasons = ["length"] * n
+
+    def context(self, row: int) -> list[int]:
+        """What the constraints judge: earlier calls' tokens, then this call's."""
+        return self.prior[row] + self.generated[row]
+
+    def dense_positions(self) -> list[int]:
+        """Batch positions of the running reference rows."""
+        return [i for i, r in enumerate(self.alive) if r in self.reference]
+
+    def knobs(self, knobs: AttentionKnobs) -> AttentionKnobs:
+        """``knobs`` for the running rows (their noise seeds, which of them stay dense)."""
+        return _with_rows(knobs, [self.seeds[r] for r in self.alive], self.dense_positions())
+
+    def next_tokens(self, step: int, logits: Tensor, sampling: SamplingParams, hook) -> Tensor:
+        """One token per running row: the processors, a draw from each row's generator,
+        the reference rows' argmax of the raw logits, and take-backs the guards ask for."""
+        alive = self.alive
+        greedy = self.dense_positions()
+        raw = logits[greedy].argmax(dim=-1) if greedy else None
+        if hook is not None:
+            logits = hook(step, [self.context(r) for r in alive],
+                          [self.prompts[r] for r in alive], logits)
+        tokens = sample(logits, sampling, [self.generators[r] for r in alive]).cpu()
+        if greedy:
+            tokens[greedy] = raw.cpu().to(tokens.dtype)
+        if hook is not None and hook.guards:
+            _resample_rejected(tokens, logits, alive, self.context, self.generators, sampling,
+                               hook.rejects, skip=set(greedy))
+        return tokens
+
+    def record(self, tokens: Tensor, eos: set[int], tokenizer, stop_strings: Sequence[str],
+               stream, watch_text: bool, stats: GenerationStats) -> list[int]:
+        """Append each running row's token, end the rows that hit EOS or a stop string;
+        returns the batch positions of the rows that go on."""
+        still = []
+        for i, row in enumerate(self.alive):
+            token = int(tokens[i])
+            if token in eos:
+                self.reasons[row] = "eos"
+                continue
+            self.generated[row].append(token)
+            stats.generated_tokens += 1
+            hit = []
+            if watch_text:  # decoding every step is only needed to watch the text
+                text = tokenizer.decode(self.generated[row], skip_special_tokens=True)
+                hit = [text.index(s) for s in stop_strings if s and s in text]
+                if hit:
+                    text, self.reasons[row] = text[: min(hit)], "stop"
+                if stream is not None and len(text) > len(self.texts[row]):
+                    stream(row, text[len(self.texts[row]):])
+                self.texts[row] = text
+            if not hit:
+                still.append(i)
+        return still
+
+    def state(self, cache, positions: CachePositions, tokens: Tensor) -> DecodeState:
+        """The running rows' cache, pending tokens and histories, to continue them later."""
+        return DecodeState(cache, positions, tokens, list(self.alive),
+                           [self.context(r) for r in self.alive],
+                           [self.prompts[r] for r in self.alive])
+
+    def keep(self, still: list[int], cache, key_mass: dict, device) -> None:
+        """Drop the finished rows from the batch: their cache rows and key mass too."""
+        if len(still) == len(self.alive):
+            return
+        index = torch.tensor(still, device=device)
+        _keep_rows(cache, index)
+        for layer, mass in list(key_mass.items()):
+            key_mass[layer] = mass.index_select(0, index)
+        self.alive = [self.alive[i] for i in still]
+
+
+def _check_call(model, tokenizer, prompt, num_rows, max_new_tokens, seeds, reference_rows):
+    """The ids to start from (``[R, L]`` prompt ids, or a resumed state's pending tokens),
+    the resumed state or None, one seed per row and the reference rows; clear errors."""
+    resume = prompt if isinstance(prompt, DecodeState) else None
+    if resume is not None:
+        if num_rows != len(resume.rows):
+            raise ValueError(f"num_rows ({num_rows}) must equal the rows of the DecodeState "
+                             f"({len(resume.rows)})")
+        ids = resume.pending.view(-1, 1).to(model.device)   # [rows, 1]: the tokens to feed
+        used = resume.positions.next_position
+    else:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; give at least one character")
+            ids = tokenizer(check_text(prompt, "prompt"), return_tensors="pt").input_ids
+        else:
+            ids = prompt
+        ids = ids.to(model.device)
+        if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise ValueError(f"prompt ids must have shape [R, L] with R, L >= 1, got "
+                             f"{tuple(ids.shape)}")
+        used = ids.shape[1]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and used + max_new_tokens > limit:
+        raise ValueError(f"prompt ({used} tokens) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the model's context of {limit} tokens")
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1 \
+            or num_rows % ids.shape[0]:
+        raise ValueError(f"num_rows must be an int >= 1 and a multiple of the {ids.shape[0]} "
+                         f"prompt(s), got {num_rows!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    seeds = list(range(num_rows)) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != num_rows:
+        raise ValueError(f"seeds: need one per row ({num_rows}), got {len(seeds)}")
+    reference = {int(r) for r in reference_rows}
+    if any(not 0 <= r < num_rows for r in reference):
+        raise ValueError(f"reference_rows must be row indices in [0, {num_rows}), got "
+                         f"{sorted(reference)}")
+    return ids, resume, seeds, reference
+
+
+def _decode_forward(model, tokens: Tensor, cache, positions: CachePositions) -> Tensor:
+    """One token per running row through the model with the cache; the next logits."""
+    out = model(input_ids=tokens.view(-1, 1).to(model.device), use_cache=True,
+                **cache_kwargs(model, cache),
+                **positions.model_kwargs(1, tokens.numel(), model.device))
+    positions.advance(1)
+    return out.logits[:, -1]
+
+
+def _prefill_or_resume(model, ids: Tensor, resume: DecodeState | None, num_rows: int):
+    """``(cache, logits, positions)``: the prompt prefilled once and repeated per row,
+    or a resumed state's pending tokens fed to its cache (nothing recomputed)."""
+    if resume is None:
+        return prefill(model, ids, num_rows)
+    logits = _decode_forward(model, resume.pending, resume.cache, resume.positions)
+    return resume.cache, logits, resume.positions
+
+
+def _flops(model, stats: GenerationStats, pairs_computed: int) -> float:
+    """Matmul FLOPs: 2 per parameter per token, plus QK and PV over the computed pairs."""
+    n_params = sum(p.numel() for p in model.parameters())
+    head_dim = getattr(model.config, "head_dim", None) or (
+        model.config.hidden_size // model.config.num_attention_heads)
+    return 2.0 * n_params * (stats.prompt_tokens + stats.generated_tokens) \
+        + 4.0 * head_dim * pairs_computed
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_rows: int = 1,
              max_new_tokens: int = 64, schedule: Schedule | None = None,
@@ -227,162 +391,64 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
     Returns:
         A :class:`GenerationResult`.
     """
-    resume = prompt if isinstance(prompt, DecodeState) else None
-    if resume is not None:
-        if num_rows != len(resume.rows):
-            raise ValueError(f"num_rows ({num_rows}) must equal the rows of the DecodeState "
-                             f"({len(resume.rows)})")
-        ids = resume.pending.view(-1, 1).to(model.device)   # [rows, 1]: the tokens to feed
-        used = resume.positions.next_position
-    else:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty; give at least one character")
-            ids = tokenizer(check_text(prompt, "prompt"), return_tensors="pt").input_ids
-        else:
-            ids = prompt
-        ids = ids.to(model.device)
-        if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-            raise ValueError(f"prompt ids must have shape [R, L] with R, L >= 1, got "
-                             f"{tuple(ids.shape)}")
-        used = ids.shape[1]
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and used + max_new_tokens > limit:
-        raise ValueError(f"prompt ({used} tokens) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds the model's context of {limit} tokens")
-    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1 \
-            or num_rows % ids.shape[0]:
-        raise ValueError(f"num_rows must be an int >= 1 and a multiple of the {ids.shape[0]} "
-                         f"prompt(s), got {num_rows!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    seeds = list(range(num_rows)) if seeds is None else [int(s) for s in seeds]
-    if len(seeds) != num_rows:
-        raise ValueError(f"seeds: need one per row ({num_rows}), got {len(seeds)}")
-    reference = {int(r) for r in reference_rows}
-    if any(not 0 <= r < num_rows for r in reference):
-        raise ValueError(f"reference_rows must be row indices in [0, {num_rows}), got "
-                         f"{sorted(reference)}")
+    ids, resume, seeds, reference = _check_call(model, tokenizer, prompt, num_rows,
+                                                max_new_tokens, seeds, reference_rows)
     if schedule is None:
         schedule = (SamplingParams(), AttentionKnobs())
     knobs_at = schedule if callable(schedule) else (lambda step, fixed=schedule: fixed)
-
-    start = time.perf_counter()
-    eos = _eos_ids(model, tokenizer)
-    generators = [torch.Generator(device="cpu").manual_seed(s % 2**64) for s in seeds]
-    alive = list(range(num_rows))                  # original row index of each batch row
-    generated: list[list[int]] = [[] for _ in range(num_rows)]
-    prior = resume.history if resume is not None and resume.history else [[]] * num_rows
-    if resume is not None:
-        prompts = resume.prompts or [[]] * num_rows
-    else:
-        per_prompt = num_rows // ids.shape[0]
-        prompt_rows = ids.tolist()
-        prompts = [prompt_rows[r // per_prompt] for r in range(num_rows)]
-
-    def context(row: int) -> list[int]:
-        """What the constraints judge: earlier calls' tokens, then this call's."""
-        return prior[row] + generated[row]
-    texts = [""] * num_rows
-    reasons = ["length"] * num_rows
-    stats = GenerationStats(prompt_tokens=0 if resume is not None else ids.numel())
-    sampling, knobs = knobs_at(0)
-    track = max_cache_tokens is not None
-    watch_text = bool(stop_strings) or stream is not None
-
     hook = combine(logit_processor)
     if hook is not None and hook.needs_prompt and resume is not None and not resume.prompts:
         raise ValueError("a transformers logits processor needs the rows' prompts, and this "
                          "DecodeState has none (build it with generate(keep_state=True))")
-    rejects = hook.rejects if hook is not None and hook.guards else None
 
-    def dense_positions(rows: list[int]) -> list[int]:
-        return [i for i, r in enumerate(rows) if r in reference]
+    start = time.perf_counter()
+    eos = _eos_ids(model, tokenizer)
+    if resume is not None:
+        prior = resume.history or [[]] * num_rows
+        prompts = resume.prompts or [[]] * num_rows
+    else:
+        per_prompt, prompt_rows = num_rows // ids.shape[0], ids.tolist()
+        prior, prompts = [[]] * num_rows, [prompt_rows[r // per_prompt] for r in range(num_rows)]
+    rows = _Rows(seeds, prior, prompts, reference)
+    stats = GenerationStats(prompt_tokens=0 if resume is not None else ids.numel())
+    sampling, knobs = knobs_at(0)
+    track = max_cache_tokens is not None
+    watch_text = bool(stop_strings) or stream is not None
+    state = None
     # The prompt is prefilled once, as one row: no per-row sub-network noise there.
     with sparsity(model, replace(knobs, noise=0.0, row_seeds=None),
                   track_key_mass=track) as attention, fast_linears(model):
+        if resume is not None:
+            set_knobs(rows.knobs(knobs))
+        cache, logits, positions = _prefill_or_resume(model, ids, resume, num_rows)
         if resume is None:
-            cache, logits, positions = prefill(model, ids, num_rows)
-            set_knobs(_with_rows(knobs, seeds, dense_positions(alive)))
-        else:
-            # Feed each row's pending token to its cached rows: nothing is recomputed.
-            set_knobs(_with_rows(knobs, seeds, dense_positions(alive)))
-            cache, positions = resume.cache, resume.positions
-            out = model(input_ids=resume.pending.view(-1, 1).to(model.device),
-                        use_cache=True, **cache_kwargs(model, cache),
-                        **positions.model_kwargs(1, num_rows, model.device))
-            positions.advance(1)
-            logits = out.logits[:, -1]
+            set_knobs(rows.knobs(knobs))
         stats.peak_cache_bytes = cache_bytes(cache)
         for step in range(max_new_tokens):
-            greedy = dense_positions(alive)
-            raw = logits[greedy].argmax(dim=-1) if greedy else None
-            if hook is not None:
-                logits = hook(step, [context(r) for r in alive], [prompts[r] for r in alive],
-                              logits)
-            tokens = sample(logits, sampling, [generators[r] for r in alive]).cpu()
-            if greedy:
-                tokens[greedy] = raw.cpu().to(tokens.dtype)
-            if rejects is not None:
-                _resample_rejected(tokens, logits, alive, context, generators, sampling,
-                                   rejects, skip=set(greedy))
+            tokens = rows.next_tokens(step, logits, sampling, hook)
             stats.steps += 1
             if progress is not None:
                 progress(1)
-            still = []
-            for i, row in enumerate(alive):
-                token = int(tokens[i])
-                if token in eos:
-                    reasons[row] = "eos"
-                    continue
-                generated[row].append(token)
-                stats.generated_tokens += 1
-                hit = []
-                if watch_text:  # decoding every step is only needed to watch the text
-                    text = tokenizer.decode(generated[row], skip_special_tokens=True)
-                    hit = [text.index(s) for s in stop_strings if s and s in text]
-                    if hit:
-                        text, reasons[row] = text[: min(hit)], "stop"
-                    if stream is not None and len(text) > len(texts[row]):
-                        stream(row, text[len(texts[row]):])
-                    texts[row] = text
-                if not hit:
-                    still.append(i)
+            still = rows.record(tokens, eos, tokenizer, stop_strings, stream, watch_text, stats)
             if not still or step == max_new_tokens - 1:
-                state = DecodeState(cache, positions, tokens, list(alive),
-                                    [context(r) for r in alive],
-                                    [prompts[r] for r in alive]) if keep_state else None
-                alive = [alive[i] for i in still]
+                state = rows.state(cache, positions, tokens) if keep_state else None
+                rows.alive = [rows.alive[i] for i in still]
                 break
-            if len(still) < len(alive):
-                keep = torch.tensor(still, device=ids.device)
-                _keep_rows(cache, keep)
-                for layer, mass in list(attention.key_mass.items()):
-                    attention.key_mass[layer] = mass.index_select(0, keep)
-                tokens = tokens[still]
-                alive = [alive[i] for i in still]
+            rows.keep(still, cache, attention.key_mass, ids.device)
+            tokens = tokens[still]
             # The forward below computes the logits of the next step: its knobs apply.
             sampling, knobs = knobs_at(step + 1)
-            set_knobs(_with_rows(knobs, [seeds[r] for r in alive], dense_positions(alive)))
-            out = model(input_ids=tokens.view(-1, 1).to(ids.device), use_cache=True,
-                        **cache_kwargs(model, cache),
-                        **positions.model_kwargs(1, len(alive), ids.device))
-            positions.advance(1)
-            logits = out.logits[:, -1]
+            set_knobs(rows.knobs(knobs))
+            logits = _decode_forward(model, tokens, cache, positions)
             if track:
                 stats.evicted_tokens += prune_cache(
                     cache, attention.key_mass, positions, max_tokens=max_cache_tokens,
                     sink_tokens=knobs.sink_tokens, local_window=knobs.local_window)
             stats.peak_cache_bytes = max(stats.peak_cache_bytes, cache_bytes(cache))
-    if not watch_text:
-        texts = [tokenizer.decode(ids_, skip_special_tokens=True) for ids_ in generated]
-    n_params = sum(p.numel() for p in model.parameters())
-    head_dim = getattr(model.config, "head_dim", None) or (
-        model.config.hidden_size // model.config.num_attention_heads)
+    texts = rows.texts if watch_text else [
+        tokenizer.decode(ids_, skip_special_tokens=True) for ids_ in rows.generated]
     stats.attended_fraction = attention.attended_fraction
     stats.pairs_attended = attention.pairs_computed
-    stats.flops = 2.0 * n_params * (stats.prompt_tokens + stats.generated_tokens) \
-        + 4.0 * head_dim * attention.pairs_computed
+    stats.flops = _flops(model, stats, attention.pairs_computed)
     stats.wall_time = time.perf_counter() - start
-    return GenerationResult(texts, generated, reasons, stats, state)
+    return GenerationResult(texts, rows.generated, rows.reasons, stats, state)
