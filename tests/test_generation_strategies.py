@@ -6,27 +6,20 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from _tiny import DigitTokenizer, tiny_llama96  # noqa: E402
+
 from creative_sparse.control import SparsityController  # noqa: E402
 from creative_sparse.generation.strategies import (Adaptive, CreativeSparse, DenseTopP,  # noqa: E402
                                                    Fixed, MinP, MoEOnly, Progressive)
 from creative_sparse.generation.wrapper import dial_knobs  # noqa: E402
 
 
-class Tokenizer:
-    eos_token_id = None
-    chat_template = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
+Tokenizer = DigitTokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=512)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama96()
 
 
 PROMPT = torch.randint(0, 96, (1, 60), generator=torch.Generator().manual_seed(1))

@@ -21,6 +21,8 @@ from creative_sparse.safety import (CompositeChecker, Flag, HighSparsityError, S
 
 transformers = pytest.importorskip("transformers")
 
+from _tiny import DigitTokenizer, tiny_llama96  # noqa: E402
+
 
 # --------------------------------------------------------------------------- checkers
 
@@ -175,21 +177,12 @@ def test_the_gate():
 
 # ----------------------------------------------------------- strategies on a tiny model
 
-class Tokenizer:
-    eos_token_id = None
-    chat_template = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
+Tokenizer = DigitTokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=512)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama96()
 
 
 PROMPT = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(1))
