@@ -218,6 +218,7 @@ def test_a_model_that_carries_a_dial_can_still_be_freed():
 
     model = _tiny_mixtral()           # MoE: the carried routing holds hooks on the model
     set_sparsity(model, AttentionKnobs(keep_fraction=0.5, router_temperature=2.0))
+    gc.collect()                      # earlier tests' models: gone before counting
     before, gone = len(integration._DIALS), weakref.ref(model)
     del model
     gc.collect()

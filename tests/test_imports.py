@@ -41,3 +41,20 @@ def test_every_public_name_resolves():
         creative_sparse.nope  # noqa: B018
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         spas_sage_attn.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("statement", [
+    "import creative_sparse.generation",
+    "from creative_sparse import CreativeSparseWrapper",
+    "import creative_sparse.evaluation",
+])
+def test_generation_imports_without_transformers(statement):
+    """transformers (seconds to import) loads with the first model or generate call, or
+    with an explicit `import creative_sparse.models.transformers` (which registers the
+    attention), not with the generation package."""
+    code = (f"import sys, json; {statement}; "
+            "print(json.dumps(sorted(m for m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    loaded = json.loads(out.splitlines()[-1])
+    assert not [m for m in loaded if m == "transformers" or m.startswith("transformers.")]

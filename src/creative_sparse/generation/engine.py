@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..models.fast_linear import fast_linears
 from ..models.kv_cache import CachePositions, cache_bytes, cache_kwargs, prefill, prune_cache
-from ..models.transformers import AttentionKnobs, set_knobs, sparsity
+from ..models.attention_knobs import AttentionKnobs
 from ..quality.metrics import check_text
 from .knobs import SamplingParams, sample
 from .processors import combine
@@ -391,6 +391,10 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
     Returns:
         A :class:`GenerationResult`.
     """
+    # The integration registers the attention with transformers when imported: load it
+    # with the first call, not with the package (importing transformers takes seconds).
+    from ..models.transformers import set_knobs, sparsity
+
     ids, resume, seeds, reference = _check_call(model, tokenizer, prompt, num_rows,
                                                 max_new_tokens, seeds, reference_rows)
     if schedule is None:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..models.transformers import AttentionKnobs, dial_params
+from ..models.attention_knobs import AttentionKnobs, dial_params
 
 __all__ = ["Knobs", "SamplingParams", "apply_temperature", "dial", "min_p_filter", "sample",
            "top_k_filter", "top_p_filter"]

@@ -39,7 +39,7 @@ import torch
 
 from ..config import SparsityConfig
 from ..control import SparsityController, check_level
-from ..models.transformers import AttentionKnobs
+from ..models.attention_knobs import AttentionKnobs
 from .engine import GenerationStats, generate
 from .knobs import SamplingParams
 from ..safety import DEFAULT_SAFETY_GATE, check_gate, check_gate_value

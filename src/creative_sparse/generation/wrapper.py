@@ -57,7 +57,7 @@ import torch
 from ..attention import sparse_attention
 from ..config import QualityWeights, SparsityConfig, as_quality_weights
 from ..control import SparsityController, cache_budget, check_level
-from ..models.transformers import AttentionKnobs, dial_params
+from ..models.attention_knobs import AttentionKnobs, dial_params
 from ..quality import LikelihoodScorer, OutputQuality, QualityFunctional
 from ..quality.metrics import check_text
 from ..safety import (DEFAULT_SAFETY_GATE, Flag, SafetyReport, check_gate, check_gate_value,

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["AttentionKnobs", "AttentionStats"]
+__all__ = ["AttentionKnobs", "AttentionStats", "dial_params"]
 
 
 @dataclass(frozen=True)
@@ -201,3 +201,17 @@ class AttentionStats:
         return 1.0 - self.blocks_kept / total if total else 0.0
 
 
+def dial_params(model, s: float, controller=None):
+    """Every knob of the dial at level ``s`` for ``model``: a
+    :class:`~creative_sparse.control.SparsityParams` whose MoE knobs follow the model's
+    routers (E and its own experts per token; none for a dense model or ``model=None``).
+
+    ``controller`` is a :class:`~creative_sparse.control.SparsityController` (default one).
+    """
+    from ..control import SparsityController
+    from .moe import find_routers
+
+    controller = SparsityController() if controller is None else controller
+    routers = find_routers(model) if model is not None else []
+    experts = (routers[0].num_experts, routers[0].top_k) if routers else (None, None)
+    return controller.get_sparsity_params(s, num_experts=experts[0], default_experts=experts[1])

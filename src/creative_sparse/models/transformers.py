@@ -55,7 +55,7 @@ from torch import Tensor
 
 from ..attention import block_sparse_attention
 from ..attention.dispatch import predict
-from .attention_knobs import AttentionKnobs, AttentionStats
+from .attention_knobs import AttentionKnobs, AttentionStats, dial_params
 from .token_topk import token_topk
 
 __all__ = ["ATTENTION_NAME", "AttentionKnobs", "AttentionStats", "as_knobs", "clear_sparsity",
@@ -244,22 +244,6 @@ def register() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     AttentionInterface.register(ATTENTION_NAME, creative_sparse_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-
-
-def dial_params(model, s: float, controller=None):
-    """Every knob of the dial at level ``s`` for ``model``: a
-    :class:`~creative_sparse.control.SparsityParams` whose MoE knobs follow the model's
-    routers (E and its own experts per token; none for a dense model or ``model=None``).
-
-    ``controller`` is a :class:`~creative_sparse.control.SparsityController` (default one).
-    """
-    from ..control import SparsityController
-    from .moe import find_routers
-
-    controller = SparsityController() if controller is None else controller
-    routers = find_routers(model) if model is not None else []
-    experts = (routers[0].num_experts, routers[0].top_k) if routers else (None, None)
-    return controller.get_sparsity_params(s, num_experts=experts[0], default_experts=experts[1])
 
 
 _KNOB_FIELDS = tuple(f.name for f in dataclasses.fields(AttentionKnobs))
