@@ -3,7 +3,7 @@ the tuned sparse attention buys at a realistic token count, in one run.
 
 1. **Tiny Flux, realistic sequence.** A tiny random Flux transformer (2 attention
    layers, ``--heads`` heads of ``--head-dim``, structured so its attention is
-   local; see :mod:`creative_sparse.models.diffusers_tiny`) is driven at Flux-dev's
+   local; see :mod:`creative_sparse.models.diffusers.tiny`) is driven at Flux-dev's
    1024x1024 sequence: 4096 image + 512 text tokens. Three forward passes at
    different noise levels are recorded and every layer tuned at ``--l1`` /
    ``--pv-l1``; the script prints record and tuning times and the per-layer cost
@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from creative_sparse.attention import dense_attention, sparse_attention
-from creative_sparse.models.diffusers_tiny import tiny_inputs, tiny_transformer
-from creative_sparse.models.diffusers_tuning import (QKVSample, measure_layer, record,
+from creative_sparse.models.diffusers.tiny import tiny_inputs, tiny_transformer
+from creative_sparse.models.diffusers.tuning import (QKVSample, measure_layer, record,
                                                      tune_layer, tune_recording)
 
 SEED_SIM_VALUES = 32                   # simthreshd1 in -1, -15/16, ..., 15/16

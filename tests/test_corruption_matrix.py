@@ -26,7 +26,7 @@ import torch
 from creative_sparse import autotune
 from creative_sparse.models import cached_model_dir, load_model, verify_cache
 from creative_sparse.models import cache as cache_mod
-from creative_sparse.models.diffusers_params import LayerThresholds, SparseParams
+from creative_sparse.models.diffusers.params import LayerThresholds, SparseParams
 
 from test_autotune import FakeMeasurer  # noqa: E402  (tests/ is on the path)
 from test_loading import Builder, logits, tiny_model_and_tokenizer  # noqa: E402

@@ -17,10 +17,10 @@ pytest.importorskip("diffusers")
 
 from creative_sparse.attention import predict_block_map, spas_sage2_attn_meansim_cuda
 from creative_sparse.models.diffusers import layer_stats, patched
-from creative_sparse.models.diffusers_params import SparseParams
-from creative_sparse.models.diffusers_tiny import tiny_inputs, tiny_transformer
-from creative_sparse.models.diffusers_tuning import tune
-from creative_sparse.models.sparge_files import (FIELDS, params_from_sparge, params_to_sparge,
+from creative_sparse.models.diffusers.params import SparseParams
+from creative_sparse.models.diffusers.tiny import tiny_inputs, tiny_transformer
+from creative_sparse.models.diffusers.tuning import tune
+from creative_sparse.models.diffusers.sparge_files import (FIELDS, params_from_sparge, params_to_sparge,
                                                  read_state_dict)
 from spas_sage_attn.autotune import (SparseAttentionMeansim, extract_sparse_attention_state_dict,
                                      load_sparse_attention_state_dict)

@@ -2,7 +2,7 @@
 
 Three formats live on disk: the model cache manifest (`creative_sparse.models.cache`),
 the autotune cache (`creative_sparse.autotune.cache`) and tuned diffusers threshold
-files (`creative_sparse.models.diffusers_params`). Each checks the *content* of what
+files (`creative_sparse.models.diffusers.params`). Each checks the *content* of what
 :func:`read_json` returns; this module only turns the ways a file can fail to be
 JSON at all (a directory in its place, binary bytes, broken or absurdly nested JSON)
 into one `JsonFileError` whose message starts with the path. Caches catch it and

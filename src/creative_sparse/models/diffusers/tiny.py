@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .diffusers_params import FAMILIES, _require_diffusers, attention_layers, detect_family
+from .params import FAMILIES, _require_diffusers, attention_layers, detect_family
 
 __all__ = ["tiny_inputs", "tiny_transformer", "token_count"]
 

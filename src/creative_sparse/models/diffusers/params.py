@@ -8,7 +8,7 @@
   and report, saved as a small versioned JSON file.
 
 Example:
-    >>> from creative_sparse.models.diffusers_tiny import tiny_transformer
+    >>> from creative_sparse.models.diffusers.tiny import tiny_transformer
     >>> model = tiny_transformer("cogvideox")
     >>> detect_family(model), sorted(attention_layers(model))
     ('cogvideox', ['transformer_blocks.0.attn1', 'transformer_blocks.1.attn1'])
@@ -28,10 +28,10 @@ from typing import Any, Mapping
 
 import torch
 
-from ..attention.blockmap import SELECTIONS, check_selection, per_head_param
-from ..attention.checks import MAX_BLOCK_SIZE
-from ..attention.checks import check_block_size as _check_block_size
-from ..jsonfile import read_json, write_text_atomic
+from ...attention.blockmap import SELECTIONS, check_selection, per_head_param
+from ...attention.checks import MAX_BLOCK_SIZE
+from ...attention.checks import check_block_size as _check_block_size
+from ...jsonfile import read_json, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _require_diffusers():
 
 
 def _library_version() -> str:
-    from .._version import __version__
+    from ..._version import __version__
     return __version__
 
 
@@ -200,7 +200,7 @@ class SparseParams:
         library_version, diffusers_version: versions that produced the parameters.
 
     Example:
-        >>> from creative_sparse.models.diffusers_tiny import tiny_transformer
+        >>> from creative_sparse.models.diffusers.tiny import tiny_transformer
         >>> p = SparseParams.uniform(tiny_transformer("wan"), cdfthreshd=0.95)
         >>> sorted(p.layers)[0], p.family
         ('blocks.0.attn1', 'wan')
@@ -322,7 +322,7 @@ class SparseParams:
         """Write the parameters; returns the path.
 
         A path ending in ``.pt``/``.pth`` gets the original SpargeAttn's tuned-parameter
-        format (a torch state dict, see :mod:`creative_sparse.models.sparge_files`),
+        format (a torch state dict, see :mod:`creative_sparse.models.diffusers.sparge_files`),
         anything else this library's JSON (a few kB per layer, with the model's
         identity, the targets and the tuning report).
         """
@@ -381,7 +381,7 @@ class SparseParams:
         A torch file (the original SpargeAttn's tuned parameters, e.g. from its
         ``--tune --model_out_path``, or :meth:`save` to ``.pt``) needs ``model``: its
         state dict names layers and heads only (see
-        :func:`~creative_sparse.models.sparge_files.params_from_sparge`).
+        :func:`~creative_sparse.models.diffusers.sparge_files.params_from_sparge`).
         """
         path = Path(path)
         from .sparge_files import is_torch_file, load_sparge_params

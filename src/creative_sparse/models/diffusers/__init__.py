@@ -28,12 +28,12 @@ are all dense call the original SDPA, exactly.
 
 Thresholds are per layer and per head (:class:`LayerThresholds`), held in a
 :class:`SparseParams` that knows which model it was made for and is saved as a
-small versioned JSON file (both in :mod:`.diffusers_params`, re-exported here).
-Tuning lives in :mod:`.diffusers_tuning`, tiny offline models in :mod:`.diffusers_tiny`.
+small versioned JSON file (both in :mod:`.params`, re-exported here).
+Tuning lives in :mod:`.tuning`, tiny offline models in :mod:`.tiny`.
 
 Example:
     >>> from creative_sparse.models.diffusers import SparseParams, patched
-    >>> from creative_sparse.models.diffusers_tiny import tiny_inputs, tiny_transformer
+    >>> from creative_sparse.models.diffusers.tiny import tiny_inputs, tiny_transformer
     >>> model = tiny_transformer("flux")
     >>> params = SparseParams.uniform(model, cdfthreshd=0.9)
     >>> with patched(model, params):
@@ -52,8 +52,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from ..attention import sparse_attention
-from .diffusers_params import (DENSE_PVTHRESHD, FAMILIES, FORMAT_VERSION, LayerThresholds,
+from ...attention import sparse_attention
+from .params import (DENSE_PVTHRESHD, FAMILIES, FORMAT_VERSION, LayerThresholds,
                                SparseParams, _require_diffusers, _unwrap, attention_layers,
                                check_target, detect_family)
 
@@ -324,7 +324,7 @@ def patch(model, params: SparseParams):
             ``WanTransformer3DModel`` or ``HunyuanVideoTransformer3DModel``
             (``pipe.transformer``).
         params: :class:`SparseParams` made for this model (``SparseParams.uniform``,
-            :func:`creative_sparse.models.diffusers_tuning.tune`, or ``SparseParams.load``).
+            :func:`creative_sparse.models.diffusers.tuning.tune`, or ``SparseParams.load``).
 
     Returns:
         ``model`` (patched in place). ``ValueError`` for an unsupported model, parameters

@@ -12,7 +12,7 @@ of shape ``[heads]``::
     transformer_blocks.0.attn1.inner_attention.pvthreshd     float
 
 The prefix is the attention module's name in the diffusers transformer, which is the
-layer name :func:`~creative_sparse.models.diffusers_params.attention_layers` gives.
+layer name :func:`~creative_sparse.models.diffusers.params.attention_layers` gives.
 
 Reading (:func:`params_from_sparge`): ``torch.load(weights_only=True)`` (no code
 runs), then every layer and head is checked against the model, and the first
@@ -40,7 +40,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .diffusers_params import LayerThresholds, SparseParams, attention_layers
+from .params import LayerThresholds, SparseParams, attention_layers
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ against the fp32 dense reference on its samples; the report holds that error
 and the sparsity.
 
 Example:
-    >>> from creative_sparse.models.diffusers_tiny import tiny_inputs, tiny_transformer
+    >>> from creative_sparse.models.diffusers.tiny import tiny_inputs, tiny_transformer
     >>> model = tiny_transformer("flux")
     >>> x = tiny_inputs(model, height=32, width=32)
     >>> params = tune(model, lambda: model(**x), l1=0.05, progress=False)
@@ -51,10 +51,10 @@ from typing import Callable, Collection, Sequence
 import torch
 from torch import Tensor
 
-from ..attention import dense_attention, predict_block_map, sparse_attention
-from ..attention.reference import expand_kv_heads
-from .diffusers import _LayerRuntime, _wrap, unpatch
-from .diffusers_params import (DENSE_PVTHRESHD, LayerThresholds, SparseParams, _require_diffusers,
+from ...attention import dense_attention, predict_block_map, sparse_attention
+from ...attention.reference import expand_kv_heads
+from . import _LayerRuntime, _wrap, unpatch
+from .params import (DENSE_PVTHRESHD, LayerThresholds, SparseParams, _require_diffusers,
                                attention_layers, check_target)
 
 logger = logging.getLogger(__name__)
