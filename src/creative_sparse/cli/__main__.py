@@ -1,0 +1,7 @@
+"""``python -m creative_sparse.cli``: the ``creative-sparse`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
