@@ -436,16 +436,18 @@ class CreativeSparseWrapper:
             list(logits_processor) if isinstance(logits_processor, (list, tuple))
             else [logits_processor])
         draft_hooks = ([ConstraintSet(whole)] if whole else []) + extra
-        # Token pruning: the drafts' cache is bounded to (1 - rate) of its context
-        # (long contexts only, see control.cache_budget); refine continues from it.
-        knobs = AttentionKnobs()
-        cache_limit = cache_budget(
-            self.controller.get_sparsity_params(diverge).token_pruning_rate,
-            ids.shape[1] + draft_len, protected=knobs.sink_tokens + knobs.local_window)
         first = 0 if reference is not None else 1          # the first draft's batch row
         row_seeds = seeds if reference is not None else [seed * 1000 - 1] + seeds
+        schedule = self.knobs(diverge, row_seeds)
+        # Token pruning: the drafts' cache is bounded to (1 - rate) of its context
+        # (long contexts only, see control.cache_budget), keeping the sinks and window
+        # the diverge knobs protect; refine continues from it.
+        cache_limit = cache_budget(
+            self.controller.get_sparsity_params(diverge).token_pruning_rate,
+            ids.shape[1] + draft_len,
+            protected=schedule[1].sink_tokens + schedule[1].local_window)
         batch = generate(model, tok, ids, num_rows=num_drafts + first, max_new_tokens=draft_len,
-                         schedule=self.knobs(diverge, row_seeds), seeds=row_seeds,
+                         schedule=schedule, seeds=row_seeds,
                          keep_state=True, reference_rows=[0] if first else [],
                          logit_processor=draft_hooks or None, progress=progress,
                          max_cache_tokens=cache_limit)

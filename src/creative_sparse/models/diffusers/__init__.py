@@ -222,6 +222,12 @@ class _LayerRuntime:
                 "sparsity": self.sparsity_sum / self.sparse_calls if self.sparse_calls else 0.0}
 
 
+def _forwarded(name: str) -> property:
+    """An attribute read from and written to the wrapped processor (``self.inner``)."""
+    return property(lambda self: getattr(self.inner, name, None),
+                    lambda self, value: setattr(self.inner, name, value))
+
+
 class SparseAttnProcessor:
     """A diffusers attention processor that delegates to ``inner`` and routes the
     attention call ``inner`` makes to sparse attention (see the module docstring).
@@ -262,21 +268,8 @@ class SparseAttnProcessor:
         return out
 
     # diffusers sets these on processors (set_attention_backend, context parallel).
-    @property
-    def _attention_backend(self):
-        return getattr(self.inner, "_attention_backend", None)
-
-    @_attention_backend.setter
-    def _attention_backend(self, value):
-        self.inner._attention_backend = value
-
-    @property
-    def _parallel_config(self):
-        return getattr(self.inner, "_parallel_config", None)
-
-    @_parallel_config.setter
-    def _parallel_config(self, value):
-        self.inner._parallel_config = value
+    _attention_backend = _forwarded("_attention_backend")
+    _parallel_config = _forwarded("_parallel_config")
 
     def __repr__(self) -> str:
         return f"SparseAttnProcessor({self.runtime.name}, inner={type(self.inner).__name__})"
