@@ -18,7 +18,7 @@ if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
                 "`make browser` installs them)", allow_module_level=True)
 
 from selenium.common.exceptions import (NoSuchElementException,  # noqa: E402
-                                        StaleElementReferenceException)
+                                        StaleElementReferenceException, WebDriverException)
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -41,16 +41,26 @@ def setup(tmp_path_factory):
             driver.quit()
 
 
+# Both values read in one script on whichever document is current: element handles
+# taken from the old page can die between two calls while the next page loads.
+_STATE_JS = ("const p = document.getElementById('progress'), "
+             "a = document.querySelector('[name=assignment]'); "
+             "return p && a ? [p.dataset.done, a.value] : null;")
+
+
 def _state(driver):
-    done = int(driver.find_element(By.ID, "progress").get_attribute("data-done"))
-    pair = int(driver.find_element(By.NAME, "assignment").get_attribute("value"))
-    return done, pair
+    values = driver.execute_script(_STATE_JS)
+    if values is None:
+        raise NoSuchElementException("the rater page is not loaded (yet)")
+    return int(values[0]), int(values[1])
 
 
 def _after_vote(driver, done):
-    # the old page's elements go stale while the next one loads
+    # While the next page loads, the old document's nodes vanish: Chromium reports that
+    # as stale elements or as a generic inspector error, so the wait retries through both.
     WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,
-                                                  NoSuchElementException)).until(
+                                                  NoSuchElementException,
+                                                  WebDriverException)).until(
         lambda d: _state(d)[0] == done + 1)
 
 
