@@ -326,3 +326,29 @@ def test_the_gpu_benchmark_runs(interpret, tmp_path):
         assert row["fused_predict_differ"] == 0.0
         assert row["target"] > 0 or row["rel_l1"] < 0.02
         assert row["e2e_ms"] > 0 and row["prep_ms"] > 0
+
+
+def test_the_gpu_integration_check_runs(interpret, tmp_path):
+    """benchmarks/gpu_integration.py (integrations and engine on CUDA) likewise: its CPU
+    dry run passes every check, through the kernel under the interpreter."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("diffusers")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "integration.json"
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_integration.py"), "--device", "cpu",
+         "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert set(results) == {"transformers", "engine", "speed", "diffusers"}
+    assert all(r["ok"] for r in results.values())
+    assert results["transformers"]["kernel_calls"] == 1 and results["transformers"]["same_maps"]
+    assert results["engine"]["greedy_equals_hf"] and results["engine"]["reproducible"]
+    assert all(results["diffusers"][f]["kernel_calls"] >= 2
+               for f in ("flux", "cogvideox", "wan", "hunyuanvideo"))
