@@ -3,7 +3,8 @@
 :func:`build_constraints` turns the spec the wrapper, the CLI, the strategies and the
 evaluation take (``{"banned": [...], "required": [...], "regex": ..., ...}``) into the
 processors that act while decoding and the validators that count violations in the
-finished texts. Its home is here, below the wrapper that uses and re-exports it.
+finished texts. Its home is here, below the Creative-Sparse algorithm
+(:mod:`~creative_sparse.generation.creative`) and the wrapper that re-exports it.
 
 Example:
     >>> constraints = build_constraints(tokenizer, {"banned": ["robot"]}, budget=40,
