@@ -36,7 +36,7 @@ Safety monitoring: one content checker (``safety``, by default
 :class:`~creative_sparse.safety.ProfanityCheck`) reads every method's outputs; each
 output records ``flagged`` and the set the ``flagged`` rate (share of outputs
 flagged), so the report can compare methods, tasks and levels. Creative-Sparse also
-screens with it inside (repair or drop, see the wrapper) and its record adds
+screens with it inside (repair or drop, see :mod:`~creative_sparse.generation.creative`) and its record adds
 ``set.flagged_drafts`` (share of the diverge drafts flagged) and ``set.safety`` (the
 counts of the screen stage). The runner measures, so it opts in to levels above the
 safety gate (``allow_high_sparsity``) for every method. A unit whose outputs were
@@ -173,7 +173,7 @@ class _Scorer:
     def __init__(self, model, tokenizer, num_outputs: int, max_new_tokens: Mapping[str, int],
                  references: dict, quality=None, compute: str = "outputs", safety="default"):
         from ..generation import strategies
-        from ..generation.wrapper import build_constraints
+        from ..generation.constraint_spec import build_constraints
         from ..safety import resolve_checker
 
         self.model, self.tokenizer = model, tokenizer
@@ -181,11 +181,10 @@ class _Scorer:
         self.references = references
         self.compute = compute
         self.checker = resolve_checker(safety)
-        self._cs = strategies.CreativeSparse(safety=self.checker, allow_high_sparsity=True)
-        wrapper = self._cs.wrapper(model, tokenizer)
-        if quality is not None:       # one Q for drafting, selecting and scoring
-            wrapper.quality = quality
-        self.quality = wrapper.quality
+        # One Q for drafting, selecting and scoring: the given one, else the strategy's.
+        self._cs = strategies.CreativeSparse(safety=self.checker, allow_high_sparsity=True,
+                                             quality=quality)
+        self.quality = self._cs.quality_functional(model, tokenizer)
         self._validators = {
             t: list(build_constraints(tokenizer, {"validators": list(load_task(t).validators)},
                                       1, []).validators) for t in max_new_tokens}
@@ -207,8 +206,10 @@ class _Scorer:
         key = (task, index)
         if key in self.references:
             return self.references[key], False
-        wrapper = self._cs.wrapper(self.model, self.tokenizer)
-        self.references[key] = wrapper.greedy_reference(prompt, self.max_new_tokens[task])
+        from ..generation.creative import greedy_reference
+
+        self.references[key] = greedy_reference(self.model, self.tokenizer, prompt,
+                                                self.max_new_tokens[task])
         return self.references[key], True
 
     def run(self, unit: Unit, reference: str) -> dict:
@@ -363,7 +364,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
         model_name: recorded in the header (two runs of different models never mix).
         on_unit: called with each new unit record (tests use it to interrupt a run).
         quality: a :class:`~creative_sparse.quality.QualityFunctional` to score with
-            (and to select Creative-Sparse's drafts with); default the wrapper's own.
+            (and to select Creative-Sparse's drafts with); default the Creative-Sparse strategy's own.
         compute: ``"outputs"`` (every method returns ``num_outputs``; Creative-Sparse
             drafts twice as many and picks, at about 1.4x the FLOPs of sampling) or
             ``"flops"`` (also equal decoded tokens: Creative-Sparse makes exactly

@@ -1,4 +1,5 @@
-"""Generation: the decoding engine, sampling functions, constraints and the diverge -> refine wrapper."""
+"""Generation: the decoding engine, sampling functions, constraints, the strategies (Creative-Sparse's
+diverge -> refine among them, `creative.py`) and the seed's wrapper, a facade over it."""
 
 from .engine import GenerationResult, GenerationStats, generate
 from .knobs import SamplingParams, sample

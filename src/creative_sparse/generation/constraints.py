@@ -1,7 +1,8 @@
 """Constraint-aware decoding and validators.
 
-The wrapper applies :class:`BannedPhrases` to the drafts too (they open the final
-texts); the other constraints steer the refine stage.
+Creative-Sparse (:mod:`~creative_sparse.generation.creative`) applies
+:class:`BannedPhrases` to the drafts too (they open the final texts); the other
+constraints steer the refine stage.
 
 Decoding-time constraints are logit processors for :func:`~creative_sparse.generation.engine.generate`
 (``logit_processor=``), applied before temperature:

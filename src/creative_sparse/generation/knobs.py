@@ -33,8 +33,8 @@ from torch import Tensor
 
 from ..models.attention_knobs import AttentionKnobs, dial_params
 
-__all__ = ["Knobs", "SamplingParams", "apply_temperature", "dial", "min_p_filter", "sample",
-           "top_k_filter", "top_p_filter"]
+__all__ = ["Knobs", "SamplingParams", "apply_temperature", "dial", "dial_knobs", "min_p_filter",
+           "sample", "top_k_filter", "top_p_filter"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,17 @@ def dial(s: float, model=None, *, config=None, seeds: Sequence[int] | None = Non
 
     return Knobs.from_params(dial_params(model, check_level(s), SparsityController(config)),
                              seeds)
+
+
+def dial_knobs(controller, model, s: float,
+               seeds: Sequence[int] | None = None) -> tuple[SamplingParams, AttentionKnobs]:
+    """``(SamplingParams, AttentionKnobs)`` of every knob of the dial at level ``s`` for
+    ``model`` (its MoE routers, if any, set the expert knobs); ``seeds`` give each
+    row its attention sub-network. ``controller``: a
+    :class:`~creative_sparse.control.SparsityController` (unlike :func:`dial`, which
+    builds one from a config and checks ``s``)."""
+    knobs = Knobs.from_params(dial_params(model, s, controller), seeds)
+    return knobs.sampling, knobs.attention
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:

@@ -184,7 +184,7 @@ def as_logits_processor(tokenizer, constraints: Mapping[str, Any] | Any, *, prom
     """
     import transformers
 
-    from .wrapper import build_constraints
+    from .constraint_spec import build_constraints
 
     if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length < 0:
         raise ValueError(f"prompt_length must be an int >= 0, got {prompt_length!r}")

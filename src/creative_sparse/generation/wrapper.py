@@ -1,41 +1,22 @@
-"""`CreativeSparseWrapper`: diverge at high sparsity, refine the best drafts at low sparsity.
+"""`CreativeSparseWrapper`: the seed's API for Creative-Sparse, a thin facade over the strategy.
 
-1. **Reference**: the model's own greedy, dense continuation of the prompt ("what
-   the model would say anyway"): novelty is measured against it. It is decoded
-   as one extra row of the diverge batch (exact attention, greedy), so it costs a
-   row rather than a pass of its own.
-2. **Diverge**: ``num_candidates / keep_fraction`` short drafts (``draft_fraction``
-   of the length budget) in one batch at the divergence level: temperature,
-   nucleus, attention key budget, MoE experts and kernel thresholds all from the
-   controller, and a different sub-network seed per draft. Banned phrases are
-   enforced here already: a draft is part of the final text.
-3. **Select** ``num_candidates`` drafts as a set, for Q and mutual diversity
-   together (`QualityFunctional.select`), not the top drafts by their own Q.
-4. **Refine**: continue each chosen draft to the length budget at the refinement
-   level, under the constraints (banned phrases, required keywords, minimum
-   length, validators: enforced while decoding, and counted as violations; a
-   banned phrase anywhere in the final text, draft included, is a violation).
-5. **Screen** (safety, a hard constraint): a content checker (``safety``, by
-   default :class:`~creative_sparse.safety.ProfanityCheck`) reads every candidate,
-   draft and the reference; a flagged candidate is cut before the flagged span and
-   continued at the refine level with the flagged phrases banned, up to
-   ``safety_repairs`` times, else dropped; a checker that fails withholds every
-   candidate (:mod:`~creative_sparse.generation.safe_refine`). Each candidate's
-   :class:`~creative_sparse.safety.SafetyReport` says what was flagged, where, and
-   what was done.
-6. **Rank** the finished candidates by Q given the prompt (novelty and diversity
-   as far as on task, incoherence with degeneration and violations; a candidate
-   with a violation after every one without) and return the best, or all
-   ``num_candidates``.
+The algorithm (reference, diverge, select, refine, screen, rank; the gate on the
+levels) is :func:`~creative_sparse.generation.creative.diverge_refine`, owned by the
+strategy :class:`~creative_sparse.generation.strategies.CreativeSparse`, one strategy
+among the others. The wrapper keeps the seed's names and signatures on top of it: its
+constructor checks the settings (through the strategy), loads the model, builds the
+quality functional and one ``CreativeSparse`` that shares it; ``generate_candidates``,
+``generate_creative``, ``knobs``, ``greedy_reference`` and ``prompt_ids`` delegate.
+Its settings (``sparsity_schedule``, ``quality``, ``safety``, ``safety_gate``,
+``allow_high_sparsity``, ``safety_repairs``, ``safety_timeout``, ``draft_fraction``,
+``keep_fraction``) read from the strategy, and assigning one replaces the strategy
+with the new value (checked as at construction).
 
-The gate: text returned to the caller is generated at the refine level, and at the
-diverge level too when no checker screens the drafts; a level above
-``safety_gate`` (default 0.8, the top of the diverge range) there raises
-:class:`~creative_sparse.safety.HighSparsityError` unless ``allow_high_sparsity``.
-
-The refined drafts continue together in one batch from the diverge stage's
-cache (KV reuse): neither the prompt nor the drafts are computed again. Drafts
-that ended (end of sequence) before their budget are final as they are.
+The names that used to live here are re-exported, so old imports keep working:
+:class:`Candidate`, :class:`CreativeResult` (from
+:mod:`~creative_sparse.generation.creative`), :func:`build_constraints` (from
+:mod:`~creative_sparse.generation.constraint_spec`), :func:`dial_knobs` (from
+:mod:`~creative_sparse.generation.knobs`).
 
 Example:
     >>> wrapper = CreativeSparseWrapper()                          # doctest: +SKIP
@@ -45,223 +26,38 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
-import math
-import time
 import warnings
-from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from dataclasses import replace
+from typing import Sequence
 
 import torch
 
 from ..attention import sparse_attention
 from ..config import QualityWeights, SparsityConfig, as_quality_weights
-from ..control import SparsityController, cache_budget, check_level
-from ..models.attention_knobs import AttentionKnobs, dial_params
-from ..quality import LikelihoodScorer, OutputQuality, QualityFunctional
-from ..quality.metrics import check_text
-from ..safety import (DEFAULT_SAFETY_GATE, Flag, SafetyReport, check_gate, check_gate_value,
-                      resolve_checker)
-from .constraints import (BannedPhrases, ConstraintSet, MinLength, RequiredKeywords,
-                          ValidatorGuard, abc_notation, python_syntax, regex_validator)
-from .grammar import GrammarMask, grammar_source, grammar_validator
-from .validators import banned_phrases
-from .engine import GenerationStats, generate
-from .knobs import Knobs, SamplingParams
-from .prompts import Prompt, prompt_ids, prompt_text
-from .safe_refine import screen
+from ..control import SparsityController
+from ..quality import LikelihoodScorer, QualityFunctional
+from ..safety import DEFAULT_SAFETY_GATE
+# Candidate, CreativeResult, build_constraints, dial_knobs and _without_first_row lived
+# here before the algorithm moved to the strategies layer: re-exported for old imports.
+from .constraint_spec import build_constraints
+from .creative import Candidate, CreativeResult, _without_first_row, greedy_reference
+from .knobs import dial_knobs
+from .prompts import Prompt, prompt_ids
+from .strategies import CreativeSparse
 
 __all__ = ["Candidate", "CreativeResult", "CreativeSparseWrapper", "build_constraints",
            "dial_knobs"]
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One finished candidate: its text, the draft it grew from (flagged spans redacted)
-    and its Q breakdown; ``safety``: what the checks found and did (None: no checker)."""
+def _setting(name: str, doc: str) -> property:
+    """A wrapper attribute that reads the strategy's field ``name``; assigning it
+    replaces the strategy (checked again, the quality functional kept)."""
+    def get(self):
+        return getattr(self.strategy, name)
 
-    text: str
-    draft: str
-    quality: OutputQuality
-    safety: SafetyReport | None = None
-
-
-@dataclass
-class CreativeResult:
-    """Every candidate (best first), the reference, the drafts and the cost of each stage
-    (``diverge_stats`` covers the diverge batch, the reference row included; the
-    ``refine_stats`` list holds the refine batch, then each safety repair).
-
-    Safety (with a checker): ``drafts`` and ``reference`` have their flagged spans
-    redacted; ``draft_flags`` holds each draft's flags; ``safety`` one report per
-    refined draft, dropped and withheld ones included (candidates carry theirs);
-    ``withheld`` says why no candidate was returned when the checker failed.
-    ``candidates`` may hold fewer than ``num_candidates`` (dropped ones), or none.
-    """
-
-    candidates: list[Candidate]
-    drafts: list[str]
-    reference: str
-    diverge_stats: GenerationStats
-    refine_stats: list[GenerationStats] = field(default_factory=list)
-    wall_time: float = 0.0
-    safety: list[SafetyReport] = field(default_factory=list)
-    draft_flags: list[list[Flag]] = field(default_factory=list)
-    withheld: str | None = None
-
-    @property
-    def best(self) -> Candidate:
-        if not self.candidates:
-            why = self.withheld or "every candidate was dropped by the safety checks"
-            raise ValueError(f"no candidate to return: {why}")
-        return self.candidates[0]
-
-    @property
-    def flagged_drafts(self) -> int:
-        """How many drafts the checker flagged."""
-        return sum(bool(f) for f in self.draft_flags)
-
-    @property
-    def flagged_outputs(self) -> int:
-        """How many refined candidates the checker flagged before any repair."""
-        return sum(r.action in ("repaired", "dropped") or (r.action == "withheld"
-                                                            and bool(r.flags))
-                   for r in self.safety)
-
-    @property
-    def peak_cache_bytes(self) -> int:
-        """The largest KV cache of any stage (the stages run one after another)."""
-        return max([self.diverge_stats.peak_cache_bytes]
-                   + [s.peak_cache_bytes for s in self.refine_stats])
-
-
-_VALIDATORS = {"python": python_syntax, "abc": abc_notation}
-
-
-_KEYS = ("banned", "required", "min_tokens", "validators", "regex", "json_schema", "grammar",
-         "enforce")
-
-
-def build_constraints(tokenizer, spec: Mapping[str, Any] | ConstraintSet | None, budget: int,
-                      eos_ids: Sequence[int]) -> ConstraintSet:
-    """A :class:`ConstraintSet` from a dict spec (or pass one through).
-
-    Keys: ``banned`` (phrases), ``required`` (keywords), ``min_tokens`` (int),
-    ``validators`` (``"python"``, ``"abc"``, ``"regex:<pattern>"`` or callables):
-    counted as violations in the finished texts, and enforced while decoding
-    when they can judge a prefix (ours can; see :class:`ValidatorGuard`).
-    ``regex`` (a pattern, same as ``"regex:<pattern>"``), ``json_schema`` (a dict or
-    JSON text) and ``grammar`` (Lark text): the whole answer must match; enforced by a
-    token mask (:class:`~creative_sparse.generation.grammar.GrammarMask`, llguidance),
-    so a finished answer matches by construction, and counted as violations.
-    ``enforce``: ``"mask"`` (default) or ``"reject"``: regexes through the older
-    rejection path (partial matching, take back and resample; no guarantee), kept
-    for comparison. Without llguidance installed, a regex falls back to rejection
-    with a warning; a JSON schema or grammar raises ``ImportError``.
-    Banned phrases are both: masked while decoding (:class:`BannedPhrases`) and
-    counted in the finished texts (:func:`~creative_sparse.generation.validators.banned_phrases`).
-    """
-    if spec is None:
-        return ConstraintSet()
-    if isinstance(spec, ConstraintSet):
-        return spec
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"constraints must be a dict or a ConstraintSet, got "
-                         f"{type(spec).__name__}")
-    unknown = set(spec) - set(_KEYS)
-    if unknown:
-        raise ValueError(f"unknown constraint types {sorted(unknown)}; allowed: "
-                         f"{', '.join(_KEYS)}")
-    enforce = spec.get("enforce", "mask")
-    if enforce not in ("mask", "reject"):
-        raise ValueError(f"enforce must be 'mask' or 'reject', got {enforce!r}")
-    processors, validators = [], []
-    regexes = [item[len("regex:"):] for item in spec.get("validators", ())
-               if isinstance(item, str) and item.startswith("regex:")]
-    if spec.get("regex"):
-        regexes.append(spec["regex"])
-    masked = _grammar_masks(tokenizer, regexes, spec, eos_ids, enforce)
-    processors.extend(mask for mask, _ in masked)
-    validators.extend(v for _, v in masked)
-    if enforce == "reject" or not masked:
-        validators.extend(regex_validator(r) for r in regexes)
-    if spec.get("banned"):
-        processors.append(BannedPhrases(tokenizer, spec["banned"]))
-        validators.append(banned_phrases(spec["banned"]))
-    if spec.get("required"):
-        processors.append(RequiredKeywords(tokenizer, spec["required"], budget))
-    if spec.get("min_tokens"):
-        processors.append(MinLength(list(eos_ids), int(spec["min_tokens"])))
-    for item in spec.get("validators", ()):
-        if callable(item):
-            validators.append(item)
-        elif isinstance(item, str) and item.startswith("regex:"):
-            continue                                   # handled with spec["regex"] above
-        elif item in _VALIDATORS:
-            validators.append(_VALIDATORS[item])
-        else:
-            raise ValueError(f"unknown validator {item!r}; allowed: 'python', 'abc', "
-                             "'regex:<pattern>' or a callable text -> violations")
-    # The guard enforces by rejection what no mask covers (Python, ABC, a user's own).
-    guarded = [v for v in validators if hasattr(v, "rejects_prefix")
-               and not any(v is m for _, m in masked)]
-    if guarded:
-        processors.append(ValidatorGuard(tokenizer, guarded, eos_ids, budget))
-    return ConstraintSet(processors, validators)
-
-
-def _grammar_masks(tokenizer, regexes: list[str], spec: Mapping[str, Any],
-                   eos_ids: Sequence[int], enforce: str) -> list[tuple[GrammarMask, Any]]:
-    """``(mask, validator)`` for each regex, JSON schema and grammar of ``spec``."""
-    sources = [("regex", dict(regex=r), f"regex({r})") for r in regexes]
-    if spec.get("json_schema") is not None:
-        sources.append(("json_schema", dict(json_schema=spec["json_schema"]), "json_schema"))
-    if spec.get("grammar") is not None:
-        sources.append(("grammar", dict(lark=spec["grammar"]), "grammar"))
-    if enforce == "reject":
-        if len(sources) > len(regexes):
-            raise ValueError("enforce='reject' covers regexes only; a JSON schema or grammar "
-                             "is enforced by its mask")
-        return []
-    if not sources:
-        return []
-    if importlib.util.find_spec("llguidance") is None:
-        if len(sources) > len(regexes):
-            raise ImportError("JSON-schema and grammar constraints need llguidance: pip "
-                              "install 'creative-sparse[hf]' (or pip install llguidance)")
-        warnings.warn("llguidance is not installed: regex constraints fall back to rejection "
-                      "and resampling, which does not guarantee a match (pip install "
-                      "'creative-sparse[hf]')", stacklevel=3)
-        return []
-    out = []
-    for kind, kwargs, name in sources:
-        source = grammar_source(**kwargs)
-        try:
-            mask = GrammarMask(tokenizer, source, eos_ids, name=name)
-        except ValueError as exc:
-            if kind != "regex":
-                raise
-            raise ValueError(f"{exc} (the mask takes Rust regex syntax: no look-around or "
-                             "back-references; enforce='reject' takes Python's)") from None
-        validator = (regex_validator(kwargs["regex"]) if kind == "regex"
-                     else grammar_validator(tokenizer, source, name=name))
-        out.append((mask, validator))
-    return out
-
-
-def dial_knobs(controller: SparsityController, model, s: float,
-               seeds: Sequence[int] | None = None) -> tuple[SamplingParams, AttentionKnobs]:
-    """``(SamplingParams, AttentionKnobs)`` of every knob of the dial at level ``s`` for
-    ``model`` (its MoE routers, if any, set the expert knobs); ``seeds`` give each
-    row its attention sub-network."""
-    knobs = Knobs.from_params(dial_params(model, s, controller), seeds)
-    return knobs.sampling, knobs.attention
-
-
-def _without_first_row(result):
-    """The drafts of a diverge batch whose row 0 is the reference (state kept aside)."""
-    return replace(result, texts=result.texts[1:], token_ids=result.token_ids[1:],
-                   finish_reasons=result.finish_reasons[1:], state=None)
+    def set_(self, value):
+        self.strategy = replace(self.strategy, **{name: value})
+    return property(get, set_, doc=doc)
 
 
 class CreativeSparseWrapper:
@@ -288,7 +84,21 @@ class CreativeSparseWrapper:
         safety_repairs: repairs per flagged candidate before it is dropped.
         safety_timeout: seconds per checker call (None: no limit); a checker that
             runs longer withholds the candidates.
+
+    Attributes:
+        strategy: the :class:`~creative_sparse.generation.strategies.CreativeSparse`
+            every call delegates to; its ``quality`` is this wrapper's :attr:`quality`.
+        model, tokenizer: the pair it generates with.
     """
+
+    quality = _setting("quality", "The quality functional that selects and ranks.")
+    safety = _setting("safety", "The resolved content checker (None: no screen).")
+    safety_gate = _setting("safety_gate", "The highest level returned without opt-in.")
+    allow_high_sparsity = _setting("allow_high_sparsity", "Opt-in above ``safety_gate``.")
+    safety_repairs = _setting("safety_repairs", "Repairs per flagged candidate.")
+    safety_timeout = _setting("safety_timeout", "Seconds per checker call (None: no limit).")
+    draft_fraction = _setting("draft_fraction", "Share of the length budget for a draft.")
+    keep_fraction = _setting("keep_fraction", "Share of the drafts that is refined.")
 
     def __init__(self, model_name: str = "smollm2-135m",
                  sparsity_schedule: Sequence[float] = (0.7, 0.3),
@@ -298,36 +108,35 @@ class CreativeSparseWrapper:
                  safety="default", safety_gate: float = DEFAULT_SAFETY_GATE,
                  allow_high_sparsity: bool = False, safety_repairs: int = 2,
                  safety_timeout: float | None = 10.0):
-        if len(tuple(sparsity_schedule)) != 2:
-            raise ValueError(f"sparsity_schedule must be (diverge, refine), got "
-                             f"{sparsity_schedule!r}")
-        diverge, refine = (check_level(s) for s in sparsity_schedule)
-        if refine > diverge:
-            raise ValueError(f"sparsity_schedule: refine ({refine}) must not exceed diverge "
-                             f"({diverge})")
-        for name, value in (("draft_fraction", draft_fraction), ("keep_fraction", keep_fraction)):
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-        quality_weights = as_quality_weights(quality_weights)
-        if isinstance(safety_repairs, bool) or not isinstance(safety_repairs, int) \
-                or safety_repairs < 0:
-            raise ValueError(f"safety_repairs must be an int >= 0, got {safety_repairs!r}")
-        if safety_timeout is not None and (isinstance(safety_timeout, bool) or not isinstance(
-                safety_timeout, (int, float)) or not safety_timeout > 0):
-            raise ValueError(f"safety_timeout must be None or a number of seconds > 0, got "
-                             f"{safety_timeout!r}")
-        self.safety_gate = check_gate_value(safety_gate)
-        self.allow_high_sparsity = bool(allow_high_sparsity)
-        self.safety_repairs, self.safety_timeout = safety_repairs, safety_timeout
-        self.safety = resolve_checker(safety)
+        # The strategy checks every setting (same messages as before) before the model
+        # loads; the quality functional needs the model, so it joins afterwards.
+        strategy = CreativeSparse(
+            sparsity_schedule, sparsity_config, safety=safety,
+            allow_high_sparsity=allow_high_sparsity, safety_gate=safety_gate,
+            quality_weights=quality_weights, draft_fraction=draft_fraction,
+            keep_fraction=keep_fraction, safety_repairs=safety_repairs,
+            safety_timeout=safety_timeout)
         if model is None:
             from ..models import load_model
             model, tokenizer = load_model(model_name, device=device)
         self.model, self.tokenizer = model, tokenizer
-        self.sparsity_schedule = (diverge, refine)
-        self.controller = SparsityController(sparsity_config)
-        self.quality = QualityFunctional(quality_weights, scorer=LikelihoodScorer(model, tokenizer))
-        self.draft_fraction, self.keep_fraction = draft_fraction, keep_fraction
+        quality = QualityFunctional(as_quality_weights(quality_weights),
+                                    scorer=LikelihoodScorer(model, tokenizer))
+        self.strategy = replace(strategy, quality=quality)
+
+    @property
+    def sparsity_schedule(self) -> tuple[float, float]:
+        """``(diverge, refine)``, checked floats; assigning replaces the strategy."""
+        return self.strategy.levels
+
+    @sparsity_schedule.setter
+    def sparsity_schedule(self, value: Sequence[float]) -> None:
+        self.strategy = replace(self.strategy, schedule=value)
+
+    @property
+    def controller(self) -> SparsityController:
+        """The dial's controller (the strategy's, from ``sparsity_config``)."""
+        return self.strategy.controller
 
     @property
     def quality_functional(self) -> QualityFunctional:
@@ -348,18 +157,11 @@ class CreativeSparseWrapper:
     def greedy_reference(self, prompt: Prompt, max_new_tokens: int) -> str:
         """The dense greedy answer to ``prompt`` (the novelty reference of sweeps and
         evaluations); a single space when the model answers nothing."""
-        out = generate(self.model, self.tokenizer, self.prompt_ids(prompt),
-                       max_new_tokens=max_new_tokens,
-                       schedule=(SamplingParams(temperature=0), AttentionKnobs()))
-        return out.texts[0] or " "
+        return greedy_reference(self.model, self.tokenizer, prompt, max_new_tokens)
 
     def knobs(self, s: float, seeds: Sequence[int] | None = None):
         """``(SamplingParams, AttentionKnobs)`` of the dial at level ``s``."""
         return dial_knobs(self.controller, self.model, s, seeds)
-
-    def _eos_ids(self) -> list[int]:
-        eos = self.tokenizer.eos_token_id
-        return [eos] if isinstance(eos, int) else list(eos or [])
 
     # ------------------------------------------------------------ the two stages
     def generate_candidates(self, prompt: Prompt, max_length: int = 200, num_candidates: int = 5,
@@ -387,124 +189,11 @@ class CreativeSparseWrapper:
         ``progress(1)`` after every decoding step of either stage; the steps of a call
         are at most ``max_length`` (``draft_len`` diverge steps + the rest refining).
         """
-        start = time.perf_counter()
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length must be an int >= 1 (new tokens), got {max_length!r}")
-        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) \
-                or num_candidates < 1:
-            raise ValueError(f"num_candidates must be an int >= 1, got {num_candidates!r}")
-        diverge, refine = self.sparsity_schedule
-        if sparsity_level is not None:
-            diverge = check_level(sparsity_level)
-            refine = min(refine, diverge)
-        # Returned text comes from the refine level, and from the diverge level when
-        # no checker screens the drafts before they reach the caller.
-        check_gate(refine, self.safety_gate, self.allow_high_sparsity,
-                   f"the refine level {refine:g}")
-        if self.safety is None:
-            check_gate(diverge, self.safety_gate, self.allow_high_sparsity,
-                       f"the diverge level {diverge:g} without safety checks")
-        seed = 0 if seed is None else int(seed)
-        ids = self.prompt_ids(prompt)
-        task = prompt_text(prompt)          # what Q judges relevance against
-        draft_len = max(1, min(max_length, math.ceil(max_length * self.draft_fraction)))
-        constraint_set = build_constraints(self.tokenizer, constraints, max_length - draft_len,
-                                           self._eos_ids())
-        model, tok = self.model, self.tokenizer
-        # The caller gets num_candidates back; refining keep_fraction of the drafts
-        # means drafting num_candidates / keep_fraction of them to choose from.
-        if num_drafts is None:
-            num_drafts = max(num_candidates,
-                             math.ceil(num_candidates / self.keep_fraction - 1e-9))
-        elif isinstance(num_drafts, bool) or not isinstance(num_drafts, int) \
-                or num_drafts < num_candidates:
-            raise ValueError(f"num_drafts must be an int >= num_candidates ({num_candidates}), "
-                             f"got {num_drafts!r}")
-        if reference is not None:
-            reference = check_text(reference, "reference")
-
-        # Row 0 is the reference (greedy, exact attention), decoded in the same batch
-        # as the drafts (rows 1..N), so it costs a row, not a pass of its own (none
-        # when the caller gives the reference). The
-        # drafts open the final texts, so banned phrases are kept out of them already;
-        # the other constraints are about the whole answer and steer the refinement.
-        seeds = [seed * 1000 + i for i in range(num_drafts)]
-        # Banned phrases and grammar masks hold in the drafts too: a draft opens the answer.
-        whole = [p for p in constraint_set.processors
-                 if isinstance(p, (BannedPhrases, GrammarMask))]
-        extra = [] if logits_processor is None else (
-            list(logits_processor) if isinstance(logits_processor, (list, tuple))
-            else [logits_processor])
-        draft_hooks = ([ConstraintSet(whole)] if whole else []) + extra
-        first = 0 if reference is not None else 1          # the first draft's batch row
-        row_seeds = seeds if reference is not None else [seed * 1000 - 1] + seeds
-        schedule = self.knobs(diverge, row_seeds)
-        # Token pruning: the drafts' cache is bounded to (1 - rate) of its context
-        # (long contexts only, see control.cache_budget), keeping the sinks and window
-        # the diverge knobs protect; refine continues from it.
-        cache_limit = cache_budget(
-            self.controller.get_sparsity_params(diverge).token_pruning_rate,
-            ids.shape[1] + draft_len,
-            protected=schedule[1].sink_tokens + schedule[1].local_window)
-        batch = generate(model, tok, ids, num_rows=num_drafts + first, max_new_tokens=draft_len,
-                         schedule=schedule, seeds=row_seeds,
-                         keep_state=True, reference_rows=[0] if first else [],
-                         logit_processor=draft_hooks or None, progress=progress,
-                         max_cache_tokens=cache_limit)
-        reference_text = reference if reference is not None else batch.texts[0]
-        drafts = _without_first_row(batch) if first else batch
-        ref_texts = [reference_text or " "]
-        validators = list(constraint_set.validators)
-        # Drafts are chosen as a set: good and different from each other.
-        chosen = self.quality.select([t or " " for t in drafts.texts], num_candidates,
-                                     ref_texts, task, validators=validators)
-
-        finals = {i: drafts.texts[i] for i in chosen}   # finished drafts stay as they are
-        final_ids = {i: list(drafts.token_ids[i]) for i in chosen}
-        # Drafts that used their whole budget continue from their cached keys and
-        # values (KV reuse): the prompt and the draft are not computed again.
-        members = [i for i in chosen if drafts.finish_reasons[i] == "length"
-                   and len(drafts.token_ids[i]) < max_length]
-        refine_stats = []
-        if members:
-            member_seeds = [seeds[i] for i in members]
-            result = generate(model, tok, batch.state.select([i + first for i in members]),
-                              num_rows=len(members),
-                              max_new_tokens=max_length - draft_len,
-                              schedule=self.knobs(refine, member_seeds), seeds=member_seeds,
-                              logit_processor=([constraint_set] if constraint_set.processors
-                                               else []) + extra or None,
-                              progress=progress)
-            refine_stats.append(result.stats)
-            for row, i in enumerate(members):
-                final_ids[i] = drafts.token_ids[i] + result.token_ids[row]
-                finals[i] = tok.decode(final_ids[i], skip_special_tokens=True)
-        finals = [finals[i] for i in chosen]
-        draft_texts, reports, draft_flags, withheld = list(drafts.texts), [None] * len(chosen), \
-            [], None
-        if self.safety is not None:
-            screened = screen(self.safety, model=model, tokenizer=tok, prompt_ids=ids,
-                              texts=finals, token_ids=[final_ids[i] for i in chosen],
-                              drafts=drafts.texts, chosen=chosen, reference=reference_text,
-                              max_length=max_length, knobs=lambda s: self.knobs(refine, s),
-                              seeds=[seeds[i] for i in chosen],
-                              processors=constraint_set.processors,
-                              repairs=self.safety_repairs, timeout=self.safety_timeout)
-            finals, reports = screened.texts, screened.reports
-            draft_texts, reference_text = screened.drafts, screened.reference
-            draft_flags, withheld = screened.draft_flags, screened.withheld
-            refine_stats += screened.repair_stats
-        kept = [k for k, text in enumerate(finals) if text is not None]
-        breakdown = self.quality.breakdown([finals[k] or " " for k in kept], ref_texts, task,
-                                           validators=validators) if kept else []
-        candidates = [Candidate(finals[k], draft_texts[chosen[k]] if draft_texts else "", q,
-                                reports[k])
-                      for k, q in zip(kept, breakdown)]
-        # A candidate that breaks a constraint ranks below every one that keeps them.
-        candidates.sort(key=lambda c: (c.quality.violations > 0, -c.quality.q))
-        return CreativeResult(candidates, draft_texts, reference_text, batch.stats,
-                              refine_stats, time.perf_counter() - start,
-                              [r for r in reports if r is not None], draft_flags, withheld)
+        return self.strategy.candidates(
+            self.model, self.tokenizer, prompt, max_length=max_length,
+            num_candidates=num_candidates, sparsity_level=sparsity_level,
+            constraints=constraints, seed=seed, num_drafts=num_drafts, reference=reference,
+            logits_processor=logits_processor, progress=progress)
 
     def generate_creative(self, prompt: Prompt, max_length: int = 200, num_candidates: int = 5,
                           return_best: bool = True, sparsity_level: float | None = None,
