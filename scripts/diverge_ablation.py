@@ -153,10 +153,9 @@ def main(argv=None) -> int:
                 method, setting = BASELINES[variant]
             else:
                 method, setting = "creative_sparse", args.level
-                cs = strategies.CreativeSparse(config=SparsityConfig(**VARIANTS[variant]),
-                                               safety=None, allow_high_sparsity=True)
-                cs.wrapper(model, tokenizer).quality = scorer.quality
-                scorer._cs = cs
+                scorer._cs = strategies.CreativeSparse(
+                    config=SparsityConfig(**VARIANTS[variant]), safety=None,
+                    allow_high_sparsity=True, quality=scorer.quality)
             with _attention_overrides(ATTENTION_OVERRIDES.get(variant, {})):
                 record = scorer.run(Unit(task, index, prompt, method, setting, args.seed),
                                     reference)
