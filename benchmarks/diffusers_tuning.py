@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from creative_sparse.attention import dense_attention, sparse_attention
 from creative_sparse.models.diffusers.tiny import tiny_inputs, tiny_transformer
-from creative_sparse.models.diffusers.tuning import (QKVSample, measure_layer, record,
+from creative_sparse.autotune.thresholds import (QKVSample, measure_layer, record,
                                                      tune_layer, tune_recording)
 
 SEED_SIM_VALUES = 32                   # simthreshd1 in -1, -15/16, ..., 15/16

@@ -33,7 +33,7 @@ import torch
 
 from creative_sparse.models.diffusers import SparseParams, layer_stats, patch, unpatch
 from creative_sparse.models.diffusers.tiny import tiny_transformer
-from creative_sparse.models.diffusers.tuning import tune
+from creative_sparse.autotune.thresholds import tune
 
 DEFAULT_PROMPTS = (
     "A cat walks on the grass, realistic style.",

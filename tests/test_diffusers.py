@@ -14,7 +14,7 @@ from creative_sparse.models.diffusers import (  # noqa: E402
     FAMILIES, LayerThresholds, SparseAttnProcessor, SparseParams, attention_layers,
     detect_family, is_patched, layer_stats, patch, patched, unpatch)
 from creative_sparse.models.diffusers.tiny import tiny_inputs, tiny_transformer  # noqa: E402
-from creative_sparse.models.diffusers.tuning import record, tune, tune_recording  # noqa: E402
+from creative_sparse.autotune.thresholds import record, tune, tune_recording  # noqa: E402
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from creative_sparse.attention import BlockMap, block_sparse_attention, dense_attention
-from creative_sparse.models.diffusers.tuning import (QKVSample, _pv_gap, _rows, block_partials,
+from creative_sparse.autotune.thresholds import (QKVSample, _pv_gap, _rows, block_partials,
                                                      combine_blocks, measure_layer, tune_layer)
 
 

@@ -19,7 +19,7 @@ from creative_sparse.attention import predict_block_map, spas_sage2_attn_meansim
 from creative_sparse.models.diffusers import layer_stats, patched
 from creative_sparse.models.diffusers.params import SparseParams
 from creative_sparse.models.diffusers.tiny import tiny_inputs, tiny_transformer
-from creative_sparse.models.diffusers.tuning import tune
+from creative_sparse.autotune.thresholds import tune
 from creative_sparse.models.diffusers.sparge_files import (FIELDS, params_from_sparge, params_to_sparge,
                                                  read_state_dict)
 from spas_sage_attn.autotune import (SparseAttentionMeansim, extract_sparse_attention_state_dict,

@@ -1,6 +1,6 @@
 """The seed's ``spas_sage_attn.autotune`` path. Re-exports only; the code lives in
 :mod:`creative_sparse.autotune` (the Goldilocks search) and
-:mod:`creative_sparse.models.sparge_module` (the original SpargeAttn's
+:mod:`creative_sparse.autotune.sparge_module` (the original SpargeAttn's
 ``SparseAttentionMeansim`` module and its state-dict functions).
 
     >>> from spas_sage_attn.autotune import find_optimal_sparsity, sweep_sparsity
@@ -9,7 +9,7 @@
 """
 
 from creative_sparse.autotune import find_optimal_sparsity, sweep_sparsity
-from creative_sparse.models.sparge_module import (
+from creative_sparse.autotune.sparge_module import (
     SparseAttentionMeansim,
     extract_sparse_attention_state_dict,
     load_sparse_attention_state_dict,

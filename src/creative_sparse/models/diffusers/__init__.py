@@ -29,7 +29,8 @@ are all dense call the original SDPA, exactly.
 Thresholds are per layer and per head (:class:`LayerThresholds`), held in a
 :class:`SparseParams` that knows which model it was made for and is saved as a
 small versioned JSON file (both in :mod:`.params`, re-exported here).
-Tuning lives in :mod:`.tuning`, tiny offline models in :mod:`.tiny`.
+Tiny offline models are in :mod:`.tiny`. Tuning the thresholds is
+:mod:`creative_sparse.autotune.thresholds` (all tuning lives in ``autotune``).
 
 Example:
     >>> from creative_sparse.models.diffusers import SparseParams, patched
@@ -317,7 +318,7 @@ def patch(model, params: SparseParams):
             ``WanTransformer3DModel`` or ``HunyuanVideoTransformer3DModel``
             (``pipe.transformer``).
         params: :class:`SparseParams` made for this model (``SparseParams.uniform``,
-            :func:`creative_sparse.models.diffusers.tuning.tune`, or ``SparseParams.load``).
+            :func:`creative_sparse.autotune.thresholds.tune`, or ``SparseParams.load``).
 
     Returns:
         ``model`` (patched in place). ``ValueError`` for an unsupported model, parameters

@@ -51,10 +51,10 @@ from typing import Callable, Collection, Sequence
 import torch
 from torch import Tensor
 
-from ...attention import dense_attention, predict_block_map, sparse_attention
-from ...attention.reference import expand_kv_heads
-from . import _LayerRuntime, _wrap, unpatch
-from .params import (DENSE_PVTHRESHD, LayerThresholds, SparseParams, _require_diffusers,
+from ..attention import dense_attention, predict_block_map, sparse_attention
+from ..attention.reference import expand_kv_heads
+from ..models.diffusers import _LayerRuntime, _wrap, unpatch
+from ..models.diffusers.params import (DENSE_PVTHRESHD, LayerThresholds, SparseParams, _require_diffusers,
                                attention_layers, check_target)
 
 logger = logging.getLogger(__name__)

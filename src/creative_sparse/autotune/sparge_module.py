@@ -16,7 +16,7 @@ Parameters of a module, each ``[heads]``, created by tuning or loading:
 What differs from the original, on purpose:
 
 * Tuning (``tune_mode=True`` or ``TUNE_MODE`` set) uses this library's tuner
-  (:func:`~creative_sparse.models.diffusers.tuning.tune_layer`, all heads at once,
+  (:func:`~creative_sparse.autotune.thresholds.tune_layer`, all heads at once,
   ``sim_rule="l1"`` only) on the last ``max_samples`` calls, and tunes with the
   ``attention_sink`` the module runs with; the original bisects per head on the GPU.
 * Loading keeps the thresholds in float32 (the original casts them to the model's
@@ -139,7 +139,7 @@ class SparseAttentionMeansim(nn.Module):
 
     def _tune(self, q, k, v, is_causal, scale, tensor_layout, return_sparsity):
         from ..attention import dense_attention
-        from .diffusers.tuning import QKVSample, tune_layer
+        from .thresholds import QKVSample, tune_layer
 
         if self.sim_rule != "l1":
             raise ValueError(f"SparseAttentionMeansim: tuning supports sim_rule='l1' only (this "
