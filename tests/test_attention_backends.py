@@ -364,7 +364,9 @@ _KERNEL_LIMITS_SCRIPT = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
     if case == "huge_blocks":
-        ref = masked_attention(q, k, v, None, causal=True)
+        # fp64 reference: PyTorch's fp32 path here varied between runs by up to 6e-5
+        # (seen in 3 of 30), while the kernel's output does not vary
+        ref = masked_attention(q.double(), k.double(), v.double(), None, causal=True).float()
         for bq, bk in ((2**22, 64), (128, 2**62), (2**31, 2**31), (2**62, 2**62)):
             nq, nk = 299 // bq + 1, 299 // bk + 1
             out = ext.block_sparse_forward(q, k, v, *lists(1, 2, nq, nk), bq, bk, 0.25, True)
