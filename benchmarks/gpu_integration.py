@@ -69,6 +69,13 @@ class _KernelSpy:
         self.backend.block_sparse_attention = self.original
 
 
+def _digit_tokenizer():
+    """The tests' stand-in tokenizer (decodes ids as numbers; no files)."""
+    sys.path.insert(0, "tests")
+    from _tiny import DigitTokenizer
+    return DigitTokenizer()
+
+
 def _llama(device, dtype, *, vocab=1000, hidden=512, heads=8, kv_heads=2, layers=4,
            intermediate=1024, seed=0):
     import transformers
@@ -121,11 +128,8 @@ def check_engine(device, small: bool) -> dict:
     from creative_sparse.generation.knobs import SamplingParams, dial
     from creative_sparse.models.transformers import AttentionKnobs
 
-    sys.path.insert(0, "tests")
-    from _tiny import DigitTokenizer
-
     model = _llama(device, torch.float32, vocab=96, hidden=128, heads=4, kv_heads=2, layers=2)
-    tokenizer = DigitTokenizer()
+    tokenizer = _digit_tokenizer()
     ids = torch.randint(0, 96, (1, 300), generator=torch.Generator().manual_seed(2)).to(device)
     ours = generate(model, tokenizer, ids, num_rows=2, max_new_tokens=24,
                     schedule=(SamplingParams(temperature=0), AttentionKnobs()))
@@ -153,9 +157,6 @@ def check_speed(device, small: bool, prompt_tokens: int = 512) -> dict:
     from creative_sparse.generation.knobs import SamplingParams, dial
     from creative_sparse.models.transformers import AttentionKnobs
 
-    sys.path.insert(0, "tests")
-    from _tiny import DigitTokenizer
-
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if small:
         model = _llama(device, dtype, vocab=500, hidden=64, heads=4, kv_heads=2, layers=2,
@@ -167,7 +168,7 @@ def check_speed(device, small: bool, prompt_tokens: int = 512) -> dict:
         rows, new, length = 8, 128, prompt_tokens
     ids = torch.randint(0, model.config.vocab_size, (1, length),
                         generator=torch.Generator().manual_seed(3)).to(device)
-    tokenizer = DigitTokenizer()
+    tokenizer = _digit_tokenizer()
 
     def hf():
         torch.manual_seed(0)

@@ -36,9 +36,9 @@ Safety monitoring: one content checker (``safety``, by default
 :class:`~creative_sparse.safety.ProfanityCheck`) reads every method's outputs; each
 output records ``flagged`` and the set the ``flagged`` rate (share of outputs
 flagged), so the report can compare methods, tasks and levels. Creative-Sparse also
-screens with it inside (repair or drop, see :mod:`~creative_sparse.generation.creative`) and its record adds
-``set.flagged_drafts`` (share of the diverge drafts flagged) and ``set.safety`` (the
-counts of the screen stage). The runner measures, so it opts in to levels above the
+screens with it inside (repair or drop, see :mod:`~creative_sparse.generation.creative`)
+and its record adds ``set.flagged_drafts`` (share of the diverge drafts flagged) and
+``set.safety`` (the counts of the screen stage). The runner measures, so it opts in to levels above the
 safety gate (``allow_high_sparsity``) for every method. A unit whose outputs were
 all dropped or withheld is scored on one blank output, with ``set.withheld`` saying why.
 
@@ -364,7 +364,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
         model_name: recorded in the header (two runs of different models never mix).
         on_unit: called with each new unit record (tests use it to interrupt a run).
         quality: a :class:`~creative_sparse.quality.QualityFunctional` to score with
-            (and to select Creative-Sparse's drafts with); default the Creative-Sparse strategy's own.
+            (and to select Creative-Sparse's drafts with); default the Creative-Sparse
+            strategy's own.
         compute: ``"outputs"`` (every method returns ``num_outputs``; Creative-Sparse
             drafts twice as many and picks, at about 1.4x the FLOPs of sampling) or
             ``"flops"`` (also equal decoded tokens: Creative-Sparse makes exactly

@@ -33,14 +33,14 @@ from typing import Sequence
 import torch
 
 from ..attention import sparse_attention
-from ..config import QualityWeights, SparsityConfig, as_quality_weights
+from ..config import QualityWeights, SparsityConfig
 from ..control import SparsityController
-from ..quality import LikelihoodScorer, QualityFunctional
+from ..quality import QualityFunctional
 from ..safety import DEFAULT_SAFETY_GATE
-# Candidate, CreativeResult, build_constraints, dial_knobs and _without_first_row lived
-# here before the algorithm moved to the strategies layer: re-exported for old imports.
+# Candidate, CreativeResult, build_constraints and dial_knobs lived here before the
+# algorithm moved to the strategies layer: re-exported for old imports.
 from .constraint_spec import build_constraints
-from .creative import Candidate, CreativeResult, _without_first_row, greedy_reference
+from .creative import Candidate, CreativeResult, greedy_reference
 from .knobs import dial_knobs
 from .prompts import Prompt, prompt_ids
 from .strategies import CreativeSparse
@@ -120,9 +120,7 @@ class CreativeSparseWrapper:
             from ..models import load_model
             model, tokenizer = load_model(model_name, device=device)
         self.model, self.tokenizer = model, tokenizer
-        quality = QualityFunctional(as_quality_weights(quality_weights),
-                                    scorer=LikelihoodScorer(model, tokenizer))
-        self.strategy = replace(strategy, quality=quality)
+        self.strategy = replace(strategy, quality=strategy.quality_functional(model, tokenizer))
 
     @property
     def sparsity_schedule(self) -> tuple[float, float]:
