@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -220,3 +221,74 @@ def test_equal_flops_mode_matches_sampling_tokens(tiny, tmp_path):
         evaluate(model, tok, out=path, quality=quality, model_name="tiny", **run)
     with pytest.raises(ValueError, match="compute must be one of"):
         evaluate(model, tok, out=tmp_path / "x.jsonl", quality=quality, compute="tokens", **run)
+
+
+def _split_by_task(path: Path, tmp_path: Path) -> list[Path]:
+    """One results file per task, each with its own header, as two runs would write."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    header = records[0]
+    parts = []
+    for task in header["tasks"]:
+        part = dict(header, tasks=[task], max_new_tokens={task: header["max_new_tokens"][task]})
+        lines = [part] + [r for r in records[1:] if r.get("task") == task]
+        parts.append(tmp_path / f"{task}.jsonl")
+        parts[-1].write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    return parts
+
+
+def test_results_files_of_other_tasks_combine_into_one_report(full_run, tmp_path):
+    from creative_sparse.cli import main
+    from creative_sparse.evaluation.records import combine_results
+
+    pytest.importorskip("matplotlib")
+    parts = _split_by_task(full_run.path, tmp_path)
+    combined = combine_results(parts)
+    assert combined.units == full_run.units and combined.references == full_run.references
+    assert combined.header["max_new_tokens"] == full_run.header["max_new_tokens"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["report", str(full_run.path), "--out-dir", str(one), "--no-plots"]) in (0, None)
+    assert main(["report", *map(str, parts), "--out-dir", str(two), "--no-plots"]) in (0, None)
+    tables = [[line for line in (d / "report.md").read_text().splitlines()
+               if line.startswith("|")] for d in (one, two)]
+    assert tables[0] == tables[1] and len(tables[0]) > 6
+    assert (one / "report.csv").read_text() == (two / "report.csv").read_text()
+    text = (two / "report.md").read_text()
+    assert "From 2 results files: `poetry.jsonl`, `code.jsonl`" in text
+    assert re.search(rf"Runtime: [0-9.]+ min of unit time \({len(full_run.units)} units; "
+                     r"poetry [0-9.]+ min; code [0-9.]+ min\)", text)
+
+
+def test_results_files_that_do_not_compare_are_refused(full_run, tmp_path, capsys):
+    from creative_sparse.cli import main
+    from creative_sparse.evaluation.records import combine_results
+
+    poetry, code = _split_by_task(full_run.path, tmp_path)
+    records = [json.loads(line) for line in code.read_text().splitlines()]
+    other = tmp_path / "other.jsonl"
+
+    def write(header_changes=None, unit_changes=None):
+        changed = [dict(r) for r in records]
+        changed[0].update(header_changes or {})
+        for r in changed:
+            if r["type"] == "unit" and unit_changes:
+                r["set"] = dict(r["set"], **unit_changes)
+                break
+        other.write_text("\n".join(json.dumps(r) for r in changed) + "\n")
+        return other
+
+    with pytest.raises(ValueError, match=r"another protocol .*num_outputs: 3 there, 2"):
+        combine_results([poetry, write({"num_outputs": 3})])
+    with pytest.raises(ValueError, match="gives code a length budget of 7 tokens, another "
+                                         "file 6"):
+        combine_results([full_run.path, write({"max_new_tokens": {"code": 7}})])
+    with pytest.raises(ValueError, match="disagree on unit code/"):
+        combine_results([full_run.path, write(unit_changes={"diversity": 9.0})])
+    with pytest.raises(ValueError, match="no such results file"):
+        combine_results([poetry, tmp_path / "missing.jsonl"])
+    with pytest.raises(SystemExit):
+        main(["report", str(poetry), str(write({"compute": "flops"})), "--out-dir",
+              str(tmp_path / "r")])
+    assert "another protocol" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    # a file differing only in library version combines, and the report names both
+    mixed = combine_results([poetry, write({"library_version": "0.0.1"})])
+    assert mixed.header["library_version"].endswith(", 0.0.1")

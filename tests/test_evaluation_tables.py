@@ -377,3 +377,15 @@ def test_bad_arguments(kw, message):
 def test_markdown_needs_rows():
     with pytest.raises(ValueError, match="no rows"):
         format_markdown([])
+
+
+def test_the_runtime_line_sums_unit_time_per_task():
+    from creative_sparse.evaluation.tables import runtime_summary
+
+    units = [{"task": "poetry", "cost": {"unit_seconds": 90.0}},
+             {"task": "code", "cost": {"unit_seconds": 30.0}},
+             {"task": "poetry", "cost": {"unit_seconds": 30.0}},
+             {"task": "code", "cost": {}}]                      # an old unit: not counted
+    assert runtime_summary(units) == ("Runtime: 2.5 min of unit time (3 units; poetry 2.0 min; "
+                                      "code 0.5 min).")
+    assert runtime_summary([]) == "Runtime: not recorded."

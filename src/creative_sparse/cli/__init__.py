@@ -179,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="no flagged-rate monitoring and no screening of Creative-Sparse")
     rep = sub.add_parser("report", help="tables (Markdown, CSV) and frontier plots of results",
                          formatter_class=fmt)
-    rep.add_argument("results", help="a results file written by `creative-sparse evaluate`")
+    rep.add_argument("results", nargs="+",
+                     help="results file(s) written by `creative-sparse evaluate`; several "
+                          "(runs of other tasks, methods or seeds under the same protocol) "
+                          "make one report")
     rep.add_argument("--out-dir", default="report", help="where report.md, report.csv and "
                      "the frontier PNGs go (created if missing)")
     rep.add_argument("--no-plots", action="store_true", help="tables only")

@@ -27,15 +27,17 @@ def run_evaluate(args) -> None:
           f"creative-sparse report {path}", file=sys.stderr)
 
 
-def _write_report(results_path, out_dir, *, no_plots: bool = False,
+def _write_report(results_paths, out_dir, *, no_plots: bool = False,
                   human: dict | None = None) -> list[Path]:
-    """report.md, report.csv (and plots) of a results file; ``human`` fills that column."""
-    from ..evaluation.records import read_results
-    from ..evaluation.tables import aggregate, format_markdown, plot_frontiers, write_csv
+    """report.md, report.csv (and plots) of one or more results files (read as one run,
+    :func:`~creative_sparse.evaluation.records.combine_results`); ``human`` fills that
+    column."""
+    from ..evaluation.records import combine_results
+    from ..evaluation.tables import (aggregate, format_markdown, plot_frontiers,
+                                     runtime_summary, write_csv)
 
-    results = read_results(results_path)
-    if results.header is None:
-        raise ValueError(f"{results_path}: no such results file")
+    paths = [results_paths] if isinstance(results_paths, (str, Path)) else list(results_paths)
+    results = combine_results(paths)
     rows = aggregate(results.records(), human=human)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -45,7 +47,13 @@ def _write_report(results_path, out_dir, *, no_plots: bool = False,
              + (", equal FLOPs" if h.get("compute") == "flops" else "") + ")")
     if human:
         title += "; human: win rate in paired votes (ties count 1/2)"
-    (out / "report.md").write_text(format_markdown(rows, title=title) + "\n", encoding="utf-8")
+    notes = [runtime_summary(results.units.values())]
+    if len(paths) > 1:
+        notes.append(f"From {len(paths)} results files: "
+                     + ", ".join(f"`{Path(p).name}`" for p in paths)
+                     + f" (library version {h.get('library_version')}).")
+    (out / "report.md").write_text(format_markdown(rows, title=title, notes=notes) + "\n",
+                                   encoding="utf-8")
     write_csv(rows, out / "report.csv")
     written = [out / "report.md", out / "report.csv"]
     if not no_plots:

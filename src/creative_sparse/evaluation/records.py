@@ -28,8 +28,8 @@ from typing import Iterable, Mapping
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Results", "ResultsWriter", "comparable", "merge_shards",
-           "read_results", "unit_id"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Results", "ResultsWriter", "combine_results", "comparable",
+           "merge_shards", "read_results", "unit_id"]
 
 FORMAT = "creative-sparse/evaluation-results"
 FORMAT_VERSION = 1
@@ -49,13 +49,14 @@ def unit_id(task: str, prompt_index: int, method: str, setting: float, seed: int
 @dataclass
 class Results:
     """What a results file holds: the header, the references by ``(task, prompt_index)``,
-    the units by id, and the line numbers that were skipped as corrupt."""
+    the units by id, and the lines that were skipped as corrupt (line numbers; for
+    :func:`combine_results`, ``"file:line"``)."""
 
     path: Path
     header: dict | None = None
     references: dict[tuple[str, int], str] = field(default_factory=dict)
     units: dict[str, dict] = field(default_factory=dict)
-    skipped: list[int] = field(default_factory=list)
+    skipped: list[int | str] = field(default_factory=list)
 
     def records(self) -> list[dict]:
         """Header, references and units as records (units in id order)."""
@@ -190,6 +191,72 @@ def comparable(unit: Mapping) -> dict:
     out["cost"] = {k: v for k, v in unit.get("cost", {}).items()
                    if k not in ("wall_time", "unit_seconds")}
     return out
+
+
+# what may differ between runs whose units one report compares: the tasks (each task's
+# budget must agree where two files share it) and the library version (named in the report)
+_COMBINED_FREELY = ("max_new_tokens", "library_version")
+
+
+def combine_results(paths: Iterable[str | Path]) -> Results:
+    """Several results files read as one, for one report (nothing is written).
+
+    The files are runs of the same protocol (model, split, outputs per unit, compute
+    control, safety checker, format), typically over different tasks or methods: say
+    ``--tasks code music`` run apart from the rest. Each task's length budget must
+    agree where two files share a task; a unit or reference that two files share must
+    agree too (wall time aside). The combined header's ``max_new_tokens`` is the union
+    (``tasks`` and ``methods`` too) and ``library_version`` lists every version seen,
+    comma-separated. Errors name the
+    file and the field: nothing is mixed silently.
+
+    Raises:
+        ValueError: no paths, a path that is not a results file, or files that
+            disagree as above.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no results files to combine")
+    combined = Results(paths[0])
+    origin: dict[str, Path] = {}
+    budgets: dict[str, int] = {}
+    versions: list[str] = []
+    methods: list[str] = []
+    for path in paths:
+        part = read_results(path)
+        if part.header is None:
+            raise ValueError(f"{path}: no such results file")
+        if combined.header is None:
+            combined.header = dict(part.header)
+        for key in IDENTITY:
+            if key in _COMBINED_FREELY:
+                continue
+            mine, theirs = (h.get(key, _ABSENT.get(key)) for h in (combined.header, part.header))
+            if mine != theirs:
+                raise ValueError(f"{path} is a run of another protocol than {paths[0]} "
+                                 f"({key}: {theirs!r} there, {mine!r} in {paths[0]}); "
+                                 "only runs that differ in tasks, methods or seeds combine")
+        for task, budget in (part.header.get("max_new_tokens") or {}).items():
+            if budgets.setdefault(task, budget) != budget:
+                raise ValueError(f"{path} gives {task} a length budget of {budget} tokens, "
+                                 f"another file {budgets[task]}; their units do not compare")
+        methods += [m for m in part.header.get("methods") or () if m not in methods]
+        version = str(part.header.get("library_version"))
+        if version not in versions:
+            versions.append(version)
+        for key, text in part.references.items():
+            if combined.references.setdefault(key, text) != text:
+                raise ValueError(f"{path} and another file disagree on the reference answer "
+                                 f"of {key[0]} prompt {key[1]}")
+        for uid, unit in part.units.items():
+            if uid in combined.units and comparable(combined.units[uid]) != comparable(unit):
+                raise ValueError(f"{origin[uid]} and {path} disagree on unit {uid}")
+            combined.units.setdefault(uid, unit)
+            origin.setdefault(uid, path)
+        combined.skipped += [f"{path}:{n}" for n in part.skipped]
+    combined.header.update(max_new_tokens=budgets, library_version=", ".join(versions),
+                           tasks=list(budgets), methods=methods)
+    return combined
 
 
 def merge_shards(shards: Iterable[str | Path], out: str | Path) -> Results:

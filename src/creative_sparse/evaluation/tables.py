@@ -44,7 +44,7 @@ import os
 import re
 import zlib
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ import numpy as np
 from .methods import METHODS as _METHODS
 
 __all__ = ["METHODS", "Estimate", "Row", "aggregate", "csv_columns", "format_markdown",
-           "frontier_verdicts", "plot_frontiers", "write_csv"]
+           "frontier_verdicts", "plot_frontiers", "runtime_summary", "write_csv"]
 
 FORMAT = "creative-sparse/evaluation-results"
 FORMAT_VERSION = 1
@@ -450,7 +450,27 @@ _DELTA_COLUMNS = (("ΔQ", "q_delta"), ("Δnovelty", "novelty_delta"),
                   ("Δdiversity", "diversity_delta"))
 
 
-def format_markdown(rows: Sequence[Row], *, title: str = "Evaluation results") -> str:
+def runtime_summary(units: Iterable[Mapping[str, Any]]) -> str:
+    """One line: the units' own time (``cost.unit_seconds``: generation and scoring,
+    not model loading) in all and per task, e.g. ``"Runtime: 84.0 min of unit time
+    (540 units; creative_writing 84.0 min)"``; wall time of the run may differ (units
+    run in parallel under ``torchrun``, or beside other jobs)."""
+    per_task: dict[str, float] = {}
+    count = 0
+    for unit in units:
+        seconds = unit.get("cost", {}).get("unit_seconds")
+        if isinstance(seconds, (int, float)) and math.isfinite(seconds):
+            per_task[unit["task"]] = per_task.get(unit["task"], 0.0) + seconds
+            count += 1
+    if not count:
+        return "Runtime: not recorded."
+    tasks = "; ".join(f"{task} {seconds / 60:.1f} min" for task, seconds in per_task.items())
+    return (f"Runtime: {sum(per_task.values()) / 60:.1f} min of unit time ({count} units; "
+            f"{tasks}).")
+
+
+def format_markdown(rows: Sequence[Row], *, title: str = "Evaluation results",
+                    notes: Sequence[str] = ()) -> str:
     """The report as Markdown: per task, a table of its (method, setting) rows and the
     frontier verdict (:func:`frontier_verdicts`).
 
@@ -458,11 +478,13 @@ def format_markdown(rows: Sequence[Row], *, title: str = "Evaluation results") -
     latency and KV are percentages of the task's Dense top-p reference (marked
     ``(ref)``); Δ columns are differences of means against it; "—" is "not measured"
     or "no judgement". Columns for pass@k, pass rate, valid rate and flagged appear only
-    in tasks that have them.
+    in tasks that have them. ``notes``: paragraphs under the title (the runtime, say).
     """
     if not rows:
         raise ValueError("no rows to report")
     lines = [f"# {title}", ""]
+    for note in notes:
+        lines += [note, ""]
     for task, task_rows in _by_task(rows).items():
         ref = next((r for r in task_rows if r.is_reference), None)
         optional = [c for c in _OPTIONAL if any(getattr(r, c[1]) is not None for r in task_rows)]
