@@ -18,6 +18,23 @@ whole method at one diverge level:
   written, not only the prompt. The window is not a constant of the dial, so this
   variant overrides it where the dial's attention knobs are built (an experiment, not
   a setting users have).
+* ``stratified``: the drafts are drawn as one stratified set (arithmetic sampling,
+  ``CreativeSparse(stratify_drafts=True)``): each draft alone is the same draw as
+  before, so its NLL and relevance should not move, but together they spread over the
+  distribution instead of repeating its mode. Reason: diversity is a property of the
+  set, and independent drafts spend draws on near-duplicates.
+* ``minp``: both stages also truncate with min-p 0.1 (drop tokens below a tenth of the
+  most probable one's probability) on top of the dial's nucleus. Reason: on the
+  evaluation runs min-p was the most prompt-relevant sampler at a given NLL, and the
+  drafts' relevance is what Creative-Sparse loses; min-p cuts the far tail only where
+  the model is confident. Like ``attention_narrow`` an override, not a dial constant.
+* ``minp_hot``: ``minp`` with a hotter dial (T0 = 1, kappa_T = 0.8: T = 1.49 at
+  s = 0.9, 1.23 at the refine level 0.3), to win back with temperature the diversity
+  that the min-p truncation takes away, as min-p's own frontier does.
+
+``top_p T=1 stratified`` draws top-p's outputs as one stratified set over their whole
+length, to tell what stratification does for any sampler from what it does inside
+Creative-Sparse.
 
 Dense top-p (T = 1) and min-p (T = 1.5, the best of its frontier on the evaluation
 run) are scored on the same prompts for scale. Records go to a JSONL file (resumed
@@ -34,6 +51,7 @@ import argparse
 import contextlib
 import json
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +62,16 @@ VARIANTS = {
     "attention_dense": {"k0_frac": 1.0},
     "sampling_only": {"nucleus_adaptation": "constant", "k0_frac": 1.0},
     "attention_narrow": {},
+    "stratified": {},
+    "minp": {},
+    "minp_hot": {"T0": 1.0, "kappa_T": 0.8},
 }
 ATTENTION_OVERRIDES = {"attention_narrow": {"local_window": 4}}
+SAMPLING_OVERRIDES = {"minp": {"min_p": 0.1}, "minp_hot": {"min_p": 0.1}}
 DEFAULT_VARIANTS = ["current", "nucleus_fixed", "attention_dense", "top_p T=1", "min_p T=1.5"]
-BASELINES = {"top_p T=1": ("top_p", 1.0), "min_p T=1.5": ("min_p", 1.5)}
+BASELINES = {"top_p T=1": ("top_p", 1.0), "min_p T=1.5": ("min_p", 1.5),
+             "top_p T=1 stratified": ("top_p", 1.0)}
+STRATEGY_OVERRIDES = {"stratified": {"stratify_drafts": True}}
 TASKS = ("creative_writing", "poetry", "ad_copy")
 METRICS = ("novelty", "diversity", "relevance", "nll", "q")
 
@@ -82,6 +106,45 @@ def _attention_overrides(overrides: dict):
         AttentionKnobs.from_params = original
 
 
+@contextlib.contextmanager
+def _sampling_overrides(overrides: dict):
+    """The dial's sampling knobs inside Creative-Sparse (both stages and the safety
+    repairs) get ``overrides`` (``SamplingParams`` fields)."""
+    from dataclasses import replace
+
+    from creative_sparse.generation import creative
+
+    original = creative.dial_knobs
+    if not overrides:
+        yield
+        return
+
+    def patched(*args, **kwargs):
+        sampling, attention = original(*args, **kwargs)
+        return replace(sampling, **overrides), attention
+    creative.dial_knobs = patched
+    try:
+        yield
+    finally:
+        creative.dial_knobs = original
+
+
+@contextlib.contextmanager
+def _stratified_baseline(on: bool, steps: int):
+    """Plain sampling's rows drawn as one stratified set for ``steps`` tokens."""
+    from creative_sparse.generation import strategies
+
+    original = strategies.generate
+    if not on:
+        yield
+        return
+    strategies.generate = lambda *a, **k: original(*a, **{"stratified_steps": steps, **k})
+    try:
+        yield
+    finally:
+        strategies.generate = original
+
+
 def _summary(record: dict) -> dict[str, float]:
     outputs = record["outputs"]
     mean = lambda name: float(np.mean([o[name] for o in outputs]))   # noqa: E731
@@ -89,14 +152,17 @@ def _summary(record: dict) -> dict[str, float]:
             "relevance": mean("relevance"), "nll": mean("nll"), "q": mean("q")}
 
 
-def _interval(values: list[float], rng: np.random.Generator) -> str:
+def _interval(values: list[float], label: str) -> str:
+    """Mean and 95% bootstrap interval; the draws are seeded by ``label`` (task, variant,
+    metric), so a row's interval does not depend on which other rows are printed."""
     values = np.asarray(values)
+    rng = np.random.default_rng(zlib.crc32(label.encode()))
     boots = rng.choice(values, (2000, len(values))).mean(axis=1)
     low, high = np.percentile(boots, [2.5, 97.5])
     return f"{values.mean():.3f} [{low:.3f}, {high:.3f}]"
 
 
-def _paired(done: dict, task: str, args, rng: np.random.Generator) -> str:
+def _paired(done: dict, task: str, args) -> str:
     """Each variant minus ``current`` on the same prompts (paired differences: the
     prompt-to-prompt spread cancels), mean and 95% bootstrap interval."""
     def per_prompt(variant):
@@ -111,7 +177,8 @@ def _paired(done: dict, task: str, args, rng: np.random.Generator) -> str:
         shared = sorted(set(base) & set(other))
         if variant == "current" or not shared:
             continue
-        cells = [_interval([other[i][m] - base[i][m] for i in shared], rng) for m in METRICS]
+        cells = [_interval([other[i][m] - base[i][m] for i in shared],
+                           f"{task}/{variant}-current/{m}") for m in METRICS]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -155,8 +222,12 @@ def main(argv=None) -> int:
                 method, setting = "creative_sparse", args.level
                 scorer._cs = strategies.CreativeSparse(
                     config=SparsityConfig(**VARIANTS[variant]), safety=None,
-                    allow_high_sparsity=True, quality=scorer.quality)
-            with _attention_overrides(ATTENTION_OVERRIDES.get(variant, {})):
+                    allow_high_sparsity=True, quality=scorer.quality,
+                    **STRATEGY_OVERRIDES.get(variant, {}))
+            with _attention_overrides(ATTENTION_OVERRIDES.get(variant, {})), \
+                    _sampling_overrides(SAMPLING_OVERRIDES.get(variant, {})), \
+                    _stratified_baseline(variant.endswith("stratified") and variant in BASELINES,
+                                         budgets[task]):
                 record = scorer.run(Unit(task, index, prompt, method, setting, args.seed),
                                     reference)
             record.update(key=key, variant=variant, level=args.level)
@@ -164,7 +235,6 @@ def main(argv=None) -> int:
             sink.flush()
             done[key] = record
 
-    rng = np.random.default_rng(0)
     print(f"\nDiverge level s = {args.level:g}; tune split, {args.prompts} prompts per task, "
           f"seed {args.seed}; mean over prompts [95% bootstrap interval]\n")
     for task in TASKS:
@@ -179,12 +249,13 @@ def main(argv=None) -> int:
             if not records:
                 continue
             rows = [_summary(r) for r in records]
-            cells = [_interval([row[m] for row in rows], rng) for m in METRICS]
+            cells = [_interval([row[m] for row in rows], f"{task}/{variant}/{m}")
+                     for m in METRICS]
             ratio = (np.mean([r["cost"]["flops"] for r in records]) / np.mean(flops_ref)
                      if flops_ref else float("nan"))
             print(f"| {variant} | " + " | ".join(cells) + f" | {100 * ratio:.0f} |")
         print()
-        print(_paired(done, task, args, rng))
+        print(_paired(done, task, args))
     return 0
 
 

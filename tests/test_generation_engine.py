@@ -136,3 +136,33 @@ def test_continuing_from_the_state_equals_one_long_run(smollm2, chat_ids):
     assert whole.token_ids[0][:10] == first.token_ids[0][:10]   # same seeds, same start
     with pytest.raises(ValueError, match="subset of the rows"):
         first.state.select([7])
+
+
+def test_stratified_rows_spread_over_the_first_token_distribution(smollm2, chat_ids):
+    from creative_sparse.generation.knobs import sampling_probs
+
+    model, tokenizer = smollm2
+    params = SamplingParams(temperature=1.2, top_p=0.99)
+    with torch.inference_mode():
+        probs = sampling_probs(model(chat_ids).logits[:, -1], params)[0]
+    n = 12
+    run = generate(model, tokenizer, chat_ids, num_rows=n + 1, max_new_tokens=6,
+                   schedule=(params, AttentionKnobs()), seeds=list(range(40, 53)),
+                   reference_rows=[0], stratified_steps=6)
+    again = generate(model, tokenizer, chat_ids, num_rows=n + 1, max_new_tokens=6,
+                     schedule=(params, AttentionKnobs()), seeds=list(range(40, 53)),
+                     reference_rows=[0], stratified_steps=6)
+    assert run.token_ids == again.token_ids                          # reproducible
+    greedy = generate(model, tokenizer, chat_ids, max_new_tokens=6,
+                      schedule=(SamplingParams(temperature=0), AttentionKnobs()))
+    assert run.token_ids[0] == greedy.token_ids[0]                   # the reference is exact
+    # evenly spread codes: a token of probability p opens floor(n p) or ceil(n p) rows
+    first = torch.bincount(torch.tensor([ids[0] for ids in run.token_ids[1:]]),
+                           minlength=probs.numel())
+    expected = probs.double() * n
+    assert bool(((first >= expected.floor() - 1e-6) & (first <= expected.ceil() + 1e-6)).all())
+    independent = generate(model, tokenizer, chat_ids, num_rows=n, max_new_tokens=1,
+                           schedule=(params, AttentionKnobs()), seeds=list(range(41, 53)))
+    assert independent.token_ids != [ids[:1] for ids in run.token_ids[1:]]
+    with pytest.raises(ValueError, match="stratified_steps must be an int >= 0, got -1"):
+        generate(model, tokenizer, chat_ids, max_new_tokens=2, stratified_steps=-1)

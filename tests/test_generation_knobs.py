@@ -99,3 +99,42 @@ def test_inverse_cdf_draw_never_picks_a_masked_token():
     draws = torch.cat([sample(logits, SamplingParams(), [gen]) for _ in range(3000)])
     assert set(draws.tolist()) == {1, 4}
     assert abs((draws == 4).float().mean().item() - math.e / (1 + math.e)) < 0.03
+
+
+def test_arithmetic_sampling_draws_each_row_exactly_and_the_set_evenly():
+    from creative_sparse.generation.knobs import sample_coded, stratified_codes
+
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(1, 30) * 2, dim=-1)
+    g = torch.Generator().manual_seed(0)
+    trials, n = 3000, 4
+    first = torch.zeros(n, 30)
+    second = torch.zeros(30)
+    for _ in range(trials):
+        tokens, codes, bits = sample_coded(probs.repeat(n, 1), stratified_codes(n, g))
+        first[torch.arange(n), tokens] += 1
+        # the rescaled code is uniform again: the next draw is exact too
+        second[sample_coded(probs, codes[:1])[0]] += 1
+        assert torch.allclose(bits, -torch.log2(probs[0, tokens].double()))
+        # evenly spread: each token opens floor(n p) or ceil(n p) of the n rows
+        counts = torch.bincount(tokens, minlength=30).double()
+        assert bool(((counts >= (n * probs[0]).floor()) & (counts <= (n * probs[0]).ceil()
+                                                          )).all())
+    sd = (probs[0] * (1 - probs[0]) / trials).sqrt()
+    assert ((first / trials - probs).abs() < 5 * sd + 1e-3).all()   # every row alone
+    assert ((second / trials - probs[0]).abs() < 5 * sd + 1e-3).all()
+
+
+def test_arithmetic_sampling_never_picks_a_masked_token():
+    from creative_sparse.generation.knobs import sample_coded, stratified_codes
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]], dtype=torch.float64).repeat(5, 1)
+    codes = torch.tensor([0.0, 0.5 - 1e-17, 0.5, 0.999999, 1.0 - 2.0 ** -53],
+                         dtype=torch.float64)
+    tokens, next_codes, _ = sample_coded(probs, codes)
+    assert set(tokens.tolist()) <= {1, 3}
+    assert bool(((next_codes >= 0) & (next_codes < 1)).all())
+    with pytest.raises(ValueError, match="need probs"):
+        sample_coded(probs, codes[:2])
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        stratified_codes(0)

@@ -164,7 +164,8 @@ def diverge_refine(model, tokenizer, prompt: Prompt, *, quality: QualityFunction
                    num_candidates: int = 5, sparsity_level: float | None = None,
                    constraints=None, seed: int | None = None,
                    num_drafts: int | None = None, reference: str | None = None,
-                   logits_processor=None, progress=None) -> CreativeResult:
+                   logits_processor=None, progress=None,
+                   stratify_drafts: bool = False) -> CreativeResult:
     """Diverge -> select -> refine -> screen -> rank (the module docstring); every
     candidate with its Q breakdown.
 
@@ -263,7 +264,8 @@ def diverge_refine(model, tokenizer, prompt: Prompt, *, quality: QualityFunction
                      schedule=schedule, seeds=row_seeds,
                      keep_state=True, reference_rows=[0] if first else [],
                      logit_processor=draft_hooks or None, progress=progress,
-                     max_cache_tokens=cache_limit)
+                     max_cache_tokens=cache_limit,
+                     stratified_steps=draft_len if stratify_drafts else 0)
     reference_text = reference if reference is not None else batch.texts[0]
     drafts = _without_first_row(batch) if first else batch
     ref_texts = [reference_text or " "]

@@ -37,7 +37,7 @@ from ..models.fast_linear import fast_linears
 from ..models.kv_cache import CachePositions, cache_bytes, cache_kwargs, prefill, prune_cache
 from ..models.attention_knobs import AttentionKnobs
 from ..quality.metrics import check_text
-from .knobs import SamplingParams, sample
+from .knobs import SamplingParams, sample, sample_coded, sampling_probs, stratified_codes
 from .processors import combine
 
 __all__ = ["DecodeState", "GenerationResult", "GenerationStats", "StepKnobs", "generate"]
@@ -139,6 +139,10 @@ _MAX_RESAMPLES = 8
 _FALLBACK_CANDIDATES = 1024
 
 
+_CODE_SALT = 0x9E3779B97F4A7C15   # the stratification offset's seed: apart from the rows' own
+_CODE_BITS = 40.0                 # a float64 code's usable precision, in bits
+
+
 def _resample_rejected(tokens, logits, alive, context, generators, sampling, rejects,
                        skip=()) -> None:
     """Backtrack one token: a sampled token the constraints refuse (it completes a
@@ -194,6 +198,44 @@ class _Rows:
         self.generated: list[list[int]] = [[] for _ in range(n)]
         self.texts = [""] * n
         self.reasons = ["length"] * n
+        self.codes: dict[int, float] = {}     # row -> its arithmetic-sampling code
+        self.code_bits: dict[int, float] = {}
+        self.code_steps = 0
+
+    def stratify(self, steps: int) -> None:
+        """The first ``steps`` tokens of the sampled (non-reference) rows are drawn as one
+        stratified set: codes spread evenly over [0, 1), one shared random offset drawn
+        from the first such row's seed (:func:`~.knobs.stratified_codes`)."""
+        rows = [r for r in range(len(self.seeds)) if r not in self.reference]
+        if steps <= 0 or len(rows) < 2:
+            return
+        offset = torch.Generator(device="cpu").manual_seed((self.seeds[rows[0]] + _CODE_SALT)
+                                                           % 2**64)
+        self.codes = dict(zip(rows, stratified_codes(len(rows), offset).tolist()))
+        self.code_bits = dict.fromkeys(rows, 0.0)
+        self.code_steps = steps
+
+    def _coded(self, step: int, logits: Tensor, sampling: SamplingParams,
+               tokens: Tensor) -> list[int]:
+        """Replace the coded rows' tokens by their arithmetic-sampling draws; returns their
+        batch positions. A row stops being coded after ``code_steps`` steps or once its
+        code has spent ``_CODE_BITS`` bits of precision (it then draws from its generator)."""
+        if step >= self.code_steps or sampling.temperature == 0:
+            self.codes.clear()
+        positions = [i for i, r in enumerate(self.alive) if r in self.codes]
+        if not positions:
+            return []
+        rows = [self.alive[i] for i in positions]
+        probs = sampling_probs(logits[positions], sampling)
+        drawn, codes, bits = sample_coded(probs, torch.tensor([self.codes[r] for r in rows],
+                                                              dtype=torch.float64))
+        tokens[positions] = drawn.to(tokens.device, tokens.dtype)
+        for row, code, spent in zip(rows, codes.tolist(), bits.tolist()):
+            self.code_bits[row] += spent
+            self.codes[row] = code
+            if self.code_bits[row] > _CODE_BITS:
+                del self.codes[row]
+        return positions
 
     def context(self, row: int) -> list[int]:
         """What the constraints judge: earlier calls' tokens, then this call's."""
@@ -217,11 +259,16 @@ class _Rows:
             logits = hook(step, [self.context(r) for r in alive],
                           [self.prompts[r] for r in alive], logits)
         tokens = sample(logits, sampling, [self.generators[r] for r in alive]).cpu()
+        coded = self._coded(step, logits, sampling, tokens) if self.codes else []
         if greedy:
             tokens[greedy] = raw.cpu().to(tokens.dtype)
         if hook is not None and hook.guards:
+            before = tokens[coded].clone()
             _resample_rejected(tokens, logits, alive, self.context, self.generators, sampling,
                                hook.rejects, skip=set(greedy))
+            for i in [i for i, a, b in zip(coded, before.tolist(), tokens[coded].tolist())
+                      if a != b]:
+                self.codes.pop(alive[i], None)      # a refused draw: the code no longer fits
         return tokens
 
     def record(self, tokens: Tensor, eos: set[int], tokenizer, stop_strings: Sequence[str],
@@ -343,7 +390,7 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
              logit_processor: LogitProcessor | None = None,
              stream: Callable[[int, str], None] | None = None,
              max_cache_tokens: int | None = None, keep_state: bool = False,
-             reference_rows: Sequence[int] = (),
+             reference_rows: Sequence[int] = (), stratified_steps: int = 0,
              progress: Callable[[int], None] | None = None) -> GenerationResult:
     """Generate ``num_rows`` continuations of one prompt in one batch.
 
@@ -385,6 +432,15 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
             same batch as the drafts instead of in a pass of its own). They share
             the prompt's prefill and the MoE routing with the other rows, and
             ignore ``logit_processor``.
+        stratified_steps: the first this many tokens of the sampled rows are drawn as
+            one stratified set (arithmetic sampling, Vilnis et al. 2023): the rows'
+            uniform numbers are spread evenly over [0, 1) with one random offset and
+            each row's number is rescaled inside the interval of the token it picked,
+            so the rows spread over the distribution instead of repeating its mode,
+            while each row alone is still an exact draw from it. A row falls back to
+            its own generator after these steps, when its code's precision is spent
+            (40 bits) or when a constraint refuses its draw. 0 (default): every row
+            draws independently.
         progress: called as ``progress(1)`` after every decoding step (e.g. a tqdm
             bar's ``update``); the library itself shows nothing.
 
@@ -414,6 +470,10 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
         per_prompt, prompt_rows = num_rows // ids.shape[0], ids.tolist()
         prior, prompts = [[]] * num_rows, [prompt_rows[r // per_prompt] for r in range(num_rows)]
     rows = _Rows(seeds, prior, prompts, reference)
+    if isinstance(stratified_steps, bool) or not isinstance(stratified_steps, int) \
+            or stratified_steps < 0:
+        raise ValueError(f"stratified_steps must be an int >= 0, got {stratified_steps!r}")
+    rows.stratify(stratified_steps)
     stats = GenerationStats(prompt_tokens=0 if resume is not None else ids.numel())
     sampling, knobs = knobs_at(0)
     track = max_cache_tokens is not None

@@ -13,6 +13,10 @@ The order, applied by :func:`sample` to ``[N, vocab]`` logits:
    uniform number per row), each row with its own ``torch.Generator``
    (reproducible per row, whatever the other rows do).
 
+:func:`sample_coded` draws step 6 from given numbers instead (arithmetic sampling:
+a set of rows whose numbers are spread evenly over [0, 1) covers the distribution
+instead of repeating its mode, while each row alone is still an exact draw).
+
 The most probable token always survives every filter, so a row never ends up
 with an empty distribution (unless every logit was ``-inf`` to begin with,
 which :func:`sample` reports as an error).
@@ -34,7 +38,8 @@ from torch import Tensor
 from ..models.attention_knobs import AttentionKnobs, dial_params
 
 __all__ = ["Knobs", "SamplingParams", "apply_temperature", "dial", "dial_knobs", "min_p_filter",
-           "sample", "top_k_filter", "top_p_filter"]
+           "sample", "sample_coded", "sampling_probs", "stratified_codes", "top_k_filter",
+           "top_p_filter"]
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,27 @@ def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
+def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution :func:`sample` draws from (steps 2-5; ``temperature > 0``):
+    float32 ``[N, vocab]``, each row summing to 1."""
+    _check_logits(logits)
+    if params.temperature == 0:
+        raise ValueError("temperature 0 is greedy: there is no distribution to draw from")
+    logits = apply_temperature(logits.float(), params.temperature)
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    logits = min_p_filter(logits, params.min_p)
+    return torch.softmax(logits, dim=-1)
+
+
+def _check_logits(logits: Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, vocab], got shape {tuple(logits.shape)}")
+    if bool((logits == float("-inf")).all(dim=-1).any()):
+        raise ValueError("a row has every token masked (all logits are -inf): the constraints "
+                         "leave nothing to sample")
+
+
 def sample(logits: Tensor, params: SamplingParams,
            generators: Sequence[torch.Generator] | None = None) -> Tensor:
     """One token per row of ``[N, vocab]`` logits; returns int64 ``[N]``.
@@ -197,22 +223,64 @@ def sample(logits: Tensor, params: SamplingParams,
         >>> sample(logits, SamplingParams(temperature=0)).tolist()
         [1]
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [N, vocab], got shape {tuple(logits.shape)}")
-    if bool((logits == float("-inf")).all(dim=-1).any()):
-        raise ValueError("a row has every token masked (all logits are -inf): the constraints "
-                         "leave nothing to sample")
+    _check_logits(logits)
     if generators is not None and len(generators) != logits.shape[0]:
         raise ValueError(f"need one generator per row: {logits.shape[0]} rows, "
                          f"{len(generators)} generators")
-    logits = logits.float()
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = apply_temperature(logits, params.temperature)
-    logits = top_k_filter(logits, params.top_k)
-    logits = top_p_filter(logits, params.top_p)
-    logits = min_p_filter(logits, params.min_p)
-    return _draw(torch.softmax(logits, dim=-1), generators)
+        return logits.float().argmax(dim=-1)
+    return _draw(sampling_probs(logits, params), generators)
+
+
+def stratified_codes(n: int, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` numbers ``(i / n + U) mod 1`` for one uniform ``U``: float64 ``[n]``, evenly
+    spread over [0, 1) and each one alone uniform (the codes of arithmetic sampling)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    offset = torch.rand(1, generator=generator, dtype=torch.float64)
+    return torch.remainder(torch.arange(n, dtype=torch.float64) / n + offset, 1.0)
+
+
+def sample_coded(probs: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of arithmetic sampling (Vilnis et al., ICML 2023): each row's token is
+    the one whose interval of the CDF (vocabulary order) holds the row's code, and the
+    code is rescaled to its place inside that interval, uniform again for the next step.
+
+    Args:
+        probs: ``[N, vocab]`` distributions (:func:`sampling_probs`).
+        codes: float64 ``[N]`` in [0, 1) (:func:`stratified_codes`, then this
+            function's own output).
+
+    Returns:
+        ``(tokens int64 [N], next codes float64 [N], bits float64 [N])``: ``bits`` is
+        ``-log2`` of each chosen token's probability, the precision the code spent
+        (a float64 code holds about 52 bits; past that it is rounding noise).
+
+    Example:
+        >>> probs = torch.tensor([[0.5, 0.25, 0.25]]).repeat(4, 1)
+        >>> tokens, _, _ = sample_coded(probs, torch.tensor([0.1, 0.35, 0.6, 0.85],
+        ...                                                 dtype=torch.float64))
+        >>> tokens.tolist()
+        [0, 0, 1, 2]
+    """
+    if probs.dim() != 2 or codes.shape != probs.shape[:1]:
+        raise ValueError(f"need probs [N, vocab] and codes [N], got {tuple(probs.shape)} and "
+                         f"{tuple(codes.shape)}")
+    p = probs.double()
+    cdf = torch.cumsum(p, dim=-1)
+    target = codes.to(cdf.device).view(-1, 1) * cdf[:, -1:]
+    index = torch.searchsorted(cdf, target, right=True).clamp_(max=p.shape[-1] - 1)
+    picked = p.gather(-1, index)
+    # rounding can land on a zero-probability token at an interval's edge: step back
+    # to the last token with mass at or below it
+    if bool((picked <= 0).any()):
+        nonzero = torch.where(p > 0, torch.arange(p.shape[-1], device=p.device), -1)
+        last = torch.cummax(nonzero, dim=-1).values.gather(-1, index)
+        index = torch.where(picked > 0, index, last.clamp(min=0))
+        picked = p.gather(-1, index)
+    low = cdf.gather(-1, index) - picked
+    code = ((target - low) / picked).clamp_(0.0, 1.0 - 2.0 ** -53)
+    return index.squeeze(-1), code.squeeze(-1).cpu(), -torch.log2(picked).squeeze(-1).cpu()
 
 
 def _draw(probs: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:

@@ -312,6 +312,8 @@ class CreativeSparse:
         quality: the functional for every model instead of one built per model.
         draft_fraction: share of the length budget spent on a draft (0.4).
         keep_fraction: share of the drafts that is refined (0.5).
+        stratify_drafts: draw the drafts as one stratified set (arithmetic sampling:
+            each draft alone the same draw, together spread over the distribution).
         safety_repairs: repairs per flagged candidate before it is dropped (2).
         safety_timeout: seconds per checker call (None: no limit; default 10).
 
@@ -330,6 +332,7 @@ class CreativeSparse:
     quality: QualityFunctional | None = field(default=None, compare=False, repr=False)
     draft_fraction: float = 0.4
     keep_fraction: float = 0.5
+    stratify_drafts: bool = False
     safety_repairs: int = 2
     safety_timeout: float | None = 10.0
     controller: SparsityController = field(init=False, compare=False, repr=False)
@@ -405,7 +408,7 @@ class CreativeSparse:
             max_length=max_length, num_candidates=num_candidates,
             sparsity_level=sparsity_level, constraints=constraints, seed=seed,
             num_drafts=num_drafts, reference=reference, logits_processor=logits_processor,
-            progress=progress)
+            progress=progress, stratify_drafts=self.stratify_drafts)
 
     def generate(self, model, tokenizer, prompt, *, num_candidates: int = 5,
                  max_new_tokens: int = 120, seed: int = 0,
