@@ -32,13 +32,16 @@ def _write_report(results_paths, out_dir, *, no_plots: bool = False,
     """report.md, report.csv (and plots) of one or more results files (read as one run,
     :func:`~creative_sparse.evaluation.records.combine_results`); ``human`` fills that
     column."""
+    from ..evaluation.frontier import format_gaps, frontier_gaps, write_gaps_csv
     from ..evaluation.records import combine_results
     from ..evaluation.tables import (aggregate, format_markdown, plot_frontiers,
                                      runtime_summary, write_csv)
 
     paths = [results_paths] if isinstance(results_paths, (str, Path)) else list(results_paths)
     results = combine_results(paths)
-    rows = aggregate(results.records(), human=human)
+    records = results.records()
+    rows = aggregate(records, human=human)
+    gaps = frontier_gaps(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     h = results.header
@@ -52,10 +55,13 @@ def _write_report(results_paths, out_dir, *, no_plots: bool = False,
         notes.append(f"From {len(paths)} results files: "
                      + ", ".join(f"`{Path(p).name}`" for p in paths)
                      + f" (library version {h.get('library_version')}).")
-    (out / "report.md").write_text(format_markdown(rows, title=title, notes=notes) + "\n",
-                                   encoding="utf-8")
+    sections = {task: format_gaps(gaps, task) for task in {r.task for r in rows}}
+    (out / "report.md").write_text(format_markdown(rows, title=title, notes=notes,
+                                                   sections=sections) + "\n", encoding="utf-8")
     write_csv(rows, out / "report.csv")
     written = [out / "report.md", out / "report.csv"]
+    if gaps:
+        written.append(write_gaps_csv(gaps, out / "frontier_gaps.csv"))
     if not no_plots:
         written += plot_frontiers(rows, out)
     if results.skipped:

@@ -9,7 +9,11 @@ the parsed records:
 * :func:`aggregate` -> one :class:`Row` per (task, method, setting);
 * :func:`format_markdown` -> a table per task and a one-line frontier verdict;
 * :func:`write_csv` -> the same rows, every field, one line each;
-* :func:`plot_frontiers` -> per task, diversity and novelty against NLL.
+* :func:`plot_frontiers` -> per task, diversity and novelty against NLL;
+* :func:`runtime_summary` -> the units' own time, in all and per task.
+
+:mod:`creative_sparse.evaluation.frontier` adds each setting's gap to the samplers'
+frontier at its own NLL, with paired intervals.
 
 **Means and intervals are over prompts.** A unit's value is the mean over its outputs
 (``q``, ``novelty``, ``incoherence``, ``relevance``, ``nll``, ``rep3``) or its set value
@@ -298,6 +302,42 @@ def _relative(row: Row, ref: Row | None) -> dict[str, float | None]:
     return out
 
 
+def _group(records: Sequence[Mapping[str, Any]]) -> tuple[dict, dict]:
+    """Checked unit values: ``(task, method, setting) -> prompt -> [unit values]`` in
+    report order, and ``(task, method, setting) -> [units, outputs]``."""
+    groups: dict[tuple, dict[int, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
+    counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    seen: dict[str, int] = {}
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping):
+            raise ValueError(f"records[{i}] = {rec!r:.60}, expected an object")
+        kind = _field(rec, "type", _where(i, rec))
+        if kind != "unit":
+            _check_other(i, rec)
+            continue
+        key, prompt, n_out, values = _unit_values(i, rec)
+        if rec["id"] in seen:
+            raise ValueError(f"{_where(i, rec)}: the same id as records[{seen[rec['id']]}] "
+                             f"(a unit counted twice?)")
+        seen[rec["id"]] = i
+        groups[key][prompt].append(values)
+        counts[key][0] += 1
+        counts[key][1] += n_out
+    if not groups:
+        raise ValueError(f"no unit records ({len(records)} record(s) read)")
+    order = {m: k for k, m in enumerate(METHODS)}
+    keys = sorted(groups, key=lambda k: (k[0], order[k[1]], k[2]))
+    return {k: groups[k] for k in keys}, counts
+
+
+def per_prompt_values(prompts: Mapping[int, list[dict[str, float]]],
+                      metrics: Sequence[str] = _METRICS) -> np.ndarray:
+    """``[metrics, prompts]``: each prompt's mean over its units (seeds), prompts in
+    index order; NaN where not measured."""
+    return np.array([[_nanmean([u[name] for u in prompts[p]]) for p in sorted(prompts)]
+                     for name in metrics])
+
+
 def aggregate(records: Sequence[Mapping[str, Any]], *, confidence: float = 0.95,
               bootstrap: int = 2000, seed: int = 0,
               human: Mapping[tuple[str, str], float] | None = None) -> list[Row]:
@@ -324,35 +364,11 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, confidence: float = 0.95,
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 1:
         raise ValueError(f"bootstrap must be an int >= 1, got {bootstrap!r}")
-    # key -> prompt -> list of unit values; key -> [units, outputs]
-    groups: dict[tuple, dict[int, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
-    counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
-    seen: dict[str, int] = {}
-    for i, rec in enumerate(records):
-        if not isinstance(rec, Mapping):
-            raise ValueError(f"records[{i}] = {rec!r:.60}, expected an object")
-        kind = _field(rec, "type", _where(i, rec))
-        if kind != "unit":
-            _check_other(i, rec)
-            continue
-        key, prompt, n_out, values = _unit_values(i, rec)
-        if rec["id"] in seen:
-            raise ValueError(f"{_where(i, rec)}: the same id as records[{seen[rec['id']]}] "
-                             f"(a unit counted twice?)")
-        seen[rec["id"]] = i
-        groups[key][prompt].append(values)
-        counts[key][0] += 1
-        counts[key][1] += n_out
-    if not groups:
-        raise ValueError(f"no unit records ({len(records)} record(s) read)")
-    order = {m: k for k, m in enumerate(METHODS)}
+    groups, counts = _group(records)
     rows = []
-    for key in sorted(groups, key=lambda k: (k[0], order[k[1]], k[2])):
+    for key, prompts in groups.items():
         task, method, setting = key
-        prompts = groups[key]
-        per_prompt = np.array([[_nanmean([u[name] for u in prompts[p]]) for p in sorted(prompts)]
-                               for name in _METRICS])
-        est = _estimates(per_prompt, confidence, bootstrap, _row_rng(seed, key))
+        est = _estimates(per_prompt_values(prompts), confidence, bootstrap, _row_rng(seed, key))
         rows.append(Row(task, method, setting, METHODS[method][1], len(prompts), *counts[key],
                         confidence, False, **dict(zip(_METRICS, est))))
     refs = _reference_rows(rows)
@@ -470,7 +486,8 @@ def runtime_summary(units: Iterable[Mapping[str, Any]]) -> str:
 
 
 def format_markdown(rows: Sequence[Row], *, title: str = "Evaluation results",
-                    notes: Sequence[str] = ()) -> str:
+                    notes: Sequence[str] = (),
+                    sections: Mapping[str, Sequence[str]] | None = None) -> str:
     """The report as Markdown: per task, a table of its (method, setting) rows and the
     frontier verdict (:func:`frontier_verdicts`).
 
@@ -478,7 +495,9 @@ def format_markdown(rows: Sequence[Row], *, title: str = "Evaluation results",
     latency and KV are percentages of the task's Dense top-p reference (marked
     ``(ref)``); Δ columns are differences of means against it; "—" is "not measured"
     or "no judgement". Columns for pass@k, pass rate, valid rate and flagged appear only
-    in tasks that have them. ``notes``: paragraphs under the title (the runtime, say).
+    in tasks that have them. ``notes``: paragraphs under the title (the runtime, say);
+    ``sections``: more Markdown lines per task, after its verdict (the frontier gaps of
+    :mod:`~creative_sparse.evaluation.frontier`, say).
     """
     if not rows:
         raise ValueError("no rows to report")
@@ -509,6 +528,7 @@ def format_markdown(rows: Sequence[Row], *, title: str = "Evaluation results",
             cells.append("—" if r.human is None else f"{r.human:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"**Frontier verdict:** {frontier_verdicts(task_rows)[task]}.", ""]
+        lines += list((sections or {}).get(task, ()))
     return "\n".join(lines)
 
 
