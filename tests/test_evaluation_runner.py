@@ -125,6 +125,42 @@ def test_two_torchrun_processes_equal_one(full_run, tmp_path):
     assert _units(merged) == _units(full_run)
 
 
+def test_a_run_begun_in_one_process_resumes_under_torchrun(tiny, full_run, tmp_path):
+    model, tok, quality = tiny
+    out = tmp_path / "moved.jsonl"
+
+    class Killed(Exception):
+        pass
+
+    seen = []
+
+    def kill_after_five(record):
+        seen.append(record["id"])
+        if len(seen) == 5:
+            raise Killed
+    with pytest.raises(Killed):
+        evaluate(model, tok, out=out, quality=quality, model_name="tiny",
+                 on_unit=kill_after_five, **RUN)
+    begun = set(read_results(out).units)
+    script = tmp_path / "run.py"
+    script.write_text(TINY + textwrap.dedent(f'''
+        from creative_sparse.evaluation.runner import evaluate
+        model, tok, quality = tiny()
+        evaluate(model, tok, out={str(out)!r}, quality=quality, model_name="tiny", **{RUN!r})
+    '''))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", "29518", str(script)], check=True, env=env, timeout=600,
+                   capture_output=True)
+    shards = [read_results(tmp_path / f"moved.rank{r}.jsonl") for r in range(2)]
+    redone = set().union(*(s.units for s in shards))
+    assert len(begun) == 5 and not begun & redone               # nothing done twice
+    assert len(redone) == len(full_run.units) - 5
+    merged = read_results(out)
+    assert _units(merged) == _units(full_run)                   # and nothing lost
+    assert merged.references == full_run.references
+
+
 def test_bad_input_is_a_clear_error(tiny, full_run, tmp_path):
     model, tok, quality = tiny
     with pytest.raises(ValueError, match="unknown method 'beam'; known: top_p"):

@@ -44,7 +44,9 @@ all dropped or withheld is scored on one blank output, with ``set.withheld`` say
 
 Under ``torchrun`` (``torch.distributed``, gloo on CPU) each rank takes every
 ``world``-th unit and writes its own shard ``<out>.rank<r>.jsonl``; rank 0 merges the
-shards into ``<out>`` once all ranks are done. The same command runs unchanged on
+shards into ``<out>`` once all ranks are done. Units ``<out>`` already holds (a run
+begun in one process, an earlier merge) are skipped by every rank and kept by the
+merge, so a run can move between one process and several without redoing anything. The same command runs unchanged on
 one process, a multi-core machine or a multi-GPU node.
 """
 
@@ -63,7 +65,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .methods import METHODS, Method
-from .records import FORMAT, FORMAT_VERSION, ResultsWriter, merge_shards, read_results, unit_id
+from .records import (FORMAT, FORMAT_VERSION, ResultsWriter, check_header, merge_shards,
+                      read_results, unit_id)
 from ..tasks import load_task, list_tasks
 
 logger = logging.getLogger(__name__)
@@ -400,10 +403,16 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
     rank, world = _distributed()
     mine = units[rank::world]
     path = out if world == 1 else shard_path(out, rank)
+    # Under torchrun the ranks also resume from what <out> already holds (a run begun
+    # in one process, or an earlier merge): those units are neither redone nor dropped.
+    prior = read_results(out) if world > 1 else None
+    if prior is not None:
+        check_header(prior.header, header, out)
     with ResultsWriter(path, header) as writer:
-        done = set(writer.results.units)
+        done = set(writer.results.units) | set(prior.units if prior else ())
         todo = [u for u in mine if u.id not in done]
-        scorer = _Scorer(model, tokenizer, num_outputs, budgets, writer.results.references,
+        references = {**(prior.references if prior else {}), **writer.results.references}
+        scorer = _Scorer(model, tokenizer, num_outputs, budgets, references,
                          quality, compute, checker)
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="unit",
                    desc=f"evaluate{f' rank {rank}' if world > 1 else ''}", disable=not progress)
@@ -426,7 +435,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
     if world > 1:
         _barrier()
         if rank == 0:
-            merge_shards([shard_path(out, r) for r in range(world)], out)
+            merge_shards(([out] if prior is not None and prior.header else [])
+                         + [shard_path(out, r) for r in range(world)], out)
         _barrier()
     return out
 
