@@ -49,10 +49,11 @@ def fake_wrapper(monkeypatch):
     seen = {}
 
     class Wrapper:
-        sparsity_schedule = (0.7, 0.3)
+        sparsity_schedule = (0.3, 0.3)
 
         def __init__(self, model, sparsity_schedule, device, **kwargs):
-            seen["init"] = dict(model=model, device=device, **kwargs)
+            seen["init"] = dict(model=model, device=device, schedule=sparsity_schedule,
+                                **kwargs)
 
         def generate_candidates(self, prompt, **kwargs):
             seen["call"] = kwargs
@@ -80,6 +81,8 @@ def test_generate_passes_constraints_device_and_shows_per_token_progress(
         "banned": ["robot", "sea"], "required": ["moon"], "regex": "[a-z ,]+",
         "json_schema": {"type": "object"}}
     assert fake_wrapper["init"]["device"] in ("cpu", "cuda")
+    from creative_sparse.generation.creative_strategy import DEFAULT_SCHEDULE
+    assert fake_wrapper["init"]["schedule"] == DEFAULT_SCHEDULE == (0.3, 0.3)  # one default
     err = capsys.readouterr().err
     assert "7/7" in err and "tok" in err                 # one tick per token, with a rate
 

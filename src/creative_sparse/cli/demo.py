@@ -128,7 +128,8 @@ def run_creative_demo(prompts=DEMO_PROMPTS, candidates: int = 5, max_tokens: int
         print(f"  best top-p:          {best_plain[:300]}")
         print(f"  best Creative-Sparse: {result.best.text[:300]}")
     print(f"\nTop-p sampling here is model.generate. Creative-Sparse drafts "
-          f"{math.ceil(candidates / wrapper.keep_fraction)} short candidates at high sparsity "
-          f"and refines the {candidates} chosen as a set; its time includes the drafts, the "
+          f"{math.ceil(candidates / wrapper.keep_fraction)} short candidates at its diverge "
+          f"level ({wrapper.sparsity_schedule[0]:g}) and refines the {candidates} chosen as a "
+          "set; its time includes the drafts, the "
           "greedy reference row and the scoring. benchmarks/generation.py times dense "
           "sampling in the same engine.")

@@ -43,6 +43,7 @@ from .constraint_spec import build_constraints
 from .creative import Candidate, CreativeResult, greedy_reference
 from .knobs import dial_knobs
 from .prompts import Prompt, prompt_ids
+from .creative_strategy import DEFAULT_SCHEDULE
 from .strategies import CreativeSparse
 
 __all__ = ["Candidate", "CreativeResult", "CreativeSparseWrapper", "build_constraints",
@@ -65,7 +66,10 @@ class CreativeSparseWrapper:
 
     Args:
         model_name: anything :func:`creative_sparse.models.load_model` accepts.
-        sparsity_schedule: ``(diverge, refine)`` levels in [0, 1], refine <= diverge.
+        sparsity_schedule: ``(diverge, refine)`` levels in [0, 1], refine <= diverge;
+            default ``(0.3, 0.3)``, the best measured setting (``DEFAULT_SCHEDULE``:
+            higher diverge levels add diversity on poetry but cost relevance on
+            creative writing; ``docs/evaluation.md``).
         quality_weights: alpha, beta, gamma of Q: a ``QualityWeights`` or an
             ``(alpha, beta, gamma)`` tuple as in the seed's quick start (default
             ``QualityWeights()``).
@@ -101,7 +105,7 @@ class CreativeSparseWrapper:
     keep_fraction = _setting("keep_fraction", "Share of the drafts that is refined.")
 
     def __init__(self, model_name: str = "smollm2-135m",
-                 sparsity_schedule: Sequence[float] = (0.7, 0.3),
+                 sparsity_schedule: Sequence[float] = DEFAULT_SCHEDULE,
                  quality_weights: QualityWeights | Sequence[float] | None = None,
                  sparsity_config: SparsityConfig | None = None, *, model=None, tokenizer=None,
                  device: str = "cpu", draft_fraction: float = 0.4, keep_fraction: float = 0.5,
