@@ -80,22 +80,42 @@ def test_every_unit_is_recorded_with_scores_and_costs(full_run):
     assert set(full_run.references) == {("poetry", 0), ("poetry", 1), ("code", 0), ("code", 1)}
 
 
+class _Killed(Exception):
+    pass
+
+
+def _run_killed_after(tiny, path: Path, units: int) -> None:
+    """The run of ``RUN`` into ``path``, killed once ``units`` units are written."""
+    model, tok, quality = tiny
+    seen = []
+
+    def kill(record):
+        seen.append(record["id"])
+        if len(seen) == units:
+            raise _Killed
+    with pytest.raises(_Killed):
+        evaluate(model, tok, out=path, quality=quality, model_name="tiny", on_unit=kill,
+                 **RUN)
+
+
+def _torchrun(tmp_path: Path, out: Path, port: int) -> None:
+    """The run of ``RUN`` into ``out`` under a 2-process torchrun."""
+    script = tmp_path / "run.py"
+    script.write_text(TINY + textwrap.dedent(f'''
+        from creative_sparse.evaluation.runner import evaluate
+        model, tok, quality = tiny()
+        evaluate(model, tok, out={str(out)!r}, quality=quality, model_name="tiny", **{RUN!r})
+    '''))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(port), str(script)], check=True, env=env,
+                   timeout=600, capture_output=True)
+
+
 def test_a_killed_run_resumes_to_the_same_results(tiny, full_run, tmp_path):
     model, tok, quality = tiny
     path = tmp_path / "results.jsonl"
-
-    class Killed(Exception):
-        pass
-
-    seen = []
-
-    def kill_after_seven(record):
-        seen.append(record["id"])
-        if len(seen) == 7:
-            raise Killed
-    with pytest.raises(Killed):
-        evaluate(model, tok, out=path, quality=quality, model_name="tiny",
-                 on_unit=kill_after_seven, **RUN)
+    _run_killed_after(tiny, path, 7)
     assert len(read_results(path).units) == 7
     with open(path, "ab") as f:          # the kill also tore a line in half
         f.write(b'{"type": "unit", "id": "poetry/0/top')
@@ -108,17 +128,7 @@ def test_a_killed_run_resumes_to_the_same_results(tiny, full_run, tmp_path):
 
 
 def test_two_torchrun_processes_equal_one(full_run, tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(TINY + textwrap.dedent(f'''
-        from creative_sparse.evaluation.runner import evaluate
-        model, tok, quality = tiny()
-        evaluate(model, tok, out={str(tmp_path / "dist.jsonl")!r}, quality=quality,
-                 model_name="tiny", **{RUN!r})
-    '''))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", "29517", str(script)], check=True, env=env, timeout=600,
-                   capture_output=True)
+    _torchrun(tmp_path, tmp_path / "dist.jsonl", 29517)
     merged = read_results(tmp_path / "dist.jsonl")
     shards = [read_results(tmp_path / f"dist.rank{r}.jsonl") for r in range(2)]
     assert all(len(s.units) == 12 for s in shards)
@@ -126,32 +136,10 @@ def test_two_torchrun_processes_equal_one(full_run, tmp_path):
 
 
 def test_a_run_begun_in_one_process_resumes_under_torchrun(tiny, full_run, tmp_path):
-    model, tok, quality = tiny
     out = tmp_path / "moved.jsonl"
-
-    class Killed(Exception):
-        pass
-
-    seen = []
-
-    def kill_after_five(record):
-        seen.append(record["id"])
-        if len(seen) == 5:
-            raise Killed
-    with pytest.raises(Killed):
-        evaluate(model, tok, out=out, quality=quality, model_name="tiny",
-                 on_unit=kill_after_five, **RUN)
+    _run_killed_after(tiny, out, 5)
     begun = set(read_results(out).units)
-    script = tmp_path / "run.py"
-    script.write_text(TINY + textwrap.dedent(f'''
-        from creative_sparse.evaluation.runner import evaluate
-        model, tok, quality = tiny()
-        evaluate(model, tok, out={str(out)!r}, quality=quality, model_name="tiny", **{RUN!r})
-    '''))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", "29518", str(script)], check=True, env=env, timeout=600,
-                   capture_output=True)
+    _torchrun(tmp_path, out, 29518)
     shards = [read_results(tmp_path / f"moved.rank{r}.jsonl") for r in range(2)]
     redone = set().union(*(s.units for s in shards))
     assert len(begun) == 5 and not begun & redone               # nothing done twice

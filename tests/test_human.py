@@ -326,7 +326,8 @@ def test_cli_reports_fill_the_human_column(store, client, tmp_path, capsys):
                                                            "Dense top-p"]
     assert md.count("| 12 | 0 |") == 3   # 3 raters x 6 pairs, each method in 2 of 3
     report = (out / "report.md").read_text()
-    human = [line.rsplit("|", 2)[1].strip() for line in report.splitlines()
+    tables = report.split("**Frontier verdict")[0]      # the main table, not the gap table
+    human = [line.rsplit("|", 2)[1].strip() for line in tables.splitlines()
              if line.startswith("| Creative-Sparse") or line.startswith("| Dense top-p")]
     assert human == ["0.000", "1.000"]
     csv = (out / "human.csv").read_text().splitlines()
