@@ -316,3 +316,36 @@ def test_results_files_that_do_not_compare_are_refused(full_run, tmp_path, capsy
     # a file differing only in library version combines, and the report names both
     mixed = combine_results([poetry, write({"library_version": "0.0.1"})])
     assert mixed.header["library_version"].endswith(", 0.0.1")
+
+
+def test_constrained_runs_hold_every_method_to_the_task_validators(tiny, tmp_path, monkeypatch):
+    """constrain=True: the samplers and Creative-Sparse both decode under the code task's
+    Python guard (it is asked about their tokens), poetry (no validators) is untouched,
+    the header records it and an unconstrained file is refused."""
+    from creative_sparse.generation.constraints import ValidatorGuard
+
+    model, tok, quality = tiny
+    asked = []
+    rejects = ValidatorGuard.rejects
+    monkeypatch.setattr(ValidatorGuard, "rejects",
+                        lambda self, ids, token: asked.append(1) or rejects(self, ids, token))
+    run = dict(RUN, seeds=[0], prompts=1, settings={"top_p": [1.0], "creative_sparse": [0.6]})
+    counts = {}
+    for method in ("top_p", "creative_sparse"):
+        for task in ("code", "poetry"):
+            asked.clear()
+            path = tmp_path / f"{method}-{task}.jsonl"
+            evaluate(model, tok, out=path, quality=quality, model_name="tiny", constrain=True,
+                     **dict(run, tasks=[task], methods=[method]))
+            assert read_results(path).header["constrained"] is True
+            counts[method, task] = len(asked)
+    assert counts["top_p", "code"] > 0 and counts["creative_sparse", "code"] > 0, counts
+    assert counts["top_p", "poetry"] == counts["creative_sparse", "poetry"] == 0, counts
+    asked.clear()
+    plain = tmp_path / "plain.jsonl"
+    evaluate(model, tok, out=plain, quality=quality, model_name="tiny",
+             **dict(run, tasks=["code"], methods=["top_p"]))
+    assert asked == [] and read_results(plain).header["constrained"] is False
+    with pytest.raises(ValueError, match="constrained"):
+        evaluate(model, tok, out=plain, quality=quality, model_name="tiny", constrain=True,
+                 **dict(run, tasks=["code"], methods=["top_p"]))

@@ -29,7 +29,7 @@ def test_abc_notation():
     assert abc_notation(GOOD_ABC) == 0
     assert abc_notation(GOOD_ABC.replace("X:1\n", "")) == 1                 # no X: first
     assert abc_notation(GOOD_ABC.replace("K:D\n", "")) >= 1                 # no key
-    assert abc_notation("X:1\nT:t\nK:C\nhello there\n") == 1                # no notes/bars
+    assert abc_notation("X:1\nT:t\nK:C\nhello there\n") == 2                # no notes/bars, prose
     assert abc_notation(GOOD_ABC.replace("|:A|", "|:[A|")) == 1             # unbalanced
     assert abc_notation("just some prose about music") >= 3
 
@@ -105,6 +105,29 @@ def test_banned_phrases_are_kept_out_of_the_drafts_and_counted_anywhere(tiny_wra
     parts = tiny_wrapper.quality.breakdown(["the sea is a sea", "the deep blue"], ["a"],
                                            "the deep blue", validators=constraints.validators)
     assert [p.violations for p in parts] == [2.0, 0.0]
+
+
+class _NoSea:
+    """A validator with a prefix check: "sea" may never appear."""
+    __name__ = "no_sea"
+
+    def __call__(self, text):
+        return len(re.findall(r"\bsea\b", text))
+
+    def rejects_prefix(self, text):
+        return self(text) > 0
+
+
+def test_validator_prefix_checks_hold_in_the_drafts_too(tiny_wrapper):
+    """A draft opens the answer: one that broke a validator's prefix rule (a tune that
+    does not open with X:) cannot be repaired by the refinement, so the guard decodes
+    the drafts too, not only the refinement."""
+    sea = re.compile(r"\bsea\b", re.I)
+    args = dict(max_length=10, num_candidates=3, seed=1)
+    result = tiny_wrapper.generate_candidates("the deep blue",
+                                              constraints={"validators": [_NoSea()]}, **args)
+    assert not [d for d in result.drafts if sea.search(d)]
+    assert all(c.quality.violations == 0 for c in result.candidates)
 
 
 @pytest.mark.parametrize("prompt", ["\ud800", "the sea \udcff is"], ids=["alone", "inside"])

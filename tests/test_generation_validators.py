@@ -43,6 +43,16 @@ def test_python_finished_text():
     ("X:1\nT:a\nK:C\nw: la la\n|ABc|\n", False),   # inline fields are allowed in the body
     ("X:1\nT:a\nK:C\n|A]", True),                  # bracket closed out of order
     ("X:1\nT:a\nK:C\n|[A", False),                 # still open: can close later
+    ("X:1\nT:a\nK:C\nThis r", True),               # prose on a body line, while written
+    ("X:1\nT:a\nK:C\n|A B c|\nThe", True),        # ... also after a good line
+    ('X:1\nT:a\nK:C\n|"Am"A2 "^lively"B|', False),  # chord symbols, annotations: free text
+    ('X:1\nT:a\nK:C\n|"Am sw', False),             # ... still open at the line's end
+    ("X:1\nT:a\nK:C\n|A [K:G] B !trill!c|", False),  # inline fields, long decorations
+    ("X:1\nT:a\nK:C\n% a comment, any text\n|A|", False),
+    ("X:1\nT:a\nK:C\n|ABc|\n\nThat was a reel.", False),  # an empty line ends the tune
+    ("X:1\nT:a\nK:C\nM:6/8\n\nThat", True),      # ... but not before its notes
+    ("X:1\nT:a\nK:C\nO:22\n", True),              # a header-only field is not a body line
+    ("X:1\nT:a\nK:C\nY", True),
 ])
 def test_abc_prefix(text, dead):
     assert abc_notation.rejects_prefix(text) is dead
@@ -54,6 +64,26 @@ def test_abc_finished_text_and_prefix_agree_on_a_tune():
     assert abc_notation(TUNE.replace("|:A|", "|:[A|")) == 1     # left open
     # Every prefix of a well-formed tune is a valid start.
     assert not any(abc_notation.rejects_prefix(TUNE[:i]) for i in range(len(TUNE) + 1))
+
+
+def test_abc_prose_in_the_body_is_a_violation():
+    assert abc_notation(TUNE + "This reel is in D | lively\n") == 1
+    assert abc_notation(TUNE + "\nThis reel is in D | lively\n") == 0     # after the tune
+    assert abc_notation('X:1\nT:a\nK:C\n|"Am"A2 "^any text"B c|\n') == 0
+
+
+@pytest.mark.parametrize("text,ending", [
+    ("X:1\nT:a\nK:C\n(AB", ")|"),          # the slur's closer and a first bar line
+    ("X:1\nT:a\nK:C\n|AB", None),           # already barred, nothing open
+    ("X:1\nT:a\nK:C\n|A [c", "]"),
+    ("X:1\nT:a\nK:C\n", None),              # no notes on the line yet
+    ("X:1\nT:a\nM:4", None),                 # still in the header
+    ('X:1\nT:a\nK:C\nAB "Am', None),        # inside an annotation
+])
+def test_abc_closing(text, ending):
+    assert abc_notation.closing(text) == ending
+    if ending:
+        assert abc_notation(text + ending) == 0
 
 
 def test_regex_prefix_uses_partial_matching():

@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="outputs: equal output count (Creative-Sparse drafts 2x and picks); "
                          "flops: also equal decoded tokens (Creative-Sparse drafts exactly as "
                          "many as it returns and uses the run's greedy reference)")
+    ev.add_argument("--constrain", action="store_true",
+                    help="every method decodes under each task's validators (code: Python "
+                         "syntax, music: ABC), enforced token by token; tasks without "
+                         "validators are unaffected")
     ev.add_argument("--no-safety", action="store_true",
                     help="no flagged-rate monitoring and no screening of Creative-Sparse")
     rep = sub.add_parser("report", help="tables (Markdown, CSV) and frontier plots of results",

@@ -21,7 +21,7 @@ def run_evaluate(args) -> None:
                     out=args.out, split=args.split, prompts=args.prompts,
                     num_outputs=args.outputs, settings=args.settings,
                     max_new_tokens=args.max_tokens, model_name=args.model,
-                    progress=not args.quiet, compute=args.compute,
+                    progress=not args.quiet, compute=args.compute, constrain=args.constrain,
                     safety=None if args.no_safety else "default")
     print(f"results: {path} ({time.perf_counter() - start:.0f} s); tables and plots: "
           f"creative-sparse report {path}", file=sys.stderr)
@@ -47,7 +47,9 @@ def _write_report(results_paths, out_dir, *, no_plots: bool = False,
     h = results.header
     title = (f"Evaluation of {h.get('model') or 'the model'} on the {h.get('split')} split "
              f"({len(results.units)} units, {h.get('num_outputs')} outputs each"
-             + (", equal FLOPs" if h.get("compute") == "flops" else "") + ")")
+             + (", equal FLOPs" if h.get("compute") == "flops" else "")
+             + (", every method decoded under the task's validators" if h.get("constrained")
+                else "") + ")")
     if human:
         title += "; human: win rate in paired votes (ties count 1/2)"
     notes = [runtime_summary(results.units.values())]

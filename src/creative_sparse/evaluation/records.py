@@ -36,9 +36,10 @@ FORMAT_VERSION = 1
 _TYPES = ("header", "reference", "unit")
 # fields of a header that must match for two runs to share a file
 IDENTITY = ("format", "format_version", "library_version", "model", "split", "num_outputs",
-            "max_new_tokens", "compute", "safety")   # safety: the checker that screens
+            "max_new_tokens", "compute", "safety",   # safety: the checker that screens
+            "constrained")                            # decoded under the tasks' validators
 # What a header written before a field existed means by its absence.
-_ABSENT = {"compute": "outputs"}
+_ABSENT = {"compute": "outputs", "constrained": False}
 
 
 def unit_id(task: str, prompt_index: int, method: str, setting: float, seed: int) -> str:

@@ -32,6 +32,15 @@ mean pairwise embedding distance, distinct answers, pass@k and pass rate, valid 
 Cost: FLOPs (attention actually computed included), wall time, peak KV-cache bytes,
 tokens.
 
+Constrained decoding (``constrain=True``, ``--constrain``): every method decodes
+under each task's validators (code: Python syntax, music: ABC), enforced token by
+token by the same :class:`~creative_sparse.generation.constraints.ValidatorGuard`:
+the samplers through a logits processor over the whole answer, Creative-Sparse
+through its ``constraints`` (drafts and refinement). Off by default, so the
+samplers are measured as users run them; on, the comparison isolates what the dial
+adds to constraint-aware decoding. The header records it, and a constrained and an
+unconstrained file never mix.
+
 Safety monitoring: one content checker (``safety``, by default
 :class:`~creative_sparse.safety.ProfanityCheck`) reads every method's outputs; each
 output records ``flagged`` and the set the ``flagged`` rate (share of outputs
@@ -174,9 +183,10 @@ class _Scorer:
     novelty references."""
 
     def __init__(self, model, tokenizer, num_outputs: int, max_new_tokens: Mapping[str, int],
-                 references: dict, quality=None, compute: str = "outputs", safety="default"):
+                 references: dict, quality=None, compute: str = "outputs", safety="default",
+                 constrain: bool = False):
         from ..generation import strategies
-        from ..generation.constraint_spec import build_constraints
+        from ..generation.constraint_spec import build_constraints, eos_ids
         from ..safety import resolve_checker
 
         self.model, self.tokenizer = model, tokenizer
@@ -191,6 +201,12 @@ class _Scorer:
         self._validators = {
             t: list(build_constraints(tokenizer, {"validators": list(load_task(t).validators)},
                                       1, []).validators) for t in max_new_tokens}
+        # Under constrain, what each task's decoding is held to (None: nothing to hold).
+        self._decoding = {t: ({"validators": list(load_task(t).validators)}
+                              if constrain and load_task(t).validators else None)
+                          for t in max_new_tokens}
+        self._guard = lambda spec, budget: build_constraints(tokenizer, spec, budget,
+                                                             eos_ids(tokenizer))
         self._strategies = strategies
 
     def strategy(self, method: str, setting: float):
@@ -217,6 +233,7 @@ class _Scorer:
 
     def run(self, unit: Unit, reference: str) -> dict:
         budget = self.max_new_tokens[unit.task]
+        spec = self._decoding[unit.task]
         if unit.method == "creative_sparse":
             # Equal FLOPs: as many drafts as outputs (no selection) and the run's own
             # greedy reference, so it decodes num_outputs * budget tokens like sampling.
@@ -225,11 +242,14 @@ class _Scorer:
                                        num_candidates=self.num_outputs, max_new_tokens=budget,
                                        seed=unit.seed, sparsity_level=unit.setting,
                                        num_drafts=self.num_outputs if equal else None,
-                                       reference=reference if equal else None)
+                                       reference=reference if equal else None,
+                                       constraints=spec)
         else:
+            # The same guard as Creative-Sparse's, over the whole answer.
+            guard = None if spec is None else self._guard(spec, budget)
             result = self.strategy(unit.method, unit.setting).generate(
                 self.model, self.tokenizer, unit.prompt, num_candidates=self.num_outputs,
-                max_new_tokens=budget, seed=unit.seed)
+                max_new_tokens=budget, seed=unit.seed, logits_processor=guard)
         texts = [t or " " for t in result.texts]
         withheld = None
         if not texts:
@@ -349,7 +369,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
              settings: Mapping[str, Sequence[float]] | None = None,
              max_new_tokens: int | None = None, model_name: str = "",
              progress: bool = True, on_unit: Callable[[dict], None] | None = None,
-             quality=None, compute: str = "outputs", safety="default") -> Path:
+             quality=None, compute: str = "outputs", safety="default",
+             constrain: bool = False) -> Path:
     """Run (or resume) an evaluation; returns the path of the results file.
 
     Args:
@@ -377,6 +398,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
         safety: the content checker that monitors every output and screens
             Creative-Sparse's (``"default"``, a :class:`~creative_sparse.safety.SafetyChecker`
             or None: no monitoring); its name goes in the header.
+        constrain: decode every method under each task's validators (module doc).
+            Recorded in the header.
     """
     import torch
     from tqdm.auto import tqdm
@@ -398,7 +421,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
               "num_outputs": num_outputs, "max_new_tokens": budgets,
               "tasks": list(budgets), "methods": list(dict.fromkeys(methods)),
               "seeds": list(seeds), "torch": torch.__version__, "compute": compute,
-              "safety": None if checker is None else checker.name}
+              "safety": None if checker is None else checker.name,
+              "constrained": bool(constrain)}
     out = Path(out)
     rank, world = _distributed()
     mine = units[rank::world]
@@ -413,7 +437,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
         todo = [u for u in mine if u.id not in done]
         references = {**(prior.references if prior else {}), **writer.results.references}
         scorer = _Scorer(model, tokenizer, num_outputs, budgets, references,
-                         quality, compute, checker)
+                         quality, compute, checker, constrain)
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="unit",
                    desc=f"evaluate{f' rank {rank}' if world > 1 else ''}", disable=not progress)
         try:

@@ -22,7 +22,7 @@ from .constraints import (BannedPhrases, ConstraintSet, MinLength, RequiredKeywo
 from .grammar import GrammarMask, grammar_source, grammar_validator
 from .validators import banned_phrases
 
-__all__ = ["build_constraints"]
+__all__ = ["build_constraints", "eos_ids"]
 
 
 _VALIDATORS = {"python": python_syntax, "abc": abc_notation}
@@ -30,6 +30,12 @@ _VALIDATORS = {"python": python_syntax, "abc": abc_notation}
 
 _KEYS = ("banned", "required", "min_tokens", "validators", "regex", "json_schema", "grammar",
          "enforce")
+
+
+def eos_ids(tokenizer) -> list[int]:
+    """The tokenizer's end-of-sequence ids as a list (none, one or several)."""
+    eos = tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 def build_constraints(tokenizer, spec: Mapping[str, Any] | ConstraintSet | None, budget: int,

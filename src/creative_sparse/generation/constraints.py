@@ -1,8 +1,9 @@
 """Constraint-aware decoding and validators.
 
 Creative-Sparse (:mod:`~creative_sparse.generation.creative`) applies
-:class:`BannedPhrases` to the drafts too (they open the final texts); the other
-constraints steer the refine stage.
+:class:`BannedPhrases`, grammar masks and :class:`ValidatorGuard` to the drafts too
+(they open the final texts); required keywords and a minimum length steer the refine
+stage only.
 
 Decoding-time constraints are logit processors for :func:`~creative_sparse.generation.engine.generate`
 (``logit_processor=``), applied before temperature:

@@ -15,8 +15,9 @@ on top of that strategy. The stages:
 2. **Diverge**: ``num_candidates / keep_fraction`` short drafts (``draft_fraction``
    of the length budget) in one batch at the divergence level: temperature,
    nucleus, attention key budget, MoE experts and kernel thresholds all from the
-   controller, and a different sub-network seed per draft. Banned phrases are
-   enforced here already: a draft is part of the final text.
+   controller, and a different sub-network seed per draft. Banned phrases, grammar
+   masks and the validators' prefix checks are enforced here already: a draft is
+   part of the final text.
 3. **Select** ``num_candidates`` drafts as a set, for Q and mutual diversity
    together (`QualityFunctional.select`), not the top drafts by their own Q.
 4. **Refine**: continue each chosen draft to the length budget at the refinement
@@ -64,8 +65,8 @@ from ..models.attention_knobs import AttentionKnobs
 from ..quality import OutputQuality, QualityFunctional
 from ..quality.metrics import check_text
 from ..safety import DEFAULT_SAFETY_GATE, Flag, SafetyChecker, SafetyReport, check_gate
-from .constraint_spec import build_constraints
-from .constraints import BannedPhrases, ConstraintSet
+from .constraint_spec import build_constraints, eos_ids
+from .constraints import BannedPhrases, ConstraintSet, ValidatorGuard
 from .engine import GenerationStats, generate
 from .grammar import GrammarMask
 from .knobs import SamplingParams, dial_knobs
@@ -139,11 +140,6 @@ def _without_first_row(result):
     """The drafts of a diverge batch whose row 0 is the reference (state kept aside)."""
     return replace(result, texts=result.texts[1:], token_ids=result.token_ids[1:],
                    finish_reasons=result.finish_reasons[1:], state=None)
-
-
-def _eos_ids(tokenizer) -> list[int]:
-    eos = tokenizer.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 def greedy_reference(model, tokenizer, prompt: Prompt, max_new_tokens: int) -> str:
@@ -223,7 +219,7 @@ def diverge_refine(model, tokenizer, prompt: Prompt, *, quality: QualityFunction
     task = prompt_text(prompt)          # what Q judges relevance against
     draft_len = max(1, min(max_length, math.ceil(max_length * draft_fraction)))
     constraint_set = build_constraints(tokenizer, constraints, max_length - draft_len,
-                                       _eos_ids(tokenizer))
+                                       eos_ids(tokenizer))
     tok = tokenizer
     # The caller gets num_candidates back; refining keep_fraction of the drafts
     # means drafting num_candidates / keep_fraction of them to choose from.
@@ -239,13 +235,14 @@ def diverge_refine(model, tokenizer, prompt: Prompt, *, quality: QualityFunction
 
     # Row 0 is the reference (greedy, exact attention), decoded in the same batch
     # as the drafts (rows 1..N), so it costs a row, not a pass of its own (none
-    # when the caller gives the reference). The
-    # drafts open the final texts, so banned phrases are kept out of them already;
-    # the other constraints are about the whole answer and steer the refinement.
+    # when the caller gives the reference). Required keywords and a minimum length are
+    # about the whole answer and steer the refinement only.
     seeds = [seed * 1000 + i for i in range(num_drafts)]
-    # Banned phrases and grammar masks hold in the drafts too: a draft opens the answer.
+    # Banned phrases, grammar masks and validator guards hold in the drafts too: a draft
+    # opens the answer, and one that broke a validator's rule (prose where a tune must
+    # open with "X:") is beyond any refinement's repair.
     whole = [p for p in constraint_set.processors
-             if isinstance(p, (BannedPhrases, GrammarMask))]
+             if isinstance(p, (BannedPhrases, GrammarMask, ValidatorGuard))]
     extra = [] if logits_processor is None else (
         list(logits_processor) if isinstance(logits_processor, (list, tuple))
         else [logits_processor])

@@ -163,20 +163,24 @@ class CreativeSparse:
     def generate(self, model, tokenizer, prompt, *, num_candidates: int = 5,
                  max_new_tokens: int = 120, seed: int = 0,
                  sparsity_level: float | None = None, num_drafts: int | None = None,
-                 reference: str | None = None, logits_processor=None) -> StrategyResult:
+                 reference: str | None = None, logits_processor=None,
+                 constraints=None) -> StrategyResult:
         """As :meth:`candidates`, as a :class:`StrategyResult`: the candidates' texts
         (best first), the summed cost of both stages and the screen's counts.
         ``prompt``: a string, chat messages or ids ``[1, L]`` (decoded);
         ``sparsity_level`` replaces the diverge level of ``schedule`` (refine =
         min(refine, diverge)); ``num_drafts`` and ``reference`` are passed on
-        (equal-compute runs); ``logits_processor`` applies in both stages."""
+        (equal-compute runs); ``logits_processor`` applies in both stages;
+        ``constraints``: a ``build_constraints`` spec or ``ConstraintSet``
+        (:meth:`candidates`)."""
         if isinstance(prompt, torch.Tensor):
             prompt = tokenizer.decode(prompt[0], skip_special_tokens=True)
         start = time.perf_counter()
         result = self.candidates(model, tokenizer, prompt, max_length=max_new_tokens,
                                  num_candidates=num_candidates, seed=seed,
                                  sparsity_level=sparsity_level, num_drafts=num_drafts,
-                                 reference=reference, logits_processor=logits_processor)
+                                 reference=reference, logits_processor=logits_processor,
+                                 constraints=constraints)
         parts = [result.diverge_stats] + list(result.refine_stats)
         stats = replace(parts[0], generated_tokens=sum(p.generated_tokens for p in parts),
                         steps=sum(p.steps for p in parts),

@@ -14,9 +14,12 @@ violations are prevented instead of only counted.
   Text outside fences is free. Near the end of the length budget, an open block
   whose code parses is closed (:meth:`closing`) instead of being cut mid-code.
 * :data:`abc_notation`: ABC 2.1 structure (``X:`` first, ``T:``, ``K:`` ending the
-  header, a body of notes with bar lines, balanced brackets). Prefix: the text
-  must start with ``X:``, header lines are ``<letter>:``, ``K:`` comes after
-  ``T:``, a finished body line has notes and a bar line, brackets close in order.
+  header, a body of music code with notes and bar lines, balanced brackets; see
+  :mod:`~creative_sparse.generation.abc_tunes`). Prefix: the text must start with
+  ``X:``, header lines are ``<letter>:``, ``K:`` comes after ``T:``, body lines are
+  music code (no prose), a finished one has notes and a bar line, brackets close in
+  order. Near the end of the budget a tune is closed with its open brackets' closers
+  and a bar line (:meth:`closing`).
 * :func:`banned_phrases`: how often any of the phrases occurs as a word or words
   (case-insensitive) anywhere in the text; the decoding side is
   :class:`~creative_sparse.generation.constraints.BannedPhrases`.
@@ -28,8 +31,8 @@ violations are prevented instead of only counted.
 Why these libraries: Python's ``ast``/``codeop`` are the reference parser and
 its incremental mode; ``regex`` is the well-kept engine with partial matches.
 ABC has no maintained lightweight parser on PyPI (music21 is large and slow to
-import), so the ABC rules here are the structural ones of the standard that
-matter for "is this a tune", and nothing more.
+import), so :mod:`~creative_sparse.generation.abc_tunes` checks the structural rules
+of the standard that matter for "is this a tune", and nothing more.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ import re
 import warnings
 
 import regex
+
+from .abc_tunes import abc_notation
 
 __all__ = ["abc_notation", "banned_phrases", "python_syntax", "regex_validator"]
 
@@ -103,90 +108,6 @@ def _compile_status(code: str) -> str:
 
 
 python_syntax = _PythonSyntax()
-
-_ABC_HEADER = re.compile(r"^([A-Za-z]):(.*)$")
-_ABC_NOTE = re.compile(r"[A-Ga-gz]")
-_ABC_PAIRS = {"[": "]", "(": ")", "{": "}"}
-
-
-def _abc_parts(lines: list[str]) -> tuple[list[str], list[str], bool]:
-    """``(header letters, body lines, whether K: was reached)``; the header block
-    ends at the first non-header line or at ``K:``."""
-    headers = []
-    for i, line in enumerate(lines):
-        match = _ABC_HEADER.match(line)
-        if not match:
-            return headers, lines[i:], False
-        headers.append(match.group(1))
-        if match.group(1) == "K":
-            return headers, lines[i + 1:], True
-    return headers, [], False
-
-
-def _unbalanced(text: str) -> tuple[bool, bool]:
-    """``(a bracket closed out of order, brackets left open)``."""
-    stack = []
-    for ch in text:
-        if ch in _ABC_PAIRS:
-            stack.append(_ABC_PAIRS[ch])
-        elif ch in _ABC_PAIRS.values() and (not stack or stack.pop() != ch):
-            return True, bool(stack)
-    return False, bool(stack)
-
-
-class _AbcNotation:
-    __name__ = "abc_notation"
-
-    def __call__(self, text: str) -> int:
-        """Number of ABC well-formedness violations (0 = a well-formed tune).
-
-        Checks: an ``X:`` header first, a ``T:`` header, a ``K:`` header that ends
-        the header block, at least one body line with notes, bar lines in the
-        body, and balanced ``[]``, ``()``, ``{}`` in the body.
-        """
-        lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-        headers, body = [], []
-        for i, line in enumerate(lines):      # prose lines before the header are skipped
-            match = _ABC_HEADER.match(line)
-            if match:
-                headers.append(match.group(1))
-                if match.group(1) == "K":
-                    body = lines[i + 1:]
-                    break
-        violations = (not headers or headers[0] != "X") + ("T" not in headers) \
-            + ("K" not in headers)
-        notes = [ln for ln in body if _ABC_NOTE.search(ln) and not _ABC_HEADER.match(ln)]
-        if not notes or not any("|" in ln for ln in notes):
-            violations += 1
-        misordered, left_open = _unbalanced("".join(notes))
-        return violations + misordered + left_open
-
-    def rejects_prefix(self, text: str) -> bool:
-        """True when no continuation of ``text`` can be a well-formed tune."""
-        stripped = text.lstrip()
-        if stripped[:2] != "X:"[: len(stripped[:2])]:
-            return True                                   # must open with X:
-        lines = stripped.split("\n")
-        finished, current = [ln.strip() for ln in lines[:-1]], lines[-1].strip()
-        finished = [ln for ln in finished if ln]
-        headers, body, keyed = _abc_parts(finished)
-        if not keyed:
-            if len(headers) < len(finished):
-                return True                               # a non-header line before K:
-            if current[:1] and not current[0].isalpha() or current[1:2] not in ("", ":"):
-                return True                               # the header line being written
-            return current.startswith("K") and "T" not in headers     # K: before T:
-        if "T" not in headers:
-            return True                                   # K: came before T:
-        for line in body:
-            if not _ABC_HEADER.match(line) and (not _ABC_NOTE.search(line) or "|" not in line):
-                return True                               # a finished body line: notes, bars
-        return _unbalanced("".join(ln for ln in body if not _ABC_HEADER.match(ln))
-                           + current)[0]
-
-
-abc_notation = _AbcNotation()
-
 
 class _RegexValidator:
     def __init__(self, pattern: str, flags: int = 0):
