@@ -245,19 +245,27 @@ def combine_results(paths: Iterable[str | Path]) -> Results:
         version = str(part.header.get("library_version"))
         if version not in versions:
             versions.append(version)
-        for key, text in part.references.items():
-            if combined.references.setdefault(key, text) != text:
-                raise ValueError(f"{path} and another file disagree on the reference answer "
-                                 f"of {key[0]} prompt {key[1]}")
-        for uid, unit in part.units.items():
-            if uid in combined.units and comparable(combined.units[uid]) != comparable(unit):
-                raise ValueError(f"{origin[uid]} and {path} disagree on unit {uid}")
-            combined.units.setdefault(uid, unit)
-            origin.setdefault(uid, path)
+        _absorb(combined, part, path, origin, "files")
         combined.skipped += [f"{path}:{n}" for n in part.skipped]
     combined.header.update(max_new_tokens=budgets, library_version=", ".join(versions),
                            tasks=list(budgets), methods=methods)
     return combined
+
+
+def _absorb(into: Results, part: Results, path: Path, origin: dict[str, Path],
+            what: str) -> None:
+    """Add ``part``'s references and units to ``into``; one that ``into`` already holds
+    must agree (wall time aside), else ``ValueError`` naming both ``what`` (files or
+    shards). ``origin`` remembers which file each unit came from."""
+    for key, text in part.references.items():
+        if into.references.setdefault(key, text) != text:
+            raise ValueError(f"{what} disagree on the reference answer of {key[0]} prompt "
+                             f"{key[1]}: {path} and another of the {what}")
+    for uid, unit in part.units.items():
+        if uid in into.units and comparable(into.units[uid]) != comparable(unit):
+            raise ValueError(f"{what} disagree on unit {uid}: {origin[uid]} and {path}")
+        into.units.setdefault(uid, unit)
+        origin.setdefault(uid, path)
 
 
 def merge_shards(shards: Iterable[str | Path], out: str | Path) -> Results:
@@ -277,16 +285,7 @@ def merge_shards(shards: Iterable[str | Path], out: str | Path) -> Results:
         if merged.header is None:
             merged.header = part.header
         check_header(part.header, merged.header, shard)
-        for key, text in part.references.items():
-            if key in merged.references and merged.references[key] != text:
-                raise ValueError(f"shards disagree on the reference of {key}: {shard} and "
-                                 f"another shard")
-            merged.references[key] = text
-        for uid, unit in part.units.items():
-            if uid in merged.units and comparable(merged.units[uid]) != comparable(unit):
-                raise ValueError(f"shards disagree on unit {uid}: {origin[uid]} and {shard}")
-            merged.units.setdefault(uid, unit)
-            origin.setdefault(uid, shard)
+        _absorb(merged, part, shard, origin, "shards")
     if merged.header is None:
         raise ValueError(f"no results in {', '.join(map(str, shards))}")
     out = Path(out)
