@@ -86,6 +86,26 @@ def test_abc_closing(text, ending):
         assert abc_notation(text + ending) == 0
 
 
+def test_a_guard_without_closing_never_steers_but_still_refuses():
+    """Creative-Sparse's drafts use the refinement's guard without its budget: a draft
+    shorter than the refinement's closing window must not be closed."""
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids)
+
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) for c in text]
+
+    guard = ValidatorGuard(Tok(), [abc_notation], eos_ids=[0], budget=20)
+    free = guard.without_closing()
+    assert free.budget is None and guard.budget == 20
+    text = [ord(c) for c in "X:1\nT:a\nK:C\n(AB"]
+    logits = torch.zeros(1, 256)
+    assert torch.isinf(guard(15, [text], logits)).any()          # steered: forces ')'
+    assert torch.equal(free(15, [text], logits), logits)          # never steered
+    assert free.rejects([ord(c) for c in "X:1\nT:a\nK:C\n"], ord("Y"))   # still refuses
+
+
 def test_regex_prefix_uses_partial_matching():
     sentence = regex_validator(r"[A-Z][a-z ,']*\.")
     assert sentence("The sea is calm.") == 0 and sentence("the sea") == 1

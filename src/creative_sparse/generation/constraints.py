@@ -253,6 +253,13 @@ class ValidatorGuard:
         self.budget, self.closing_steps = budget, closing_steps
         self._judged: tuple[tuple[int, ...], str, list[bool]] | None = None
 
+    def without_closing(self) -> "ValidatorGuard":
+        """The same guard with no length budget, so it never steers to an ending: for
+        a stage that is not the last (Creative-Sparse's drafts, whose budget is not the
+        answer's)."""
+        return ValidatorGuard(self.tokenizer, self.validators, sorted(self.eos_ids), None,
+                              self.closing_steps)
+
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 

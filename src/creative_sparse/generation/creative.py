@@ -241,7 +241,9 @@ def diverge_refine(model, tokenizer, prompt: Prompt, *, quality: QualityFunction
     # Banned phrases, grammar masks and validator guards hold in the drafts too: a draft
     # opens the answer, and one that broke a validator's rule (prose where a tune must
     # open with "X:") is beyond any refinement's repair.
-    whole = [p for p in constraint_set.processors
+    # The guard's budget is the refinement's: in a draft it must not close the answer.
+    whole = [p.without_closing() if isinstance(p, ValidatorGuard) else p
+             for p in constraint_set.processors
              if isinstance(p, (BannedPhrases, GrammarMask, ValidatorGuard))]
     extra = [] if logits_processor is None else (
         list(logits_processor) if isinstance(logits_processor, (list, tuple))
