@@ -198,15 +198,13 @@ class _Scorer:
         self._cs = strategies.CreativeSparse(safety=self.checker, allow_high_sparsity=True,
                                              quality=quality)
         self.quality = self._cs.quality_functional(model, tokenizer)
-        self._validators = {
-            t: list(build_constraints(tokenizer, {"validators": list(load_task(t).validators)},
-                                      1, []).validators) for t in max_new_tokens}
+        specs = {t: {"validators": list(load_task(t).validators)} for t in max_new_tokens}
+        self._validators = {t: list(build_constraints(tokenizer, spec, 1, []).validators)
+                            for t, spec in specs.items()}
         # Under constrain, what each task's decoding is held to (None: nothing to hold).
-        self._decoding = {t: ({"validators": list(load_task(t).validators)}
-                              if constrain and load_task(t).validators else None)
-                          for t in max_new_tokens}
-        self._guard = lambda spec, budget: build_constraints(tokenizer, spec, budget,
-                                                             eos_ids(tokenizer))
+        self._decoding = {t: spec if constrain and spec["validators"] else None
+                          for t, spec in specs.items()}
+        self._build_constraints, self._eos_ids = build_constraints, eos_ids(tokenizer)
         self._strategies = strategies
 
     def strategy(self, method: str, setting: float):
@@ -246,7 +244,8 @@ class _Scorer:
                                        constraints=spec)
         else:
             # The same guard as Creative-Sparse's, over the whole answer.
-            guard = None if spec is None else self._guard(spec, budget)
+            guard = None if spec is None else self._build_constraints(
+                self.tokenizer, spec, budget, self._eos_ids)
             result = self.strategy(unit.method, unit.setting).generate(
                 self.model, self.tokenizer, unit.prompt, num_candidates=self.num_outputs,
                 max_new_tokens=budget, seed=unit.seed, logits_processor=guard)

@@ -39,7 +39,8 @@ _FIELD = re.compile(r"^([A-Za-z]):(.*)$")
 # The fields ABC 2.1 allows in a tune body (its table of fields, section 3): others
 # (O: origin, X: a new tune...) belong to the header, and a body line such as "O:22"
 # is read as music code, which must hold notes and a bar line.
-_BODY_FIELD = re.compile(r"^[IKLMmNPQRrsTUVWw]:")
+_BODY_LETTERS = "IKLMmNPQRrsTUVWw"
+_BODY_FIELD = re.compile(f"^[{_BODY_LETTERS}]:")
 _NOTE = re.compile(r"[A-Ga-gz]")
 _PAIRS = {"[": "]", "(": ")", "{": "}"}
 # Notes, rests (z Z x X) and the spacer y, octave marks, accidentals, lengths, bar
@@ -105,8 +106,18 @@ def _split(lines: list[str]) -> tuple[list[str], list[str], bool, bool]:
     return headers, body, keyed, ended
 
 
+def _is_code_line(line: str) -> bool:
+    """A body line that is music code: not a body field, not a comment."""
+    return not _BODY_FIELD.match(line) and not line.startswith("%")
+
+
 def _music_lines(body: list[str]) -> list[str]:
-    return [_code(ln) for ln in body if not _BODY_FIELD.match(ln) and not ln.startswith("%")]
+    return [_code(ln) for ln in body if _is_code_line(ln)]
+
+
+def _barred(code: str) -> bool:
+    """A line of music code with notes and a bar line."""
+    return bool(_NOTE.search(code)) and "|" in code
 
 
 class AbcNotation:
@@ -130,8 +141,7 @@ class AbcNotation:
         headers, body, keyed, _ = _split(text.strip().splitlines())
         violations = (not headers or headers[0] != "X") + ("T" not in headers) + (not keyed)
         music = _music_lines(body)
-        if not any(_NOTE.search(ln) and "|" in ln for ln in music):
-            violations += 1
+        violations += not any(map(_barred, music))
         violations += not all(_is_music(ln) for ln in music)
         misordered, owed = _brackets("".join(music))
         return violations + misordered + bool(owed)
@@ -149,7 +159,7 @@ class AbcNotation:
         finished, current = lines[:-1], lines[-1].strip()
         headers, body, keyed, ended = _split(finished)
         if ended:                                        # the tune is over: free text,
-            return not any(_NOTE.search(ln) and "|" in ln for ln in _music_lines(body))
+            return not any(map(_barred, _music_lines(body)))
         if not keyed:
             if len(headers) < sum(1 for ln in finished if ln.strip()):
                 return True                              # a non-header line before K:
@@ -159,10 +169,10 @@ class AbcNotation:
         if "T" not in headers:
             return True
         music = _music_lines(body)
-        if any(not (_NOTE.search(ln) and "|" in ln) or not _is_music(ln) for ln in music):
+        if any(not _barred(ln) or not _is_music(ln) for ln in music):
             return True
-        if current and not _BODY_FIELD.match(current) and not current.startswith("%") \
-                and not re.fullmatch(r"[IKLMmNPQRrsTUVWw]", current):
+        if current and _is_code_line(current) and not (len(current) == 1
+                                                       and current in _BODY_LETTERS):
             code = _code(current, writing=True)
             if not _is_music(code):
                 return True
@@ -179,14 +189,13 @@ class AbcNotation:
         current = lines[-1].strip()
         if not keyed or ended or "T" not in headers or not _NOTE.search(_code(current)):
             return None
-        if _BODY_FIELD.match(current) or current.startswith("%") or _OPEN_FREE.search(current):
+        if not _is_code_line(current) or _OPEN_FREE.search(current):
             return None
         music = _music_lines(body) + [_code(current)]
         misordered, owed = _brackets("".join(music))
         if misordered:
             return None
-        barred = any(_NOTE.search(ln) and "|" in ln for ln in music)
-        ending = "".join(owed) + ("" if barred else "|")
+        ending = "".join(owed) + ("" if any(map(_barred, music)) else "|")
         return ending or None
 
 

@@ -41,9 +41,9 @@ from ..safety import DEFAULT_SAFETY_GATE
 # algorithm moved to the strategies layer: re-exported for old imports.
 from .constraint_spec import build_constraints
 from .creative import Candidate, CreativeResult, greedy_reference
+from .creative_strategy import DEFAULT_SCHEDULE
 from .knobs import dial_knobs
 from .prompts import Prompt, prompt_ids
-from .creative_strategy import DEFAULT_SCHEDULE
 from .strategies import CreativeSparse
 
 __all__ = ["Candidate", "CreativeResult", "CreativeSparseWrapper", "build_constraints",
