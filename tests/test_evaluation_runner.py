@@ -175,6 +175,25 @@ def test_bad_input_is_a_clear_error(tiny, full_run, tmp_path):
     assert notes.read_text() == "my notes\n"       # nothing lost
 
 
+def test_moe_only_is_left_out_on_a_model_without_experts(tiny, tmp_path):
+    """Every setting of MoE-Only on a dense model would decode as the dense level: the
+    runner says so and leaves it out, or refuses when it is all that was asked."""
+    model, tok, quality = tiny
+    run = dict(tasks=["poetry"], seeds=[0], prompts=1, num_outputs=2, max_new_tokens=4,
+               progress=False, quality=quality, model_name="tiny")
+    path = tmp_path / "r.jsonl"
+    dense = r"no MoE layers.*temperature 0\.8, top-p 0\.9.*left out"
+    with pytest.warns(UserWarning, match=dense):
+        evaluate(model, tok, out=path, methods=["top_p", "moe_only"],
+                 settings={"top_p": [1.0]}, **run)
+    results = read_results(path)
+    assert results.header["methods"] == ["top_p"]
+    assert {u["method"] for u in results.units.values()} == {"top_p"}
+    with pytest.raises(ValueError, match="no MoE layers"):
+        evaluate(model, tok, out=tmp_path / "moe.jsonl", methods=["moe_only"], **run)
+    assert not (tmp_path / "moe.jsonl").exists()
+
+
 def test_shards_that_disagree_are_refused(full_run, tmp_path):
     lines = full_run.path.read_text().splitlines()
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"

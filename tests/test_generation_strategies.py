@@ -27,6 +27,7 @@ STRATEGIES = [DenseTopP(), MinP(), Fixed(0.6), Progressive(0.8, 0.2), Adaptive()
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.name)
+@pytest.mark.filterwarnings("ignore:MoEOnly.*no MoE layers:UserWarning")   # tiny is dense
 def test_every_strategy_gives_n_reproducible_candidates_and_their_cost(tiny, strategy):
     run = lambda seed: strategy.generate(tiny, Tokenizer(), PROMPT, num_candidates=3,  # noqa: E731
                                          max_new_tokens=10, seed=seed)
@@ -42,8 +43,10 @@ def test_the_dial_at_zero_is_dense_sampling(tiny):
     plain = dense.generate(tiny, Tokenizer(), PROMPT, num_candidates=2, max_new_tokens=8)
     assert fixed.texts == plain.texts and fixed.stats.attended_fraction == 1.0
     # On a dense model the MoE-only strategy has nothing to turn: it is the dial at 0.
-    moe = MoEOnly(0.9, allow_high_sparsity=True).generate(tiny, Tokenizer(), PROMPT,
-                                                          num_candidates=2, max_new_tokens=8)
+    with pytest.warns(UserWarning, match="no MoE layers, so no knob of MoE-Only applies"):
+        moe = MoEOnly(0.9, allow_high_sparsity=True).generate(tiny, Tokenizer(), PROMPT,
+                                                              num_candidates=2,
+                                                              max_new_tokens=8)
     assert moe.texts == plain.texts
 
 

@@ -18,7 +18,7 @@ id                 knob            strategy
 ``fixed``          level s         :class:`~creative_sparse.generation.strategies.Fixed`
 ``progressive``    level s         :class:`~creative_sparse.generation.strategies.Progressive` (s -> s/2)
 ``adaptive``       level s         :class:`~creative_sparse.generation.strategies.Adaptive` (base s)
-``moe_only``       level s         :class:`~creative_sparse.generation.strategies.MoEOnly`
+``moe_only``       level s         :class:`~creative_sparse.generation.strategies.MoEOnly` (left out on a dense model)
 ``creative_sparse`` level s        :class:`~creative_sparse.generation.strategies.CreativeSparse` (diverge s)
 =================  ==============  ==============================================
 
@@ -69,6 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -318,6 +319,26 @@ class _Scorer:
             "valid_rate": (sum(valid) / len(valid) if valid else None)}}
 
 
+def _applicable(methods: Sequence[str], model) -> list[str]:
+    """``methods`` less ``moe_only`` on a model without MoE layers, where every setting
+    would decode exactly as the dense level: left out with a warning, refused when it
+    is the only method asked for."""
+    from ..control import SparsityController
+    from ..generation.knobs import dial_knobs
+    from ..generation.strategies import dense_model_message
+    from ..models.moe import num_experts
+
+    methods = list(methods)
+    if "moe_only" not in methods or num_experts(model) is not None:
+        return methods
+    why = dense_model_message("MoE-Only", dial_knobs(SparsityController(), model, 0.0)[0])
+    rest = [m for m in methods if m != "moe_only"]
+    if not rest:
+        raise ValueError(why)
+    warnings.warn(f"{why}. It is left out of this run.", UserWarning, stacklevel=3)
+    return rest
+
+
 def _code_test(task, prompt: str) -> str | None:
     """The tests of a code prompt of the evaluation split, if the task has them."""
     items = getattr(task, "evaluation_tests", ()) or ()
@@ -410,6 +431,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], methods: Sequence[str],
                          f"{num_outputs!r}")
     if compute not in COMPUTE_MODES:
         raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
+    methods = _applicable(methods, model)
     units = plan_units(tasks, methods, seeds, split=split, prompts=prompts, settings=settings)
     from ..safety import resolve_checker
 

@@ -16,7 +16,7 @@ FLOPs estimate, wall time, peak KV cache). The levels are levels of the dial
   entropy below ``target_entropy``, nats) and falls while they are not.
 * :class:`MoEOnly`: only the MoE knobs of level ``s`` (more experts per token, router
   temperature); attention and sampling stay at the dense level. On a dense model
-  it is :class:`Fixed` at ``s = 0``.
+  it warns and decodes as :class:`Fixed` at ``s = 0`` whatever ``s``.
 * :class:`CreativeSparse` (defined in
   :mod:`~creative_sparse.generation.creative_strategy`): diverge -> select -> refine -> screen -> rank
   (:func:`~creative_sparse.generation.creative.diverge_refine`, with the collaborators
@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,7 @@ import torch
 from ..config import SparsityConfig
 from ..control import SparsityController, check_level
 from ..models.attention_knobs import AttentionKnobs
+from ..models.moe import num_experts
 from ..safety import DEFAULT_SAFETY_GATE, check_gate, check_gate_value
 from .creative_strategy import CreativeSparse
 from .engine import generate
@@ -62,6 +64,14 @@ def _prompt_ids(tokenizer, prompt) -> torch.Tensor:
     if isinstance(prompt, torch.Tensor):
         return prompt
     return prompt_ids(tokenizer, prompt)
+
+
+def dense_model_message(name: str, sampling: SamplingParams) -> str:
+    """Why MoE-Only does nothing on a dense model, and what it decodes as instead."""
+    return (f"{name}: the model has no MoE layers, so no knob of MoE-Only applies; it "
+            f"decodes as the dense level whatever the level (temperature "
+            f"{sampling.temperature:g}, top-p {sampling.top_p:g}, exact attention). Use an "
+            f"MoE model (e.g. Mixtral, Qwen-MoE) to measure it")
 
 
 def _seeds(seed: int, n: int) -> list[int]:
@@ -249,7 +259,8 @@ class Adaptive(_Strategy):
 @dataclass(frozen=True)
 class MoEOnly(_Strategy):
     """Only the MoE knobs of ``level`` (experts per token, router temperature); exact
-    attention and the dense level's sampling."""
+    attention and the dense level's sampling. On a model without MoE layers no knob
+    applies: it warns, and decodes as the dense level whatever ``level``."""
 
     level: float = 0.7
 
@@ -267,6 +278,9 @@ class MoEOnly(_Strategy):
     def schedule(self, model, seeds, max_new_tokens):
         controller = SparsityController(self.config)
         dense_sampling, _ = dial_knobs(controller, model, 0.0)
+        if num_experts(model) is None:
+            warnings.warn(dense_model_message(self.name, dense_sampling), UserWarning,
+                          stacklevel=3)
         _, knobs = dial_knobs(controller, model, self.level)
         return (dense_sampling, AttentionKnobs(experts_per_token=knobs.experts_per_token,
                                                router_temperature=knobs.router_temperature)), None
