@@ -47,6 +47,13 @@ RUN = dict(tasks=["poetry", "code"], methods=["top_p", "creative_sparse"], seeds
            settings={"top_p": [0.8, 1.2], "creative_sparse": [0.6]}, progress=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_like_the_torchrun_ranks(one_thread):
+    """torchrun gives each rank one thread (OMP_NUM_THREADS=1); the in-process runs
+    use one too, since on some CPUs a float sum's order, and so a sampled token,
+    depends on the thread count."""
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return namespace["tiny"]()

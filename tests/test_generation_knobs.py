@@ -89,7 +89,18 @@ def test_top_p_matches_a_full_sort(scale, p):
     """The top-k-bounded search widens until the nucleus fits, even for flat
     distributions whose nucleus is most of the vocabulary."""
     logits = torch.randn(4, 5000, generator=torch.Generator().manual_seed(3)) * scale
-    assert torch.equal(top_p_filter(logits, p), _top_p_by_full_sort(logits, p))
+    kept = top_p_filter(logits, p) > NEG
+    expected = _top_p_by_full_sort(logits, p) > NEG
+    # Float32 sums of 4096 and of 5000 sorted terms may round differently, so a token
+    # whose more probable tokens' mass is within rounding of p may go either way.
+    # Nothing else may differ.
+    probs = torch.softmax(logits, dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    before = torch.zeros_like(probs).scatter(-1, order, torch.cumsum(sorted_probs, -1) - sorted_probs)
+    differ = kept != expected
+    assert bool(((before - p).abs()[differ] < 1e-5).all()), "a token far from the boundary differs"
+    assert int(differ.sum(-1).max()) <= 1
+    assert torch.equal(top_p_filter(logits, p)[kept], logits[kept])
 
 
 def test_inverse_cdf_draw_never_picks_a_masked_token():
