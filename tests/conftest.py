@@ -5,6 +5,10 @@ creative_sparse cache (``$CREATIVE_SPARSE_CACHE`` or the user cache directory);
 the first session on a machine converts the GGUF (tens of seconds).
 
 Without a GPU the session runs with ``TRITON_INTERPRET=1`` (see below).
+
+`make test` runs the suite on two pytest-xdist workers (``-n 2 --dist loadfile``: a
+module's tests stay on one worker and share its fixtures); each worker then gets an
+equal share of the cores as torch threads, so two workers never oversubscribe them.
 """
 
 import os
@@ -16,6 +20,12 @@ import torch
 # switch when it is first imported, so it must be set before anything imports it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Under pytest-xdist every worker would otherwise start as many torch threads as there
+# are cores; on two cores two workers of two threads each spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session")
