@@ -22,13 +22,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/creative-sparse demo
 
-# Two workers (pytest-xdist), a module per worker at a time: the suite's compile steps,
+# Two workers (pytest-xdist), a module per worker at a time, the longest modules first
+# (tests/conftest.py orders them; xdist would otherwise order by test count): compile steps,
 # subprocesses and single-threaded Python then overlap (one worker would take ~24 min on
 # 2 cores). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Headless Chromium and its driver for the browser tests of `creative-sparse human`
 # (Debian's packages; the tests skip, saying why, only where they are missing).

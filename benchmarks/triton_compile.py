@@ -63,7 +63,7 @@ def _cases(quick: bool):
     attention = {"Q": "*i8", "K": "*i8", "V": "*bf16", "QScale": "*fp32", "KScale": "*fp32",
                  "VScale": "*fp32", "Out": "*bf16", "Counts": "*i32", "Indices": "*i32",
                  "PVLimit": "*fp32"}
-    dims = (64, 128) if quick else (64, 128, 256)
+    dims = (128,) if quick else (64, 128, 256)   # quick: the D that spilled once
     warps = ((8, 3),) if quick else ((4, 3), (8, 3), (8, 2))
     for d in dims:
         for causal, pv_skip in ((True, True), (False, False)):

@@ -7,8 +7,9 @@ the first session on a machine converts the GGUF (tens of seconds).
 Without a GPU the session runs with ``TRITON_INTERPRET=1`` (see below).
 
 `make test` runs the suite on two pytest-xdist workers (``-n 2 --dist loadfile``: a
-module's tests stay on one worker and share its fixtures); each worker then gets an
-equal share of the cores as torch threads, so two workers never oversubscribe them.
+module's tests stay on one worker and share its fixtures; the longest modules go first,
+see `pytest_collection_modifyitems`); each worker gets an equal share of the cores as
+torch threads, so two workers never oversubscribe them.
 """
 
 import os
@@ -26,6 +27,24 @@ if not torch.cuda.is_available():
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+LONGEST_MODULES = (
+    "test_quality_calibration.py", "test_attention_backends.py",
+    "test_generation_constraints.py", "test_triton_compile.py", "test_autotune.py",
+    "test_generation_wrapper.py", "test_evaluation_runner.py", "test_loading.py",
+    "test_seed_quickstart.py", "test_triton_prediction.py",
+)
+"""The modules that take longest (measured with ``--durations``), longest first."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, hand out the longest modules first so that the workers finish
+    together instead of one running a long module alone at the end; the rest keep their
+    order. A single process runs the tests in the usual order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    first = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
 
 
 @pytest.fixture(scope="session")

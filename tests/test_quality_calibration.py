@@ -2,14 +2,18 @@
 
 The bounds are the issue's: with the default weights Q ranks the team-written
 original first in at least 97% of (original, corruption) pairs overall and 90% of
-every corruption type (measured: 99.7% overall, 97.9% at worst; docs/quality.md).
+every corruption type. They are checked on the held-out half, the half no constant
+was chosen on and the one the pass rates are reported on (measured: 149/150, 23/24 at
+worst; all 300 pairs: 99.7%; docs/quality.md); scoring all of them would double the
+suite's longest test for no pair the bounds are about.
 """
 
 import pytest
 
 from creative_sparse.cli import DEMO_PROMPTS
 from creative_sparse.quality import LikelihoodScorer, MiniLMEmbedder, QualityFunctional
-from creative_sparse.quality.calibration import paraphrase_accuracy, run_calibration
+from creative_sparse.quality.calibration import (CORRUPTIONS, novelty_preference,
+                                                 paraphrase_accuracy, run_calibration)
 from creative_sparse.quality.degeneration import repeated_ngram_rate
 
 pytestmark = pytest.mark.slow
@@ -24,23 +28,20 @@ def qf(smollm2):
     return QualityFunctional(None, MiniLMEmbedder(), LikelihoodScorer(*smollm2))
 
 
-@pytest.fixture(scope="module")
-def report(qf):
-    return run_calibration(qf, "all")
-
-
-def test_q_ranks_originals_above_corruptions(report):
+def test_q_ranks_originals_above_corruptions(qf):
+    report = run_calibration(qf, "held_out")
     print("\n" + report.table())
     assert report.overall >= 0.97, report.table()
+    assert set(report.by_kind) == set(CORRUPTIONS)
     for kind in report.by_kind:
         assert report.rate(kind) >= 0.90, (kind, report.failures)
-    assert sum(t for _, t in report.by_kind.values()) >= 40 * 6
+    assert sum(t for _, t in report.by_kind.values()) == 150
 
 
-def test_surprise_is_not_punished_more_than_measured(report):
+def test_surprise_is_not_punished_more_than_measured(qf):
     """Measured 6 of 16 (the old Q: 2 of 16); guard against sliding back to clichés."""
-    wins, total = report.novelty
-    assert total == 16 and wins >= 5, report.novelty
+    wins, total = novelty_preference(qf, "all")
+    assert total == 16 and wins >= 5, (wins, total)
 
 
 def test_distinct_answers_threshold_on_held_out_paraphrases(qf):

@@ -49,7 +49,7 @@ from typing import Any, Sequence
 __all__ = ["CORRUPTIONS", "ParaphrasePair", "load_paraphrases", "paraphrase_accuracy",
            "CalibrationItem", "CalibrationPair", "CalibrationReport",
            "CalibrationSuite", "NoveltyPair", "calibration_pairs", "corrupt",
-           "load_calibration", "run_calibration"]
+           "load_calibration", "novelty_preference", "run_calibration"]
 
 CORRUPTIONS = ("loop", "other_prompt", "shuffled", "numbered_list", "echo", "truncated",
                "broken_code")
@@ -267,14 +267,26 @@ def run_calibration(qf: Any, split: str = "all", progress: bool = False) -> Cali
         else:
             report.failures.append((p.item.id, p.kind, orig.q, bad.q))
     report.by_kind = {k: tuple(counts[k]) for k in CORRUPTIONS if k in counts}
+    report.novelty = novelty_preference(qf, split, suite)
+    return report
+
+
+def novelty_preference(qf: Any, split: str = "all", suite: CalibrationSuite | None = None
+                       ) -> tuple[int, int]:
+    """(pairs where ``qf`` ranks the surprising answer above the fluent cliché, pairs)
+    over the novelty pairs of ``split``; the ``novelty`` field of `run_calibration`,
+    without scoring the corruption pairs."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    suite = suite or load_calibration()
+    novelty = [p for p in suite.novelty_pairs if split == "all" or p.split == split]
     wins = 0
     for p in novelty:
         validators = [python_error] if p.domain == "code" else []
         cliche, surprising = qf.breakdown([p.cliche, p.surprising], [p.reference], p.prompt,
                                           validators=validators)
         wins += surprising.q > cliche.q
-    report.novelty = (wins, len(novelty))
-    return report
+    return wins, len(novelty)
 
 
 # ------------------------------------------------------------ distinct answers
