@@ -247,7 +247,7 @@ def run_calibration(qf: Any, split: str = "all", progress: bool = False) -> Cali
 
     suite = load_calibration()
     pairs = calibration_pairs(suite, split)
-    novelty = [p for p in suite.novelty_pairs if split == "all" or p.split == split]
+    novelty = _novelty_pairs(suite, split)
     by_prompt: dict[str, list[str]] = defaultdict(list)
     for p in pairs:
         by_prompt[p.item.prompt] += [p.item.text, p.corrupted]
@@ -271,16 +271,19 @@ def run_calibration(qf: Any, split: str = "all", progress: bool = False) -> Cali
     return report
 
 
+def _novelty_pairs(suite: CalibrationSuite, split: str) -> list[NoveltyPair]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return [p for p in suite.novelty_pairs if split == "all" or p.split == split]
+
+
 def novelty_preference(qf: Any, split: str = "all", suite: CalibrationSuite | None = None
                        ) -> tuple[int, int]:
     """(pairs where ``qf`` ranks the surprising answer above the fluent cliché, pairs)
     over the novelty pairs of ``split``; the ``novelty`` field of `run_calibration`,
     without scoring the corruption pairs."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    suite = suite or load_calibration()
-    novelty = [p for p in suite.novelty_pairs if split == "all" or p.split == split]
     wins = 0
+    novelty = _novelty_pairs(suite or load_calibration(), split)
     for p in novelty:
         validators = [python_error] if p.domain == "code" else []
         cliche, surprising = qf.breakdown([p.cliche, p.surprising], [p.reference], p.prompt,
