@@ -58,6 +58,42 @@ def test_backtracking_falls_back_to_the_best_acceptable_token(tiny):
     assert guard.seen[-1] == [[7] * 5, [7] * 5]
 
 
+
+class Wall:
+    """Refuses every token once a row has ``after`` tokens (nothing may follow them)."""
+
+    def __init__(self, after):
+        self.after = after
+
+    def __call__(self, step, generated, logits):
+        return logits
+
+    def rejects(self, ids, token):
+        return len(ids) >= self.after
+
+
+def test_a_row_with_no_allowed_token_ends_there_with_a_warning(tiny, caplog):
+    """Never a refused token fed: the row ends as "refused", the others go on."""
+    free = generate(tiny, Tokenizer(), PROMPT, num_rows=2, max_new_tokens=6,
+                    schedule=SCHEDULE, seeds=[3, 4])
+
+    class OneRow(Wall):
+        def rejects(self, ids, token):      # row 0 starts with a token row 1 does not
+            return ids[:1] == free.token_ids[0][:1] and super().rejects(ids, token)
+    assert free.token_ids[0][0] != free.token_ids[1][0]
+    with caplog.at_level("WARNING", logger="creative_sparse.generation.engine"):
+        walled = generate(tiny, Tokenizer(), PROMPT, num_rows=2, max_new_tokens=6,
+                          schedule=SCHEDULE, seeds=[3, 4], logit_processor=OneRow(2))
+    assert walled.finish_reasons == ["refused", "length"]
+    assert walled.token_ids == [free.token_ids[0][:2], free.token_ids[1]]
+    assert "refused every next token tried (8 resamples, then the 1024 most probable) " \
+           "for 1 row(s)" in caplog.text
+    with caplog.at_level("WARNING", logger="creative_sparse.generation.engine"):
+        caplog.clear()
+        assert generate(tiny, Tokenizer(), PROMPT, num_rows=2, max_new_tokens=6,
+                        schedule=SCHEDULE, seeds=[3, 4]).finish_reasons == ["length"] * 2
+    assert "refused" not in caplog.text
+
 def test_a_continued_row_shows_its_history_to_the_constraints(tiny):
     first = generate(tiny, Tokenizer(), PROMPT, num_rows=3, max_new_tokens=4,
                      schedule=SCHEDULE, seeds=[1, 2, 3], keep_state=True)

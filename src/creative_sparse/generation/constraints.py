@@ -27,7 +27,8 @@ Decoding-time constraints are logit processors for :func:`~creative_sparse.gener
   that no grammar expresses (Python syntax, ABC notation, a user's own; a regex
   only when masks are switched off) enforced while decoding: a sampled token
   after which the text can no longer be valid is taken back and the row samples
-  again (up to 8 times, then the best allowed of 1,024 candidates).
+  again (up to 8 times, then the best allowed of 1,024 candidates; a row with none
+  allowed ends there, finish reason ``"refused"``, with a warning).
 
 Validators also count violations in finished texts; the quality functional adds
 ``lambda * violations`` to incoherence (see :mod:`~creative_sparse.generation.validators`

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence, Union
@@ -41,6 +42,8 @@ from .knobs import SamplingParams, sample, sample_coded, sampling_probs, stratif
 from .processors import combine
 
 __all__ = ["DecodeState", "GenerationResult", "GenerationStats", "StepKnobs", "generate"]
+
+logger = logging.getLogger(__name__)
 
 StepKnobs = tuple[SamplingParams, AttentionKnobs]
 Schedule = Union[StepKnobs, Callable[[int], StepKnobs]]
@@ -108,8 +111,10 @@ class DecodeState:
 @dataclass
 class GenerationResult:
     """Texts (stop strings removed), token ids and why each row ended
-    (``"eos"``, ``"stop"`` or ``"length"``), in row order; ``state`` (with
-    ``keep_state=True``) lets rows that reached the length budget continue."""
+    (``"eos"``, ``"stop"``, ``"length"``, or ``"refused"``: the constraints refused
+    every one of the most probable 1,024 next tokens, so the row ends where it was,
+    with a warning), in row order; ``state`` (with ``keep_state=True``) lets rows that
+    reached the length budget continue."""
 
     texts: list[str]
     token_ids: list[list[int]]
@@ -144,35 +149,40 @@ _CODE_BITS = 40.0                 # a float64 code's usable precision, in bits
 
 
 def _resample_rejected(tokens, logits, alive, context, generators, sampling, rejects,
-                       skip=()) -> None:
+                       skip=()) -> list[int]:
     """Backtrack one token: a sampled token the constraints refuse (it completes a
     banned phrase, or leaves a text no continuation can make valid) is taken back
     before it is fed, and the row samples again without it, up to
     ``_MAX_RESAMPLES`` times; then the most probable of the ``_FALLBACK_CANDIDATES``
-    best tokens that is not refused is taken (if every one is, the last sample stands).
+    best tokens that is not refused is taken. Returns the batch positions where every
+    one of those is refused too: those rows have no allowed next token here (their
+    refused token is left in ``tokens``; the caller ends them, never feeds it).
     ``context(row)`` is the row's token history the constraints judge."""
+    stuck = []
     for i, row in enumerate(alive):
         if i in skip:
             continue
         ids = context(row)
-        row_logits = None
+        if not rejects(ids, int(tokens[i])):
+            continue
+        row_logits = logits[i: i + 1].clone()
         for _ in range(_MAX_RESAMPLES):
-            if not rejects(ids, int(tokens[i])):
-                break
-            if row_logits is None:
-                row_logits = logits[i: i + 1].clone()
             row_logits[0, int(tokens[i])] = float("-inf")
             if torch.isinf(row_logits).all():
                 break
             tokens[i] = sample(row_logits, sampling, [generators[row]])[0]
+            if not rejects(ids, int(tokens[i])):
+                break
+        if not rejects(ids, int(tokens[i])):
+            continue
+        best = torch.topk(row_logits[0], min(_FALLBACK_CANDIDATES, row_logits.shape[-1])).indices
+        allowed = next((int(t) for t in best if torch.isfinite(row_logits[0, t])
+                        and not rejects(ids, int(t))), None)
+        if allowed is None:
+            stuck.append(i)
         else:
-            if rejects(ids, int(tokens[i])):
-                best = torch.topk(row_logits[0], min(_FALLBACK_CANDIDATES,
-                                                     row_logits.shape[-1])).indices
-                allowed = next((int(t) for t in best if torch.isfinite(row_logits[0, t])
-                                and not rejects(ids, int(t))), None)
-                if allowed is not None:
-                    tokens[i] = allowed
+            tokens[i] = allowed
+    return stuck
 
 
 def _with_rows(knobs: AttentionKnobs, seeds: list[int], dense: Sequence[int] = ()
@@ -198,6 +208,7 @@ class _Rows:
         self.generated: list[list[int]] = [[] for _ in range(n)]
         self.texts = [""] * n
         self.reasons = ["length"] * n
+        self.refused: set[int] = set()        # rows the constraints left no next token
         self.codes: dict[int, float] = {}     # row -> its arithmetic-sampling code
         self.code_bits: dict[int, float] = {}
         self.code_steps = 0
@@ -264,8 +275,9 @@ class _Rows:
             tokens[greedy] = raw.cpu().to(tokens.dtype)
         if hook is not None and hook.guards:
             before = tokens[coded].clone()
-            _resample_rejected(tokens, logits, alive, self.context, self.generators, sampling,
-                               hook.rejects, skip=set(greedy))
+            stuck = _resample_rejected(tokens, logits, alive, self.context, self.generators,
+                                       sampling, hook.rejects, skip=set(greedy))
+            self.refused.update(alive[i] for i in stuck)
             for i in [i for i, a, b in zip(coded, before.tolist(), tokens[coded].tolist())
                       if a != b]:
                 self.codes.pop(alive[i], None)      # a refused draw: the code no longer fits
@@ -278,6 +290,9 @@ class _Rows:
         still = []
         for i, row in enumerate(self.alive):
             token = int(tokens[i])
+            if row in self.refused:     # no allowed token: the row ends before it
+                self.reasons[row] = "refused"
+                continue
             if token in eos:
                 self.reasons[row] = "eos"
                 continue
@@ -515,4 +530,9 @@ def generate(model, tokenizer, prompt: Union[str, Tensor, DecodeState], *, num_r
     stats.pairs_attended = attention.pairs_computed
     stats.flops = _flops(model, stats, attention.pairs_computed)
     stats.wall_time = time.perf_counter() - start
+    if rows.refused:
+        logger.warning("the constraints refused every next token tried (%d resamples, then "
+                       "the %d most probable) for %d row(s); those rows end there, unfinished "
+                       "(finish reason 'refused')", _MAX_RESAMPLES, _FALLBACK_CANDIDATES,
+                       len(rows.refused))
     return GenerationResult(texts, rows.generated, rows.reasons, stats, state)
