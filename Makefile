@@ -25,11 +25,12 @@ demo: $(STAMP)
 # Two workers (pytest-xdist), a module per worker at a time, the longest modules first
 # (tests/conftest.py orders them; xdist would otherwise order by test count): compile steps,
 # subprocesses and single-threaded Python then overlap (one worker would take ~24 min on
-# 2 cores). TEST_WORKERS=0 runs it in one process.
+# 2 cores). TEST_WORKERS=0 runs it in one process. The 20 slowest tests are listed at the
+# end, so a CI log shows where the budget (20 min on 2 cores) goes.
 TEST_WORKERS ?= 2
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 # Headless Chromium and its driver for the browser tests of `creative-sparse human`
 # (Debian's packages; the tests skip, saying why, only where they are missing).
