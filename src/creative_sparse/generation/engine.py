@@ -166,14 +166,16 @@ def _resample_rejected(tokens, logits, alive, context, generators, sampling, rej
         if not rejects(ids, int(tokens[i])):
             continue
         row_logits = logits[i: i + 1].clone()
+        found = False
         for _ in range(_MAX_RESAMPLES):
             row_logits[0, int(tokens[i])] = float("-inf")
             if torch.isinf(row_logits).all():
                 break
             tokens[i] = sample(row_logits, sampling, [generators[row]])[0]
             if not rejects(ids, int(tokens[i])):
+                found = True
                 break
-        if not rejects(ids, int(tokens[i])):
+        if found:
             continue
         best = torch.topk(row_logits[0], min(_FALLBACK_CANDIDATES, row_logits.shape[-1])).indices
         allowed = next((int(t) for t in best if torch.isfinite(row_logits[0, t])
