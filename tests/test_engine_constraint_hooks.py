@@ -58,7 +58,6 @@ def test_backtracking_falls_back_to_the_best_acceptable_token(tiny):
     assert guard.seen[-1] == [[7] * 5, [7] * 5]
 
 
-
 class Wall:
     """Refuses every token once a row has ``after`` tokens (nothing may follow them)."""
 
@@ -93,6 +92,7 @@ def test_a_row_with_no_allowed_token_ends_there_with_a_warning(tiny, caplog):
         assert generate(tiny, Tokenizer(), PROMPT, num_rows=2, max_new_tokens=6,
                         schedule=SCHEDULE, seeds=[3, 4]).finish_reasons == ["length"] * 2
     assert "refused" not in caplog.text
+
 
 def test_a_continued_row_shows_its_history_to_the_constraints(tiny):
     first = generate(tiny, Tokenizer(), PROMPT, num_rows=3, max_new_tokens=4,

@@ -57,14 +57,11 @@ def _same_arithmetic_as_the_torchrun_ranks(one_thread):
     and in the ranks (``ROUTING``)."""
     from creative_sparse.models import fast_linear
 
-    before = os.environ.get("CREATIVE_SPARSE_FAST_LINEAR")
-    os.environ.update(ROUTING)
-    fast_linear._routing_pays.cache_clear()
-    yield
-    if before is None:
-        del os.environ["CREATIVE_SPARSE_FAST_LINEAR"]
-    else:
-        os.environ["CREATIVE_SPARSE_FAST_LINEAR"] = before
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in ROUTING.items():
+            mp.setenv(name, value)
+        fast_linear._routing_pays.cache_clear()
+        yield
     fast_linear._routing_pays.cache_clear()
 
 

@@ -112,8 +112,8 @@ class DecodeState:
 class GenerationResult:
     """Texts (stop strings removed), token ids and why each row ended
     (``"eos"``, ``"stop"``, ``"length"``, or ``"refused"``: the constraints refused
-    every one of the most probable 1,024 next tokens, so the row ends where it was,
-    with a warning), in row order; ``state`` (with ``keep_state=True``) lets rows that
+    every next token tried, 8 resamples and then the 1,024 most probable, so the row
+    ends where it was, with a warning), in row order; ``state`` (with ``keep_state=True``) lets rows that
     reached the length budget continue."""
 
     texts: list[str]
